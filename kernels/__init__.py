@@ -1,0 +1,25 @@
+"""moeq_triton.kernels: grouped amax, NVFP4 and FP8 weight quantization (torch + triton only).
+
+Each public function takes any number of weights and issues one Triton launch per dtype through a
+device table of pointers (``grouping``); a plain-torch reference sits beside each kernel.
+"""
+
+from .amax import grouped_amax, grouped_amax_reference
+from .fp8 import FP8Weight, quantize_fp8, quantize_fp8_reference
+from .grouping import launch_counts, reset_launch_counts, use_triton
+from .nvfp4 import NVFP4Weight, dequantize_nvfp4_reference, quantize_nvfp4, quantize_nvfp4_reference
+
+__all__ = [
+    "FP8Weight",
+    "NVFP4Weight",
+    "dequantize_nvfp4_reference",
+    "grouped_amax",
+    "grouped_amax_reference",
+    "launch_counts",
+    "quantize_fp8",
+    "quantize_fp8_reference",
+    "quantize_nvfp4",
+    "quantize_nvfp4_reference",
+    "reset_launch_counts",
+    "use_triton",
+]

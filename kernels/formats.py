@@ -1,0 +1,31 @@
+"""The NVFP4 and FP8 (E4M3) number formats: every constant of the math lives here, once.
+
+Values follow ModelOpt 0.47's export (``NVFP4QTensor``, ``to_quantized_weight``); see
+``shared/reference/numerics.md`` for the derivation of each step.
+"""
+
+import torch
+
+E2M1_MAX = 6.0
+"""Largest FP4 (E2M1) magnitude."""
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""FP4 magnitudes by 3-bit code; bit 3 of a nibble is the sign."""
+
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+"""Midpoints between neighbouring E2M1 magnitudes; a tie rounds to the even code."""
+
+E4M3_MAX = 448.0
+"""Largest finite float8_e4m3fn magnitude; conversions saturate here."""
+
+E4M3_MIN_SUBNORMAL = 2.0**-9
+"""Smallest positive E4M3 value: the lower clamp of an NVFP4 block scale."""
+
+NVFP4_BLOCK_SIZE = 16
+"""Elements along the last dim that share one E4M3 block scale."""
+
+NVFP4_SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
+"""weight_scale_2 = amax / 2688: the largest block scale then maps to E4M3_MAX."""
+
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Input dtypes the kernels accept."""

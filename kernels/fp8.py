@@ -1,0 +1,220 @@
+"""FP8 (E4M3) weight quantization, per tensor or per output channel, one launch per dtype.
+
+Bit-exact with ModelOpt's export: the scale is amax / 448 after ModelOpt's export sanitizing (a zero
+amax becomes 448, i.e. scale 1; amax is clamped to the weight dtype's smallest normal).  Per tensor,
+torch keeps ``w / scale`` in the weight's dtype before the FP8 cast, so a bf16 or fp16 weight is
+rounded twice; per channel the quotient stays float32 and is rounded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import report_nonfinite, resolve_amax
+from .formats import E4M3_MAX
+from .grouping import build_groups, count_launch, describe, entry, locate, output, use_triton, validate
+from .rounding import e4m3_bits, e4m3_round, round_to_dtype
+
+
+class FP8Weight(NamedTuple):
+    weight: torch.Tensor  # float8_e4m3fn, same shape as the input
+    weight_scale: torch.Tensor  # float32: 0-dim per tensor, input.shape[:-1] per channel
+
+
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see rounding.round_to_dtype
+
+
+@triton.jit
+def _fp8_scale(amax, TINY: tl.constexpr):
+    """ModelOpt's export scale: zero amax -> 448, clamp to the dtype's smallest normal, divide by 448."""
+    amax = tl.where(amax == 0.0, _E4M3_MAX, tl.maximum(amax, TINY))
+    return tl.div_rn(amax, _E4M3_MAX)
+
+
+@triton.jit
+def _fp8_kernel(
+    table,
+    amax,
+    row_amax,
+    nonfinite,
+    ref_ptr,
+    T,
+    STEPS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_ROW_AMAX: tl.constexpr,
+    QUOTIENT_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr,
+    TINY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = locate(table, pid, T, STEPS)
+    ptr, rows, K, stride, tile_start, index, row_offset = entry(table, t)
+    x_ptr = ptr.to(ref_ptr.dtype)
+    q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
+    s_ptr = output(table, t, 1).to(tl.pointer_type(tl.float32))
+    r1 = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = r1[:, None]
+    row_mask = r < rows
+
+    if PER_CHANNEL:
+        if HAS_ROW_AMAX:
+            a = tl.load(row_amax + row_offset + r1, mask=r1 < rows, other=0.0)
+        else:
+            acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + tl.arange(0, BLOCK_K)[None, :]
+                x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(x))
+            a = tl.max(acc, axis=1)
+        scale = _fp8_scale(a, TINY)
+        tl.store(s_ptr + r1, scale, mask=r1 < rows)
+        divisor = scale[:, None]
+    else:
+        scale = _fp8_scale(tl.load(amax + index), TINY)
+        if pid == tile_start:
+            tl.store(s_ptr, scale)
+        divisor = round_to_dtype(scale, SCALE_KIND)
+
+    bad = 0
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)[None, :]
+        mask = row_mask & (c < K)
+        x = tl.load(x_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+        bad += tl.sum(tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1), axis=0)
+        q = round_to_dtype(tl.div_rn(x, divisor), QUOTIENT_KIND)
+        tl.store(q_ptr + r * K + c, e4m3_bits(e4m3_round(q)), mask=mask)
+    tl.atomic_max(nonfinite + index, bad)
+
+
+def _tiles(device: torch.device) -> tuple[int, int]:
+    return (16, 256) if device.type == "cuda" else (64, 128)
+
+
+def quantize_fp8(
+    weights: Sequence[torch.Tensor],
+    weight_amax: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    per_channel: bool = False,
+) -> list[FP8Weight]:
+    """FP8-quantize every weight; one launch per dtype (plus the amax pass per tensor when absent).
+
+    weight_amax: per tensor, float32 [len(weights)]; per channel, one tensor per weight holding its
+    row amaxes (numel = rows, e.g. a quantizer's [N, 1] amax).  When absent it is computed.
+    """
+    device = validate(weights)
+    if device is None:
+        return []
+    amax, row_amax = _amaxes(weights, weight_amax, per_channel, device)
+    if not use_triton(device):
+        if weight_amax is not None or per_channel:
+            report_nonfinite(weights, torch.stack([~torch.isfinite(w).all() for w in weights]))
+        rows = row_amax.split([w.numel() // w.shape[-1] for w in weights]) if row_amax is not None else None
+        return [
+            quantize_fp8_reference(w, rows[i] if rows is not None else amax[i], per_channel)
+            for i, w in enumerate(weights)
+        ]
+
+    results = [
+        FP8Weight(
+            torch.empty(w.shape, dtype=torch.uint8, device=device),
+            torch.empty(w.shape[:-1] if per_channel else (), dtype=torch.float32, device=device),
+        )
+        for w in weights
+    ]
+    outs = [[r.weight for r in results], [r.weight_scale for r in results]]
+    offsets = _row_offsets(weights)
+    nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    placeholder = torch.zeros(1, dtype=torch.float32, device=device)
+    block_r, block_k = _tiles(device)
+    for g in build_groups(weights, block_r, outs, aux=offsets):
+        if not g.num_tiles:
+            continue
+        kind = 0 if per_channel else _DTYPE_KIND[g.dtype]  # per channel the quotient stays float32
+        _fp8_kernel[(g.num_tiles,)](
+            g.table,
+            amax if amax is not None else placeholder,
+            row_amax if row_amax is not None else placeholder,
+            nonfinite,
+            weights[g.first],
+            len(g.indices),
+            g.search_steps,
+            block_r,
+            block_k,
+            per_channel,
+            row_amax is not None,
+            kind,
+            _scale_kind(kind, device),
+            torch.finfo(g.dtype).tiny,
+        )
+        count_launch("fp8")
+    report_nonfinite(weights, nonfinite > 0)
+    return [FP8Weight(r.weight.view(torch.float8_e4m3fn), r.weight_scale) for r in results]
+
+
+def _scale_kind(quotient_kind: int, device: torch.device) -> int:
+    """On CUDA torch casts the 0-dim float32 scale to the weight dtype before dividing; on CPU it
+    keeps it float32 (numerics.md).  The CUDA half is read from torch's TensorIterator, not yet
+    measured on a GPU: benchmarks/device_check.sh settles it against ModelOpt on the device."""
+    return quotient_kind if device.type == "cuda" else 0
+
+
+def _row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
+    offsets, total = [], 0
+    for w in weights:
+        offsets.append(total)
+        total += w.numel() // w.shape[-1] if w.shape[-1] else 0
+    return offsets
+
+
+def _amaxes(
+    weights: Sequence[torch.Tensor],
+    weight_amax: torch.Tensor | Sequence[torch.Tensor] | None,
+    per_channel: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(per-tensor amax [T], flat per-row amax) with exactly one of them set where it is known."""
+    if not per_channel:
+        return resolve_amax(weights, weight_amax, device), None
+    if weight_amax is None:
+        if use_triton(device):
+            return None, None  # the kernel computes row amaxes in its first pass
+        return None, torch.cat([w.abs().amax(-1).float().reshape(-1) for w in weights])
+    if len(weight_amax) != len(weights):
+        raise ValueError(f"weight_amax has {len(weight_amax)} entries for {len(weights)} weights")
+    flat = []
+    for i, (w, a) in enumerate(zip(weights, weight_amax)):
+        rows = w.numel() // w.shape[-1]
+        a = a.to(device=device, dtype=torch.float32).reshape(-1)
+        if a.numel() != rows:
+            raise ValueError(f"weight_amax[{i}] has {a.numel()} values for {describe(i, w)} with {rows} rows")
+        if not bool(torch.isfinite(a).all() & (a >= 0).all()):
+            raise ValueError(f"weight_amax[{i}] for {describe(i, w)}: values must be finite and >= 0")
+        flat.append(a)
+    return None, torch.cat(flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: ModelOpt's export formula in plain torch, evaluated on the input's device.
+
+
+def fp8_scale_reference(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scale from amax as ModelOpt's export_amax + get_scaling_factor compute it (float32)."""
+    amax = torch.where(amax == 0, E4M3_MAX, amax.float())
+    return amax.clamp(min=torch.finfo(dtype).tiny) / E4M3_MAX
+
+
+def quantize_fp8_reference(w: torch.Tensor, amax: torch.Tensor, per_channel: bool = False) -> FP8Weight:
+    """Per tensor: ``(w / scale).to(e4m3)`` with a 0-dim scale, so torch divides in w's dtype; per
+    channel the [rows] scale is a real tensor, so the quotient promotes to float32."""
+    if per_channel:
+        scale = fp8_scale_reference(amax.reshape(w.shape[:-1]), w.dtype)
+        return FP8Weight((w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale)
+    scale = fp8_scale_reference(amax.reshape(()), w.dtype)
+    return FP8Weight((w / scale).to(torch.float8_e4m3fn), scale)

@@ -1,0 +1,170 @@
+"""NVFP4 weight quantization of many weights in one launch per dtype, bit-exact with ModelOpt's export.
+
+Per tensor: weight_scale_2 = amax / 2688.  Per block of 16: an E4M3 scale from the block amax, then
+each element divided by (scale * weight_scale_2) and rounded to E2M1; two codes per byte, even
+element in the low nibble.  Steps and their rounding: shared/reference/numerics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .amax import report_nonfinite, resolve_amax
+from .formats import (
+    E2M1_BOUNDS,
+    E2M1_MAX,
+    E2M1_VALUES,
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_SCALE_2_DIVISOR,
+)
+from .grouping import build_groups, count_launch, entry, locate, output, use_triton, validate
+from .rounding import e2m1_code, e4m3_bits, e4m3_round
+
+
+class NVFP4Weight(NamedTuple):
+    weight: torch.Tensor  # uint8 [..., K/2], even element in the low nibble
+    weight_scale: torch.Tensor  # float8_e4m3fn [..., K/16], linear layout
+    weight_scale_2: torch.Tensor  # float32, 0-dim
+
+
+_BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE)
+_HALF_BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE // 2)
+_DIVISOR = tl.constexpr(NVFP4_SCALE_2_DIVISOR)
+_E2M1_MAX = tl.constexpr(E2M1_MAX)
+_SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
+
+
+@triton.jit
+def _nvfp4_kernel(
+    table, amax, nonfinite, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr
+):
+    pid = tl.program_id(0)
+    t = locate(table, pid, T, STEPS)
+    ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
+    x_ptr = ptr.to(ref_ptr.dtype)
+    q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
+    s_ptr = output(table, t, 1).to(tl.pointer_type(tl.uint8))
+
+    scale_2 = tl.div_rn(tl.load(amax + index), _DIVISOR)
+    if pid == tile_start:
+        tl.store(output(table, t, 2).to(tl.pointer_type(tl.float32)), scale_2)
+    scale_unit = _E2M1_MAX * scale_2
+
+    # A tile is [BLOCK_R rows, BLOCKS blocks, 8 pairs]; lo/hi are the even/odd elements of each pair.
+    r = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r3 = r[:, None, None]
+    b3 = tl.arange(0, BLOCKS)[None, :, None]
+    j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
+    num_blocks = K // _BLOCK
+    bad = 0
+    for b0 in range(0, num_blocks, BLOCKS):
+        blk = b0 + b3
+        mask = (r3 < rows) & (blk < num_blocks)
+        col = blk * _BLOCK + 2 * j3
+        lo = tl.load(x_ptr + r3 * stride + col, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(x_ptr + r3 * stride + col + 1, mask=mask, other=0.0).to(tl.float32)
+        alo = tl.abs(lo)
+        ahi = tl.abs(hi)
+        finite = (alo < float("inf")) & (ahi < float("inf"))  # False for NaN too
+        bad += tl.sum(tl.sum(tl.sum(tl.where(finite, 0, 1), axis=2), axis=1), axis=0)
+
+        block_amax = tl.max(tl.maximum(alo, ahi), axis=2)
+        scale = tl.div_rn(block_amax, scale_unit)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        scale = e4m3_round(tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale))
+        r2 = r[:, None]
+        blk2 = b0 + tl.arange(0, BLOCKS)[None, :]
+        tl.store(s_ptr + r2 * num_blocks + blk2, e4m3_bits(scale), mask=(r2 < rows) & (blk2 < num_blocks))
+
+        denom = (scale * scale_2)[:, :, None]
+        code = e2m1_code(tl.div_rn(lo, denom)) | (e2m1_code(tl.div_rn(hi, denom)) << 4)
+        tl.store(q_ptr + r3 * (K // 2) + blk * _HALF_BLOCK + j3, code.to(tl.uint8), mask=mask)
+    tl.atomic_max(nonfinite + index, bad)
+
+
+def _tiles(device: torch.device) -> tuple[int, int]:
+    """(rows, 16-blocks) per program: GPU for occupancy, interpreter for fewer programs."""
+    return (16, 8) if device.type == "cuda" else (32, 16)
+
+
+def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
+    lead, k = w.shape[:-1], w.shape[-1]
+    return NVFP4Weight(
+        torch.empty((*lead, k // 2), dtype=torch.uint8, device=w.device),
+        torch.empty((*lead, k // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=w.device),
+        torch.empty((), dtype=torch.float32, device=w.device),
+    )
+
+
+def quantize_nvfp4(
+    weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None
+) -> list[NVFP4Weight]:
+    """NVFP4-quantize every weight; one launch per dtype (two with the amax pass when amax is absent).
+
+    weight_amax: optional float32 [len(weights)], e.g. reduced across ranks or shared by a scale group.
+    """
+    device = validate(weights, block=NVFP4_BLOCK_SIZE)
+    if device is None:
+        return []
+    amax = resolve_amax(weights, weight_amax, device)
+    if not use_triton(device):
+        if weight_amax is not None:
+            report_nonfinite(weights, torch.stack([~torch.isfinite(w).all() for w in weights]))
+        return [quantize_nvfp4_reference(w, a) for w, a in zip(weights, amax)]
+    results = [_empty_outputs(w) for w in weights]
+    outs = [[r.weight for r in results], [r.weight_scale for r in results], [r.weight_scale_2 for r in results]]
+    nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    block_r, blocks = _tiles(device)
+    for g in build_groups(weights, block_r, outs):
+        if g.num_tiles:
+            _nvfp4_kernel[(g.num_tiles,)](
+                g.table, amax, nonfinite, weights[g.first], len(g.indices), g.search_steps, block_r, blocks
+            )
+            count_launch("nvfp4")
+    report_nonfinite(weights, nonfinite > 0)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: plain torch, one tensor at a time, written from the numerics (not from the kernel).
+
+_E2M1_BOUNDS_LIST = list(E2M1_BOUNDS)
+
+
+def e2m1_codes_reference(x: torch.Tensor) -> torch.Tensor:
+    """uint8 E2M1 codes of float32 x: ties to even (odd bounds round up), sign in bit 3, NaN -> 7."""
+    m = x.abs()
+    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for i, bound in enumerate(_E2M1_BOUNDS_LIST):
+        code += (m >= bound) if i % 2 else (m > bound)
+    code = torch.where(torch.isnan(x), 7, code)
+    return code | ((x < 0).to(torch.uint8) << 3)
+
+
+def quantize_nvfp4_reference(w: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
+    scale_2 = amax.float().reshape(()) / NVFP4_SCALE_2_DIVISOR
+    blocks = w.float().unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
+    scale = blocks.abs().amax(-1) / (E2M1_MAX * scale_2)
+    scale = torch.where(scale == 0, 1.0, scale)
+    scale = scale.clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(torch.float8_e4m3fn)
+    x = blocks / (scale.float() * scale_2).unsqueeze(-1)
+    code = e2m1_codes_reference(x).flatten(-2)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    return NVFP4Weight(packed, scale, scale_2)
+
+
+def dequantize_nvfp4_reference(q: NVFP4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse map used by tests and verification: E2M1 value * block scale * weight_scale_2."""
+    signed = [*E2M1_VALUES, *(-v for v in E2M1_VALUES)]
+    values = torch.tensor(signed, dtype=torch.float32, device=q.weight.device)
+    codes = torch.stack([q.weight & 0xF, q.weight >> 4], dim=-1).flatten(-2).long()
+    x = values[codes].unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
+    scale = q.weight_scale.float() * q.weight_scale_2
+    return (x * scale.unsqueeze(-1)).flatten(-2).to(dtype)

@@ -1,0 +1,109 @@
+"""Exact float rounding in Triton: E4M3 and E2M1 encodings built from integer bit operations.
+
+Why not ``x.to(tl.float8e4nv)``: the Triton interpreter converts float32 -> float8 wrongly (drops
+the rounding carry, rounds ties up, overflows to NaN), and Hopper has no E2M1 convert at all.  Here
+every rounding is round-half-to-even done on the float32 bit pattern, so the interpreter and the
+GPU agree bit for bit with torch.  All divisions elsewhere use ``tl.div_rn`` for the same reason.
+"""
+
+import triton
+import triton.language as tl
+
+from .formats import E2M1_BOUNDS, E4M3_MAX
+
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)
+_E4M3_SUBNORMAL_STEPS = tl.constexpr(2.0**9)  # subnormal E4M3 values are k * 2^-9
+_FP16_MIN_NORMAL = tl.constexpr(2.0**-14)
+_FP16_SUBNORMAL_STEPS = tl.constexpr(2.0**24)
+_B0 = tl.constexpr(E2M1_BOUNDS[0])
+_B1 = tl.constexpr(E2M1_BOUNDS[1])
+_B2 = tl.constexpr(E2M1_BOUNDS[2])
+_B3 = tl.constexpr(E2M1_BOUNDS[3])
+_B4 = tl.constexpr(E2M1_BOUNDS[4])
+_B5 = tl.constexpr(E2M1_BOUNDS[5])
+_B6 = tl.constexpr(E2M1_BOUNDS[6])
+
+
+@triton.jit
+def round_mantissa(a, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_STEPS: tl.constexpr):
+    """Round float32 ``a >= 0`` (finite) to a format with 23 - DROP mantissa bits, half to even.
+
+    Below MIN_NORMAL the target format is subnormal with spacing 1 / SUBNORMAL_STEPS; MIN_NORMAL = 0
+    means the target shares float32's exponent range (bfloat16), where bit rounding is exact everywhere.
+    """
+    bits = a.to(tl.int32, bitcast=True)
+    low = (1 << DROP) - 1
+    rounded = (bits + (low >> 1) + ((bits >> DROP) & 1)) & ~low
+    result = rounded.to(tl.float32, bitcast=True)
+    if MIN_NORMAL > 0:
+        t = tl.where(a < MIN_NORMAL, a, 0.0) * SUBNORMAL_STEPS  # exact: a power-of-two scaling
+        whole = t.to(tl.int32)  # truncation; t >= 0
+        frac = t - whole.to(tl.float32)
+        up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
+        sub = (whole + up.to(tl.int32)).to(tl.float32) * (1.0 / SUBNORMAL_STEPS)
+        result = tl.where(a < MIN_NORMAL, sub, result)
+    return result
+
+
+@triton.jit
+def round_to_dtype(x, KIND: tl.constexpr):
+    """Round float32 ``x`` onto the grid of KIND (0: float32, 1: bfloat16, 2: float16), keeping it float32.
+
+    This reproduces torch keeping a quotient in the weight's dtype before a second cast.
+    """
+    if KIND == 0:
+        return x
+    a = tl.abs(x)
+    if KIND == 1:
+        r = round_mantissa(a, 16, 0.0, 1.0)
+    else:
+        r = round_mantissa(a, 13, _FP16_MIN_NORMAL, _FP16_SUBNORMAL_STEPS)
+    sign = x.to(tl.int32, bitcast=True) & (-(1 << 31))
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_round(v):
+    """float32 -> nearest float8_e4m3fn value as float32: half to even, saturating at 448, sign and NaN kept."""
+    a = tl.abs(v)
+    nan = a != a
+    a = tl.where(nan | (a > _E4M3_MAX), tl.where(nan, 0.0, _E4M3_MAX), a)
+    r = round_mantissa(a, 20, _E4M3_MIN_NORMAL, _E4M3_SUBNORMAL_STEPS)
+    sign = v.to(tl.int32, bitcast=True) & (-(1 << 31))
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(nan, v, r)
+
+
+@triton.jit
+def e4m3_bits(r):
+    """Byte pattern of ``r``, a float32 already on the E4M3 grid (see ``e4m3_round``); NaN -> 0x7F | sign."""
+    bits = r.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(r)
+    normal = ((a.to(tl.int32, bitcast=True) >> 20) - (120 << 3)) & 0x7F  # rebias exponent 127 -> 7
+    subnormal = (a * _E4M3_SUBNORMAL_STEPS).to(tl.int32)
+    magnitude = tl.where(a < _E4M3_MIN_NORMAL, subnormal, normal)
+    magnitude = tl.where(a != a, 0x7F, magnitude)
+    return (magnitude | sign).to(tl.uint8)
+
+
+@triton.jit
+def e2m1_code(x):
+    """4-bit E2M1 code of float32 ``x``: nearest of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, saturating.
+
+    Bit 3 is set for x < 0 (so -0.0 gives 0x0 and a tiny negative gives 0x8); NaN gives 7, as
+    ModelOpt's searchsorted does.
+    """
+    m = tl.abs(x)
+    code = (
+        (m > _B0).to(tl.int32)
+        + (m >= _B1).to(tl.int32)
+        + (m > _B2).to(tl.int32)
+        + (m >= _B3).to(tl.int32)
+        + (m > _B4).to(tl.int32)
+        + (m >= _B5).to(tl.int32)
+        + (m > _B6).to(tl.int32)
+    )
+    code = tl.where(m != m, 7, code)
+    return tl.where(x < 0, code | 8, code)
