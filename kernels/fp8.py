@@ -1,9 +1,11 @@
 """FP8 (E4M3) weight quantization, per tensor or per output channel, one launch per dtype.
 
-Bit-exact with ModelOpt's export: the scale is amax / 448 after ModelOpt's export sanitizing (a zero
-amax becomes 448, i.e. scale 1; amax is clamped to the weight dtype's smallest normal).  Per tensor,
-torch keeps ``w / scale`` in the weight's dtype before the FP8 cast, so a bf16 or fp16 weight is
-rounded twice; per channel the quotient stays float32 and is rounded once.
+Bit-exact with ModelOpt's HF export, whose two FP8 paths differ (unified_export_hf.py):
+- per tensor ("FP8"): scale = amax / 448 as is (a zero amax gives scale 0, as ModelOpt writes it);
+  torch keeps ``w / scale`` in the weight's dtype before the FP8 cast, so bf16/fp16 round twice
+  (an N-D weight is treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
+- per channel ("FP8_PER_CHANNEL_PER_TOKEN"): ModelOpt's ``export_amax`` first turns a zero amax into
+  448 (scale 1) and clamps it to the weight dtype's smallest normal; the quotient stays float32.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ _DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see rou
 
 
 @triton.jit
-def _fp8_scale(amax, TINY: tl.constexpr):
-    """ModelOpt's export scale: zero amax -> 448, clamp to the dtype's smallest normal, divide by 448."""
+def _channel_scale(amax, TINY: tl.constexpr):
+    """Per-channel export scale: zero amax -> 448, clamp to the dtype's smallest normal, / 448."""
     amax = tl.where(amax == 0.0, _E4M3_MAX, tl.maximum(amax, TINY))
     return tl.div_rn(amax, _E4M3_MAX)
 
@@ -74,11 +76,11 @@ def _fp8_kernel(
                 x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
                 acc = tl.maximum(acc, tl.abs(x))
             a = tl.max(acc, axis=1)
-        scale = _fp8_scale(a, TINY)
+        scale = _channel_scale(a, TINY)
         tl.store(s_ptr + r1, scale, mask=r1 < rows)
         divisor = scale[:, None]
     else:
-        scale = _fp8_scale(tl.load(amax + index), TINY)
+        scale = tl.div_rn(tl.load(amax + index), _E4M3_MAX)
         if pid == tile_start:
             tl.store(s_ptr, scale)
         divisor = round_to_dtype(scale, SCALE_KIND)
@@ -204,8 +206,8 @@ def _amaxes(
 # Reference: ModelOpt's export formula in plain torch, evaluated on the input's device.
 
 
-def fp8_scale_reference(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Scale from amax as ModelOpt's export_amax + get_scaling_factor compute it (float32)."""
+def channel_scale_reference(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-channel scale as ModelOpt's export_amax + get_scaling_factor compute it (float32)."""
     amax = torch.where(amax == 0, E4M3_MAX, amax.float())
     return amax.clamp(min=torch.finfo(dtype).tiny) / E4M3_MAX
 
@@ -214,7 +216,7 @@ def quantize_fp8_reference(w: torch.Tensor, amax: torch.Tensor, per_channel: boo
     """Per tensor: ``(w / scale).to(e4m3)`` with a 0-dim scale, so torch divides in w's dtype; per
     channel the [rows] scale is a real tensor, so the quotient promotes to float32."""
     if per_channel:
-        scale = fp8_scale_reference(amax.reshape(w.shape[:-1]), w.dtype)
+        scale = channel_scale_reference(amax.reshape(w.shape[:-1]), w.dtype)
         return FP8Weight((w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale)
-    scale = fp8_scale_reference(amax.reshape(()), w.dtype)
+    scale = amax.float().reshape(()) / E4M3_MAX
     return FP8Weight((w / scale).to(torch.float8_e4m3fn), scale)

@@ -55,12 +55,15 @@ def round_to_dtype(x, KIND: tl.constexpr):
     if KIND == 0:
         return x
     a = tl.abs(x)
+    special = (a != a) | (a == float("inf"))  # NaN and inf pass through unchanged
+    a = tl.where(special, 0.0, a)
     if KIND == 1:
         r = round_mantissa(a, 16, 0.0, 1.0)
     else:
         r = round_mantissa(a, 13, _FP16_MIN_NORMAL, _FP16_SUBNORMAL_STEPS)
     sign = x.to(tl.int32, bitcast=True) & (-(1 << 31))
-    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(special, x, r)
 
 
 @triton.jit

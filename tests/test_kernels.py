@@ -1,0 +1,349 @@
+"""Kernels (Triton interpreter) vs torch references vs ModelOpt's own export functions, bit for bit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from assertions import assert_bitwise_equal, assert_results_equal
+from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
+
+from moeq_triton.kernels import (
+    FP8Weight,
+    dequantize_nvfp4_reference,
+    grouped_amax,
+    grouped_amax_reference,
+    launch_counts,
+    quantize_fp8,
+    quantize_fp8_reference,
+    quantize_nvfp4,
+    quantize_nvfp4_reference,
+    reset_launch_counts,
+)
+from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES
+from moeq_triton.model_shapes import MODEL_SHAPES
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def heavy_tailed(shape, dtype, gen: torch.Generator) -> torch.Tensor:
+    """Cubed normals with a few outlier columns: the block scales then span many E4M3 binades."""
+    w = torch.randn(shape, generator=gen) ** 3
+    if shape[-1] >= 16:
+        cols = torch.randint(0, shape[-1], (max(1, shape[-1] // 32),), generator=gen)
+        w[..., cols] *= 40.0
+    return w.to(dtype)
+
+
+def mixed_list(n: int, dtype, seed: int, max_k: int = 320) -> list[torch.Tensor]:
+    """n tensors of ragged shapes (odd row counts, K from 16 to max_k), some 3-D."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = 16 * rng.randint(1, max_k // 16)
+        rows = rng.choice([1, 3, 7, 17, 33, 65])
+        shape = (2, rows, k) if i % 5 == 4 else (rows, k)
+        out.append(heavy_tailed(shape, dtype, gen))
+    return out
+
+
+def fresh_seed() -> int:
+    """A new seed each run (printed on failure through the test id of the assertion message)."""
+    return random.SystemRandom().randrange(1 << 30)
+
+
+# ---------------------------------------------------------------- amax
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 8, 64, 300])
+def test_grouped_amax_matches_reference(dtype, n):
+    """A mis-indexed tensor or a dropped tile must not survive: every tensor has its own magnitude."""
+    seed = fresh_seed()
+    weights = mixed_list(n, dtype, seed, max_k=96 if n == 300 else 320)
+    for i, w in enumerate(weights):
+        w.mul_(1 + i % 7)
+    assert_bitwise_equal(grouped_amax(weights), grouped_amax_reference(weights), f"amax seed={seed}")
+
+
+def test_amax_of_views_without_copies():
+    """Views of a stacked (E, N, K) parameter and column shards (row stride > K) read the right rows."""
+    gen = torch.Generator().manual_seed(1)
+    stacked = heavy_tailed((6, 19, 64), torch.bfloat16, gen)
+    views = [stacked[e] for e in range(6)] + [stacked[2, :, 16:48], stacked[3, 5:11, :32]]
+    assert_bitwise_equal(grouped_amax(views), grouped_amax_reference(views), "amax of views")
+
+
+# ---------------------------------------------------------------- NVFP4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_nvfp4_matches_reference_and_modelopt(dtype, n):
+    seed = fresh_seed()
+    weights = mixed_list(n, dtype, seed)
+    amax = grouped_amax_reference(weights)
+    results = quantize_nvfp4(weights)
+    for i, (w, r) in enumerate(zip(weights, results)):
+        where = f"seed={seed} weights[{i}] {tuple(w.shape)}"
+        assert_results_equal(r, quantize_nvfp4_reference(w, amax[i]), f"reference {where}")
+        assert_results_equal(r, nvfp4_export(w, amax[i]), f"modelopt export {where}")
+        assert_results_equal(r, nvfp4_self(w), f"NVFP4QTensor.quantize {where}")
+
+
+def test_nvfp4_300_tensors_one_launch_per_dtype():
+    """300 ragged tensors in two dtypes: two launches, every output still exact."""
+    seed = fresh_seed()
+    weights = mixed_list(150, torch.bfloat16, seed, max_k=64) + mixed_list(150, torch.float32, seed + 1, max_k=64)
+    reset_launch_counts()
+    results = quantize_nvfp4(weights)
+    assert launch_counts() == {"amax": 2, "nvfp4": 2}
+    amax = grouped_amax_reference(weights)
+    for i, (w, r) in enumerate(zip(weights, results)):
+        assert_results_equal(r, quantize_nvfp4_reference(w, amax[i]), f"seed={seed} weights[{i}]")
+
+
+def crafted_nvfp4_weight(dtype) -> torch.Tensor:
+    """Rows built so that block scale and weight_scale_2 are exact and x hits chosen values.
+
+    amax = 2688 makes weight_scale_2 = 1; a block whose max is 6 then has scale 1 and x = w.
+    """
+    ties = [b for b in E2M1_BOUNDS] + [-b for b in E2M1_BOUNDS]  # every E2M1 midpoint, both signs
+    grid = list(E2M1_VALUES)
+    rows = [
+        [2688.0] + [0.0] * 15,  # the tensor amax; scale 448 exactly
+        [6.0] + ties + [0.0] * (15 - len(ties)),  # exact ties, scale 1
+        [6.0] + grid + [-v for v in grid[1:]],  # exact grid values
+        [6.0, -0.0, -1e-3, 1e-3, -0.2, 0.2, -0.0, 0.0] + [0.1] * 8,  # -0.0 and small negatives
+        [0.0] * 16,  # all-zero block: scale stored as 1.0
+        [6.0 * 2.0**-12] * 16,  # block scale 2^-12: clamped up to 2^-9
+        [6.0 * 2.0**-10, -(2.0**-12)] + [2.0**-13] * 14,  # subnormal E4M3 scales
+        [6.0 * 1.0625] + [5.99] * 15,  # scale between E4M3 values: rounds, then x saturates
+    ]
+    return torch.tensor(rows, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_crafted_edges(dtype):
+    """Ties to even, -0.0 vs small negatives, zero blocks, the 2^-9 clamp, subnormal scales."""
+    w = crafted_nvfp4_weight(dtype)
+    amax = grouped_amax_reference([w])
+    (r,) = quantize_nvfp4([w])
+    assert_results_equal(r, quantize_nvfp4_reference(w, amax[0]), "reference")
+    assert_results_equal(r, nvfp4_export(w, amax[0]), "modelopt")
+    codes = torch.stack([r.weight & 0xF, r.weight >> 4], -1).flatten(-2)
+    # Ties: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4 (codes 0,2,2,4,4,6,6), sign bit 8.
+    assert codes[1, 1:8].tolist() == [0, 2, 2, 4, 4, 6, 6]
+    assert codes[1, 8:15].tolist() == [8, 10, 10, 12, 12, 14, 14]
+    assert codes[3, 1:4].tolist() == [0, 8, 0]  # -0.0 -> 0x0, -1e-3 -> 0x8
+    assert r.weight_scale.view(torch.uint8)[4, 0].item() == 0x38  # zero block -> 1.0
+    assert r.weight_scale.float()[5, 0].item() == 2.0**-9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_saturation_with_small_amax(dtype):
+    """An amax below the true max (e.g. a clipped calibration) saturates scales at 448 and codes at 6."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    w = heavy_tailed((9, 48), dtype, gen)
+    amax = grouped_amax_reference([w]) / 8
+    (r,) = quantize_nvfp4([w], weight_amax=amax)
+    assert_results_equal(r, quantize_nvfp4_reference(w, amax[0]), "reference")
+    assert_results_equal(r, nvfp4_export(w, amax[0]), "modelopt")
+    assert (r.weight_scale.view(torch.uint8) == 0x7E).any(), "no block scale saturated: test lost its edge"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_all_zero_tensor_matches_modelopt(dtype):
+    """ModelOpt turns an all-zero tensor into NaN block scales (0/0) and 0x77 codes; we match it."""
+    w = torch.zeros(3, 32, dtype=dtype)
+    (r,) = quantize_nvfp4([w])
+    assert_results_equal(r, nvfp4_export(w, torch.zeros(())), "modelopt")
+    assert_results_equal(r, nvfp4_self(w), "NVFP4QTensor.quantize")
+
+
+def test_nvfp4_dequantize_round_trip_error_is_bounded():
+    """Dequantized values lie within half an E2M1 step (times the block scale) of the input."""
+    gen = torch.Generator().manual_seed(3)
+    w = heavy_tailed((16, 64), torch.float32, gen)
+    (r,) = quantize_nvfp4([w])
+    err = (dequantize_nvfp4_reference(r) - w).abs().unflatten(-1, (-1, 16))
+    step = (r.weight_scale.float() * r.weight_scale_2).unsqueeze(-1)  # one unit of x
+    assert bool((err <= step * 1.0 + 1e-12).all())  # max E2M1 gap is 2 units, so error <= 1 unit
+
+
+# ---------------------------------------------------------------- FP8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_fp8_matches_reference_and_modelopt(dtype, per_channel, n):
+    seed = fresh_seed()
+    weights = mixed_list(n, dtype, seed)
+    results = quantize_fp8(weights, per_channel=per_channel)
+    for i, (w, r) in enumerate(zip(weights, results)):
+        where = f"seed={seed} weights[{i}] {tuple(w.shape)}"
+        if per_channel:
+            row_amax = w.abs().amax(-1).float()
+            assert_results_equal(r, quantize_fp8_reference(w, row_amax, True), f"reference {where}")
+            if w.dim() == 2 and w.shape[0] > 1:  # ModelOpt's export squeezes a 1-row amax to 0-dim and fails
+                assert_results_equal(r, fp8_channel_export(w, row_amax), f"modelopt {where}")
+        else:
+            amax = w.abs().amax().float()
+            assert_results_equal(r, quantize_fp8_reference(w, amax), f"reference {where}")
+            # N-D weights follow ModelOpt's 2-D per-tensor path (its 3-D branch expects per-expert scales).
+            flat = fp8_export(w.reshape(-1, w.shape[-1]), amax)
+            assert_results_equal(r, FP8Weight(flat.weight.reshape(w.shape), flat.weight_scale), f"modelopt {where}")
+
+
+def e4m3_probe_values() -> torch.Tensor:
+    """Every finite E4M3 value, every midpoint between neighbours, nudges either side, beyond 448."""
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[torch.isfinite(finite)].unique()  # also merges +0 and -0
+    mids = (finite[1:] + finite[:-1]) / 2
+    nudged = torch.cat([mids.nextafter(torch.tensor(-1e9)), mids.nextafter(torch.tensor(1e9))])
+    extra = torch.tensor([-0.0, 449.0, 460.0, 464.0, 500.0, 1e4, 2.0**-10, 2.0**-11, 3 * 2.0**-11, 1e-30])
+    values = torch.cat([finite, mids, nudged, extra, -extra])
+    pad = (-len(values)) % 16
+    return torch.cat([values, torch.zeros(pad)]).reshape(-1, 16)
+
+
+def test_fp8_every_e4m3_value_and_midpoint():
+    """amax = 448 makes scale 1, so each probe goes straight through the E4M3 rounding."""
+    w = e4m3_probe_values()
+    amax = torch.tensor([448.0])
+    (r,) = quantize_fp8([w], weight_amax=amax)
+    assert_results_equal(r, quantize_fp8_reference(w, amax[0]), "reference")
+    assert_results_equal(r, fp8_export(w, amax[0]), "modelopt")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_double_rounding_of_half_precision(dtype):
+    """ModelOpt's per-tensor quotient is rounded to the weight dtype first; a single rounding differs."""
+    w = heavy_tailed((256, 256), dtype, torch.Generator().manual_seed(0))  # fixed: the edge must be present
+    amax = w.abs().amax().float()
+    (r,) = quantize_fp8([w])
+    assert_results_equal(r, fp8_export(w, amax), "modelopt")
+    single = (w.float() / (amax / 448)).to(torch.float8_e4m3fn)
+    assert not torch.equal(single.view(torch.uint8), r.weight.view(torch.uint8)), "test lost its edge"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_zero_tensor_and_zero_rows(dtype):
+    """Per tensor, ModelOpt divides by a zero scale as is; per channel it maps a zero row amax to scale 1."""
+    w = torch.zeros(4, 32, dtype=dtype)
+    w[1, 3] = -2.0
+    (pc,) = quantize_fp8([w], per_channel=True)
+    assert_results_equal(pc, fp8_channel_export(w, w.abs().amax(-1).float()), "modelopt per channel")
+    z = torch.zeros(2, 16, dtype=dtype)
+    (pt,) = quantize_fp8([z])
+    assert_results_equal(pt, fp8_export(z, torch.zeros(())), "modelopt per tensor, zero amax")
+
+
+def test_fp8_per_channel_given_row_amax():
+    """A quantizer's [N, 1] amax (e.g. reduced across TP ranks) is used as given."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    weights = [heavy_tailed((5, 32), torch.bfloat16, gen), heavy_tailed((3, 48), torch.bfloat16, gen)]
+    row_amax = [w.abs().amax(-1, keepdim=True).float() * 2 for w in weights]
+    for w, a, r in zip(weights, row_amax, quantize_fp8(weights, row_amax, per_channel=True)):
+        assert_results_equal(r, fp8_channel_export(w, a), "modelopt")
+
+
+# ---------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_one_launch_per_dtype(n):
+    """The launch count depends on dtypes, never on the number of tensors."""
+    weights = mixed_list(n, torch.bfloat16, 5, max_k=32)
+    reset_launch_counts()
+    grouped_amax(weights)
+    quantize_nvfp4(weights, grouped_amax(weights))
+    quantize_fp8(weights)
+    quantize_fp8(weights, per_channel=True)
+    assert launch_counts() == {"amax": 3, "nvfp4": 1, "fp8": 2}
+
+
+def test_no_stacking_copy_outputs_are_separate():
+    """Outputs are one allocation per tensor, so a safetensors writer can save them without copies."""
+    stacked = torch.randn(4, 8, 32, dtype=torch.bfloat16)
+    results = quantize_nvfp4(list(stacked.unbind(0)))
+    pointers = {r.weight.untyped_storage().data_ptr() for r in results}
+    assert len(pointers) == 4
+    assert all(r.weight_scale_2.dim() == 0 for r in results)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """On CPU without TRITON_INTERPRET the public functions run the references (no launches)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    weights = mixed_list(4, torch.bfloat16, 9, max_k=64)
+    reset_launch_counts()
+    nv = quantize_nvfp4(weights)
+    f8 = quantize_fp8(weights, per_channel=True)
+    assert launch_counts() == {}
+    amax = grouped_amax_reference(weights)
+    for i, w in enumerate(weights):
+        assert_results_equal(nv[i], nvfp4_export(w, amax[i]), f"weights[{i}]")
+        assert isinstance(f8[i], FP8Weight)
+
+
+def test_empty_list():
+    assert grouped_amax([]).shape == (0,)
+    assert quantize_nvfp4([]) == []
+    assert quantize_fp8([], per_channel=True) == []
+
+
+@pytest.mark.parametrize("interpreter", ["1", "0"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_weight_is_named(monkeypatch, interpreter, bad):
+    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+    weights = [torch.randn(4, 32), torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(2, 16)]
+    weights[2][1, 5] = float(bad)
+    for call in (
+        lambda: grouped_amax(weights),
+        lambda: quantize_nvfp4(weights),
+        lambda: quantize_nvfp4(weights, torch.ones(3)),
+        lambda: quantize_fp8(weights, torch.ones(3)),
+        lambda: quantize_fp8(weights, per_channel=True),
+    ):
+        with pytest.raises(ValueError, match=r"weights\[2\] \(shape \(2, 16\), torch.float32\) contains NaN or Inf"):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([torch.zeros(4, 16, dtype=torch.int8)], r"weights\[0\] .*int8.*unsupported dtype"),
+        ([torch.zeros(4, 32), torch.zeros(16, 4).t()], r"weights\[1\] .*last dim must have stride 1"),
+        ([torch.zeros(4, 32), torch.zeros(4, 32, device="meta")], r"weights\[1\] .* is on meta"),
+        ([torch.zeros(4, 24)], r"weights\[0\] \(shape \(4, 24\).*not a multiple of the block size 16"),
+        ([torch.zeros(())], r"weights\[0\] .*0-dim"),
+        ([torch.zeros(3, 4, 32).transpose(0, 1)], r"weights\[0\] .*leading dims do not collapse"),
+    ],
+)
+def test_bad_input_is_named(weights, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        quantize_nvfp4(weights)
+
+
+def test_bad_amax_is_named():
+    w = [torch.randn(4, 16), torch.randn(4, 16)]
+    with pytest.raises(ValueError, match=r"weight_amax\[1\]"):
+        quantize_nvfp4(w, torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="2 values for 1 weights"):
+        quantize_nvfp4(w[:1], torch.ones(2))
+
+
+@pytest.mark.parametrize("model", MODEL_SHAPES, ids=lambda m: m.name)
+def test_real_model_expert_shapes_shrunk(model):
+    """Real fc1/fc2 aspect ratios and K from each model, few rows, as views of one stacked tensor."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    (n1, k1), (n2, k2) = model.fc1, model.fc2
+    fc1 = heavy_tailed((3, 5, k1 // 16), torch.bfloat16, gen)  # K shrunk 16x but still a multiple of 16
+    fc2 = heavy_tailed((3, 7, k2 // 16), torch.bfloat16, gen)
+    weights = [*fc1.unbind(0), *fc2.unbind(0)]
+    amax = grouped_amax(weights)
+    for w, a, r in zip(weights, amax, quantize_nvfp4(weights, amax)):
+        assert_results_equal(r, nvfp4_export(w, a), model.name)
