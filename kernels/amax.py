@@ -88,6 +88,4 @@ def grouped_amax_reference(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """Plain torch: amax of each tensor in its own dtype (exact), then float32; NaN stays NaN."""
     if not weights:
         return torch.empty(0, dtype=torch.float32)
-    return torch.stack(
-        [w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32) for w in weights]
-    )
+    return torch.stack([w.abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32) for w in weights])

@@ -89,9 +89,7 @@ def validate(weights: Sequence[torch.Tensor], block: int = 1) -> torch.device | 
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"weights[{i}] is a {type(w).__name__}, not a torch.Tensor")
         if w.dtype not in WEIGHT_DTYPES:
-            raise TypeError(
-                f"{describe(i, w)}: unsupported dtype; expected bfloat16, float16 or float32"
-            )
+            raise TypeError(f"{describe(i, w)}: unsupported dtype; expected bfloat16, float16 or float32")
         row_stride(i, w)
         if block > 1 and w.shape[-1] % block:
             raise ValueError(
@@ -144,9 +142,7 @@ def build_groups(
             rows = w.numel() // w.shape[-1] if w.shape[-1] else 0
             outs = [o[i].data_ptr() if o[i] is not None else 0 for o in outputs]
             outs += [0] * (NUM_OUT_COLS.value - len(outs))
-            rows_table.append(
-                [w.data_ptr(), rows, w.shape[-1], row_stride(i, w), tile, i, aux[i] if aux else 0, *outs]
-            )
+            rows_table.append([w.data_ptr(), rows, w.shape[-1], row_stride(i, w), tile, i, aux[i] if aux else 0, *outs])
             tile += math.ceil(rows / block_rows)
         table = torch.tensor(rows_table, dtype=torch.int64).to(device)
         groups.append(Group(dtype, indices, table, tile))

@@ -42,9 +42,7 @@ _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
 
 
 @triton.jit
-def _nvfp4_kernel(
-    table, amax, nonfinite, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr
-):
+def _nvfp4_kernel(table, amax, nonfinite, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     t = locate(table, pid, T, STEPS)
     ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
@@ -103,9 +101,7 @@ def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
     )
 
 
-def quantize_nvfp4(
-    weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None
-) -> list[NVFP4Weight]:
+def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None) -> list[NVFP4Weight]:
     """NVFP4-quantize every weight; one launch per dtype (two with the amax pass when amax is absent).
 
     weight_amax: optional float32 [len(weights)], e.g. reduced across ranks or shared by a scale group.

@@ -17,14 +17,14 @@ from modelopt.torch.export.quant_utils import get_scaling_factor, to_quantized_w
 from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
 from moeq_triton.kernels import FP8Weight, NVFP4Weight
 
 
 def nvfp4_export(w: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
     """``_export_quantized_weight`` for W4A16_NVFP4 with a calibrated per-tensor ``_amax``."""
-    quantizer = SimpleNamespace(_amax=amax.to(w.dtype) if w.dtype != torch.float32 else amax,
-                                block_sizes={-1: 16, "type": "dynamic"})
+    quantizer = SimpleNamespace(
+        _amax=amax.to(w.dtype) if w.dtype != torch.float32 else amax, block_sizes={-1: 16, "type": "dynamic"}
+    )
     scale_2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
     scale = NVFP4QTensor.get_weights_scaling_factor(w, 16, scale_2)[0]
     packed = to_quantized_weight(w, scale, QUANTIZATION_W4A16_NVFP4, scale_2, 16)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from assertions import assert_bitwise_equal, assert_results_equal
 from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
-
 from moeq_triton.kernels import (
     FP8Weight,
     dequantize_nvfp4_reference,
@@ -22,6 +21,7 @@ from moeq_triton.kernels import (
     reset_launch_counts,
 )
 from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES
+
 from moeq_triton.model_shapes import MODEL_SHAPES
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -340,7 +340,7 @@ def test_bad_amax_is_named():
 def test_real_model_expert_shapes_shrunk(model):
     """Real fc1/fc2 aspect ratios and K from each model, few rows, as views of one stacked tensor."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    (n1, k1), (n2, k2) = model.fc1, model.fc2
+    (_, k1), (_, k2) = model.fc1, model.fc2
     fc1 = heavy_tailed((3, 5, k1 // 16), torch.bfloat16, gen)  # K shrunk 16x but still a multiple of 16
     fc2 = heavy_tailed((3, 7, k2 // 16), torch.bfloat16, gen)
     weights = [*fc1.unbind(0), *fc2.unbind(0)]
