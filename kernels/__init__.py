@@ -4,7 +4,7 @@ Each public function takes any number of weights and issues one Triton launch pe
 device table of pointers (``grouping``); a plain-torch reference sits beside each kernel.
 """
 
-from .amax import grouped_amax, grouped_amax_reference
+from .amax import grouped_amax, grouped_amax_reference, grouped_row_amax
 from .fp8 import FP8Weight, quantize_fp8, quantize_fp8_reference
 from .grouping import launch_counts, reset_launch_counts, use_triton
 from .nvfp4 import NVFP4Weight, dequantize_nvfp4_reference, quantize_nvfp4, quantize_nvfp4_reference
@@ -15,6 +15,7 @@ __all__ = [
     "dequantize_nvfp4_reference",
     "grouped_amax",
     "grouped_amax_reference",
+    "grouped_row_amax",
     "launch_counts",
     "quantize_fp8",
     "quantize_fp8_reference",

@@ -6,6 +6,7 @@ so its speed of light is a single read pass over the weights.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -16,10 +17,19 @@ from .grouping import build_groups, count_launch, describe, entry, locate, use_t
 
 
 @triton.jit
-def _amax_kernel(table, amax_out, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _amax_kernel(
+    table,
+    amax_out,
+    ref_ptr,
+    T,
+    STEPS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_ROW: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = locate(table, pid, T, STEPS)
-    ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
+    ptr, rows, K, stride, tile_start, index, row_offset = entry(table, t)
     x_ptr = ptr.to(ref_ptr.dtype)
     r = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     row_mask = r < rows
@@ -29,7 +39,11 @@ def _amax_kernel(table, amax_out, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.c
         x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
         a = tl.abs(x)
         acc = tl.maximum(acc, tl.where(a != a, float("inf"), a))  # NaN -> inf: reported, not lost
-    tl.atomic_max(amax_out + index, tl.max(tl.max(acc, axis=1), axis=0))
+    if PER_ROW:  # each row belongs to exactly one program: a plain store
+        r1 = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.store(amax_out + row_offset + r1, tl.max(acc, axis=1), mask=r1 < rows)
+    else:
+        tl.atomic_max(amax_out + index, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 def _tiles(device: torch.device) -> tuple[int, int]:
@@ -49,15 +63,39 @@ def grouped_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         amax = grouped_amax_reference(weights)
     else:
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
-        block_r, block_k = _tiles(device)
-        for g in build_groups(weights, block_r):
-            if g.num_tiles:
-                _amax_kernel[(g.num_tiles,)](
-                    g.table, amax, weights[g.first], len(g.indices), g.search_steps, block_r, block_k
-                )
-                count_launch("amax")
+        _launch(weights, amax, per_row=False)
     report_nonfinite(weights, ~torch.isfinite(amax))
     return amax
+
+
+def grouped_row_amax(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 [rows] per tensor (max |w| over the last dim of each row), one launch per dtype.
+
+    The per-channel amax of a weight quantizer with axis 0; rows = all dims but the last.
+    """
+    device = validate(weights)
+    if device is None:
+        return []
+    rows = [w.numel() // w.shape[-1] if w.shape[-1] else 0 for w in weights]
+    if not use_triton(device):
+        flat = torch.cat([w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()] or [torch.zeros(0)])
+    else:
+        flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
+        _launch(weights, flat, per_row=True, offsets=[0, *itertools.accumulate(rows)][:-1])
+    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), torch.tensor(rows, device=device))
+    bad = torch.zeros(len(weights), dtype=torch.bool, device=device)
+    report_nonfinite(weights, bad.index_fill_(0, owner[~torch.isfinite(flat)], True))
+    return list(flat.split(rows))
+
+
+def _launch(weights: Sequence[torch.Tensor], out: torch.Tensor, per_row: bool, offsets=None) -> None:
+    block_r, block_k = _tiles(out.device)
+    for g in build_groups(weights, block_r, aux=offsets):
+        if g.num_tiles:
+            _amax_kernel[(g.num_tiles,)](
+                g.table, out, weights[g.first], len(g.indices), g.search_steps, block_r, block_k, per_row
+            )
+            count_launch("row_amax" if per_row else "amax")
 
 
 def report_nonfinite(weights: Sequence[torch.Tensor], bad: torch.Tensor) -> None:

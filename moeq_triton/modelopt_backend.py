@@ -1,0 +1,371 @@
+"""``"calibrator": "triton_grouped"``: whole-model grouped weight calibration inside ``mtq.quantize``.
+
+ModelOpt's ``max`` weight calibration calls every weight quantizer once per weight, so a model with
+thousands of experts costs thousands of small reductions.  Here the weight quantizers whose config
+says ``"triton_grouped"`` only *record* the weights ModelOpt feeds them (through each module's own
+``iter_weights_for_calibration()``); the records are then reduced in one grouped launch per dtype for
+the whole model and each quantizer receives exactly the amax ModelOpt's ``MaxCalibrator`` would hold
+(same dtype, 0-dim per tensor, [N, 1] per channel).  Everything after that (sync, export,
+save/restore) is ModelOpt's own code.
+
+Scale modes:
+- ``"triton_grouped"``: one amax per quantizer, i.e. per expert (ModelOpt >= 0.47 semantics);
+- ``"triton_grouped_shared"``: every expert quantizer of one grouped linear takes the max over all of
+  that linear's experts (ModelOpt <= 0.46 semantics; some grouped-GEMM backends want one scale).
+
+ModelOpt 0.47 accepts only "max" and "histogram" and has no registry, so ``register()`` patches three
+private places (the pydantic validator, the calibrator closure, ``weight_only_quantize``), checks the
+version first, and is idempotent.  Importing ``moeq_triton`` calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .kernels import grouped_amax, grouped_row_amax
+
+CALIBRATOR = "triton_grouped"
+CALIBRATOR_SHARED = "triton_grouped_shared"
+NAMES = (CALIBRATOR, CALIBRATOR_SHARED)
+SUPPORTED_MODELOPT = "0.47."
+
+_registered = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The calibrator: records weights; a grouped pass fills in the amaxes.
+
+
+def _calibrator_class():
+    from modelopt.torch.quantization.calib import MaxCalibrator
+
+    class TritonGroupedCalibrator(MaxCalibrator):
+        """A MaxCalibrator whose ``collect`` is deferred to one grouped pass over all weights."""
+
+        def __init__(self, num_bits=8, axis=None, unsigned=False, shared: bool = False):
+            super().__init__(num_bits, axis, unsigned)
+            self.shared = shared
+
+        @torch.no_grad()
+        def collect(self, x: torch.Tensor) -> None:
+            if x.device.type == "meta" or not _groupable_axis(self._axis, x):
+                return super().collect(x)  # ModelOpt's own reduction for layouts we do not group
+            PENDING.add(self, x, _CURRENT_NAME[0])
+
+        def compute_amax(self):
+            if PENDING.has(self):
+                PENDING.flush()
+            return self._calib_amax
+
+        def reset(self):
+            PENDING.discard(self)
+            super().reset()
+
+    return TritonGroupedCalibrator
+
+
+def _groupable_axis(axis, x: torch.Tensor) -> bool:
+    """Per tensor (axis None) or per output channel of a 2-D weight (axis 0)."""
+    return axis is None or (axis in (0, -2, (0,), [0]) and x.dim() == 2)
+
+
+@dataclass
+class _Record:
+    calibrator: object
+    weight: torch.Tensor
+    quantizer_name: str | None
+
+
+@dataclass
+class StatRow:
+    """One line of the quantization statistics table."""
+
+    quantizer: str
+    shapes: list[tuple[int, ...]]
+    amax: float | None  # max over the (per-channel) amax; None when no weight reached the quantizer
+
+
+class _Pending:
+    """Weights recorded since the last flush, in the order ModelOpt fed them."""
+
+    def __init__(self) -> None:
+        self.records: list[_Record] = []
+        self.last_stats: list[StatRow] = []
+
+    def add(self, calibrator, weight: torch.Tensor, name: str | None) -> None:
+        self.records.append(_Record(calibrator, weight.detach(), name))
+
+    def has(self, calibrator) -> bool:
+        return any(r.calibrator is calibrator for r in self.records)
+
+    def discard(self, calibrator) -> None:
+        self.records = [r for r in self.records if r.calibrator is not calibrator]
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Reduce every recorded weight: one grouped launch per dtype (per tensor and per channel)."""
+        records, self.records = self.records, []
+        if not records:
+            return
+        per_tensor = [r for r in records if r.calibrator._axis is None]
+        per_channel = [r for r in records if r.calibrator._axis is not None]
+        results: dict[int, torch.Tensor] = {}  # id(calibrator) -> amax in float32
+        owner: dict[int, _Record] = {}
+        for group, reduce in ((per_tensor, grouped_amax), (per_channel, grouped_row_amax)):
+            if not group:
+                continue
+            try:
+                amaxes = reduce([r.weight for r in group])
+            except ValueError as error:
+                raise ValueError(_name_the_weight(error, group)) from None
+            for record, amax in zip(group, amaxes):
+                key = id(record.calibrator)
+                owner.setdefault(key, record)
+                amax = amax.reshape(-1, 1) if record.calibrator._axis is not None else amax
+                results[key] = torch.maximum(results[key], amax) if key in results else amax
+        _share_within_families(results, owner)
+        for key, amax in results.items():
+            record = owner[key]
+            # MaxCalibrator keeps the weight's dtype: the max of bf16 values is exact in bf16.
+            record.calibrator._calib_amax = amax.to(record.weight.dtype)
+        self.last_stats = _stats(records, results)
+
+
+PENDING = _Pending()
+_CURRENT_NAME: list[str | None] = [None]  # the quantizer ModelOpt is feeding right now
+
+
+def _name_the_weight(error: ValueError, group: list[_Record]) -> str:
+    """Turn the kernels' 'weights[i] (shape ...)' into the quantizer that was fed that weight."""
+    match = re.match(r"weights\[(\d+)\] (.*)", str(error))
+    if not match:
+        return str(error)
+    record = group[int(match.group(1))]
+    return f"weight of {record.quantizer_name or 'an unnamed quantizer'}: {match.group(2)}"
+
+
+_EXPERT_INDEX = re.compile(r"(?<=experts)\.\d+(?=\.)|\.\d+$")
+
+
+def scale_family(quantizer_name: str) -> str:
+    """Quantizers of one grouped linear share a family: the expert index becomes '*'.
+
+    'layers.0.mlp.experts.linear_fc1.weight_quantizer.3' (TE GroupedLinear),
+    'layers.0.mlp.experts.gate_up_proj_weight_quantizers.3' (HF fused experts) and
+    'layers.0.mlp.experts.local_experts.3.linear_fc1.weight_quantizer' (SequentialMLP) all drop the 3.
+    """
+    return _EXPERT_INDEX.sub(".*", quantizer_name)
+
+
+def _share_within_families(results: dict[int, torch.Tensor], owner: dict[int, _Record]) -> None:
+    """Shared mode: every per-tensor amax of a family becomes the family's max."""
+    families: dict[str, list[int]] = {}
+    for key, record in owner.items():
+        if getattr(record.calibrator, "shared", False) and record.quantizer_name and record.calibrator._axis is None:
+            families.setdefault(scale_family(record.quantizer_name), []).append(key)
+    for keys in families.values():
+        shared = torch.stack([results[k] for k in keys]).amax()
+        for k in keys:
+            results[k] = shared
+
+
+def _stats(records: list[_Record], results: dict[int, torch.Tensor]) -> list[StatRow]:
+    rows: dict[int, StatRow] = {}
+    for r in records:
+        key = id(r.calibrator)
+        row = rows.setdefault(key, StatRow(r.quantizer_name or "?", [], None))
+        row.shapes.append(tuple(r.weight.shape))
+    values = torch.stack([results[k].amax() for k in rows]).tolist() if rows else []  # one host sync
+    for row, value in zip(rows.values(), values):
+        row.amax = value
+    return list(rows.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model weight calibration: ModelOpt's weight_only_quantize with names and one flush.
+
+
+def _grouped_weight_only_quantize(original):
+    def weight_only_quantize(model: torch.nn.Module) -> None:
+        """ModelOpt's loop over ``iter_weights_for_calibration()``, then one grouped flush."""
+        from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+        from modelopt.torch.quantization.utils import enable_weight_access_and_writeback
+
+        ours = [m for m in model.modules() if isinstance(m, TensorQuantizer) and _is_ours(m)]
+        if not ours:
+            return original(model)
+        names = {id(m): name for name, m in model.named_modules()}
+        name_to_module = dict(model.named_modules())
+        fed: set[int] = set()
+        seen: set[int] = set()
+        for module in name_to_module.values():
+            if id(module) in seen or not isinstance(module, QuantModule):
+                continue
+            seen.add(id(module))
+            with enable_weight_access_and_writeback(module, model, name_to_module):
+                for weight, quantizer in module.iter_weights_for_calibration():
+                    for leaf in _leaves(quantizer):
+                        fed.add(id(leaf))
+                    _CURRENT_NAME[0] = names.get(id(quantizer), None)
+                    try:
+                        quantizer(weight)
+                    finally:
+                        _CURRENT_NAME[0] = None
+        PENDING.flush()
+        missing = [
+            names[id(q)]
+            for q in ours
+            if id(q) not in fed and not q._disabled and "weight_quantizer" in names.get(id(q), "")
+        ]
+        PENDING.last_stats += [StatRow(name, [], None) for name in missing]
+        if missing:
+            warnings.warn(
+                f"{len(missing)} weight quantizer(s) using {CALIBRATOR!r} received no weight from "
+                f"iter_weights_for_calibration() and stay uncalibrated: {', '.join(missing[:8])}"
+                + (" ..." if len(missing) > 8 else ""),
+                stacklevel=2,
+            )
+
+    weight_only_quantize.__wrapped__ = original
+    weight_only_quantize._moeq_triton = True
+    return weight_only_quantize
+
+
+def _is_ours(quantizer) -> bool:
+    return type(getattr(quantizer, "_calibrator", None)).__name__ == "TritonGroupedCalibrator"
+
+
+def _leaves(quantizer) -> Iterator:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    if isinstance(quantizer, TensorQuantizer):
+        yield quantizer
+    else:
+        for q in quantizer:
+            yield from _leaves(q)
+
+
+def calibration_stats() -> list[StatRow]:
+    """Rows of the last grouped calibration: quantizer name, weight shape(s), amax."""
+    return list(PENDING.last_stats)
+
+
+def format_stats(rows: list[StatRow] | None = None):
+    """A rich Table of the statistics (quantizer, weight shape, amax), like ModelOpt PR #971 shows."""
+    from rich.table import Table
+
+    rows = calibration_stats() if rows is None else rows
+    table = Table(title=f"Weight calibration ({CALIBRATOR}): {len(rows)} quantizers")
+    table.add_column("quantizer")
+    table.add_column("weight shape")
+    table.add_column("amax", justify="right")
+    for row in rows:
+        shape = ", ".join(str(list(s)) for s in row.shapes) or "no weight"
+        table.add_row(row.quantizer, shape, "-" if row.amax is None else f"{row.amax:.4e}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration with ModelOpt 0.47.
+
+
+def register() -> None:
+    """Make "triton_grouped" (and "triton_grouped_shared") valid calibrator names.  Idempotent."""
+    global _registered
+    if _registered:
+        return
+    import modelopt
+    import pydantic
+
+    if not modelopt.__version__.startswith(SUPPORTED_MODELOPT):
+        raise RuntimeError(
+            f"moeq-triton's {CALIBRATOR!r} calibrator patches ModelOpt internals written for "
+            f"nvidia-modelopt {SUPPORTED_MODELOPT}x; found {modelopt.__version__}. "
+            "Install nvidia-modelopt==0.47.* or a moeq-triton release that supports your version."
+        )
+    from modelopt.torch.quantization import config as qconfig
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    # 1. The validator: accept our names, defer everything else (so typos still fail).
+    decorators = qconfig.QuantizerAttributeConfig.__pydantic_decorators__.field_validators
+    validator = decorators["validate_calibrator"]
+    original_validate = validator.func
+
+    def validate_calibrator(value, info):
+        if isinstance(value, str) and value in NAMES:
+            return value
+        return original_validate(value, info)
+
+    decorators["validate_calibrator"] = dataclasses.replace(validator, func=validate_calibrator)
+    models = [
+        obj
+        for obj in vars(qconfig).values()
+        if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel) and obj is not pydantic.BaseModel
+    ]
+    qconfig.QuantizerAttributeConfig.model_rebuild(force=True)
+    for model_cls in models:  # every config that embeds QuantizerAttributeConfig compiled its validator
+        model_cls.model_rebuild(force=True)
+
+    # 2. The calibrator closure: translate our names into the calibrator class.
+    calibrator_cls = _calibrator_class()
+    original_set = TensorQuantizer.set_from_attribute_config
+
+    def set_from_attribute_config(self, attribute_cfg):
+        value = attribute_cfg.get("calibrator") if hasattr(attribute_cfg, "get") else None
+        if isinstance(value, str) and value in NAMES:
+            constructor = (calibrator_cls, (), {"shared": value == CALIBRATOR_SHARED})
+            if isinstance(attribute_cfg, dict):
+                attribute_cfg = {**attribute_cfg, "calibrator": constructor}
+            else:
+                attribute_cfg = attribute_cfg.model_copy(update={"calibrator": constructor})
+            original_set(self, attribute_cfg)
+            for attr in ("_num_bits", "_axis", "_unsigned"):  # what ModelOpt gives its own calibrators
+                if hasattr(self, attr):
+                    setattr(self._calibrator, attr, getattr(self, attr))
+            return
+        original_set(self, attribute_cfg)
+
+    set_from_attribute_config.__wrapped__ = original_set
+    TensorQuantizer.set_from_attribute_config = set_from_attribute_config
+
+    # 3. Whole-model weight calibration with quantizer names and one flush.
+    if not getattr(model_calib.weight_only_quantize, "_moeq_triton", False):
+        model_calib.weight_only_quantize = _grouped_weight_only_quantize(model_calib.weight_only_quantize)
+    _registered = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready configs, shaped like ModelOpt's own (same disabled patterns), inputs disabled.
+
+
+def _weight_only(base: dict, calibrator: str = CALIBRATOR) -> dict:
+    cfg = copy.deepcopy(base)
+    entries = []
+    for entry in cfg["quant_cfg"]:
+        name = entry.get("quantizer_name", "")
+        if "input_quantizer" in name and "cfg" in entry:
+            entries.append({"quantizer_name": name, "enable": False})
+            continue
+        if "weight_quantizer" in name and "cfg" in entry:
+            entry = {**entry, "cfg": {**entry["cfg"], "calibrator": calibrator}}
+        entries.append(entry)
+    cfg["quant_cfg"] = entries
+    return cfg
+
+
+def make_configs() -> dict[str, dict]:
+    import modelopt.torch.quantization as mtq
+
+    return {
+        "NVFP4_WEIGHT_ONLY_CFG": _weight_only(mtq.W4A16_NVFP4_CFG),
+        "FP8_WEIGHT_ONLY_CFG": _weight_only(mtq.FP8_DEFAULT_CFG),
+        "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG": _weight_only(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG),
+    }
