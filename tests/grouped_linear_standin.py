@@ -1,0 +1,67 @@
+"""A tests-only stand-in for Transformer Engine's GroupedLinear as ModelOpt 0.47 quantizes it.
+
+Transformer Engine cannot be installed on these machines.  This module reproduces the contract of
+ModelOpt's ``_QuantTEGroupedLinear`` (plugins/transformer_engine.py) that calibration touches, and
+nothing else: parameters ``weight0 .. weight{num_gemms-1}`` (each [out, in]), ``weight_quantizer``
+a ``GroupedQuantizer`` with one TensorQuantizer per expert (0.47, PR #1550; ``shared_quantizer=True``
+gives the pre-0.47 single quantizer), and ``iter_weights_for_calibration()`` yielding
+``(weight_i, weight_quantizer[i])``.  The forward is a plain per-expert matmul (TE's fused grouped
+GEMM is not part of the contract).
+"""
+
+from __future__ import annotations
+
+import torch
+from modelopt.torch.quantization.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
+from modelopt.torch.quantization.nn.modules.tensor_quantizer import GroupedQuantizer
+from torch import nn
+
+
+class GroupedLinearStandIn(nn.Module):
+    """num_gemms expert weights held as separate parameters, like te.pytorch.GroupedLinear."""
+
+    def __init__(self, num_gemms: int, in_features: int, out_features: int, shared_quantizer: bool = False):
+        super().__init__()
+        self.num_gemms = num_gemms
+        self.shared_quantizer = shared_quantizer
+        for i in range(num_gemms):
+            self.register_parameter(f"weight{i}", nn.Parameter(torch.randn(out_features, in_features)))
+
+    def forward(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
+        chunks = x.split(m_splits)
+        return torch.cat([c @ getattr(self, f"weight{i}").t() for i, c in enumerate(chunks)])
+
+
+@QuantModuleRegistry.register({GroupedLinearStandIn: "GroupedLinearStandIn"})
+class QuantGroupedLinearStandIn(QuantModule):
+    def _setup(self):
+        if self.shared_quantizer:
+            self.weight_quantizer = TensorQuantizer()
+        else:
+            self.weight_quantizer = GroupedQuantizer(*[TensorQuantizer() for _ in range(self.num_gemms)])
+        self.input_quantizer = TensorQuantizer()
+        self.output_quantizer = TensorQuantizer()
+        self.output_quantizer.disable()
+
+    def iter_weights_for_calibration(self):
+        grouped = isinstance(self.weight_quantizer, GroupedQuantizer)
+        for i in range(self.num_gemms):
+            weight_i = getattr(self, f"weight{i}", None)
+            if weight_i is not None:
+                yield weight_i, (self.weight_quantizer[i] if grouped else self.weight_quantizer)
+
+
+class GroupedMoEStandIn(nn.Module):
+    """layers x {linear_fc1, linear_fc2} grouped linears, named like Megatron's TEGroupedMLP."""
+
+    def __init__(self, layers: int, experts: int, hidden: int = 32, ffn: int = 16, shared_quantizer: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            mlp = nn.Module()
+            mlp.experts = nn.Module()
+            mlp.experts.linear_fc1 = GroupedLinearStandIn(experts, hidden, 2 * ffn, shared_quantizer)
+            mlp.experts.linear_fc2 = GroupedLinearStandIn(experts, ffn, hidden, shared_quantizer)
+            layer = nn.Module()
+            layer.mlp = mlp
+            self.layers.append(layer)
