@@ -111,7 +111,7 @@ def test_every_expert_of_grouped_linear_is_calibrated():
     """The seed failure (one amax for all TE experts, or none) cannot happen: amax_i == max|W_i|."""
     model = GroupedMoEStandIn(layers=2, experts=6)
     heavy_tailed_(model)
-    for i, (name, p) in enumerate(model.named_parameters()):
+    for i, p in enumerate(model.parameters()):
         p.data *= 1 + i  # distinct magnitudes: a mis-assigned expert cannot pass
     mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     for name, module in model.named_modules():
