@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     amaxes = [grouped_amax(s) for s in sets]
     cases = [
-        ("torch amax, one contiguous tensor (speed of light)", read, lambda i: torch.aminmax(flat[i % copies])),
+        ("torch aminmax, one contiguous tensor (speed of light)", read, lambda i: torch.aminmax(flat[i % copies])),
         ("grouped_amax", read, lambda i: grouped_amax(pick(i))),
         (
             "quantize_nvfp4 (amax given)",
