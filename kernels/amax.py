@@ -6,14 +6,13 @@ so its speed of light is a single read pass over the weights.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .grouping import build_groups, count_launch, describe, entry, locate, use_triton, validate
+from .grouping import build_groups, count_launch, describe, entry, locate, num_rows, row_offsets, use_triton, validate
 
 
 @triton.jit
@@ -76,12 +75,13 @@ def grouped_row_amax(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     device = validate(weights)
     if device is None:
         return []
-    rows = [w.numel() // w.shape[-1] if w.shape[-1] else 0 for w in weights]
+    rows = [num_rows(w) for w in weights]
     if not use_triton(device):
-        flat = torch.cat([w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()] or [torch.zeros(0)])
+        parts = [w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()]
+        flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
     else:
         flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
-        _launch(weights, flat, per_row=True, offsets=[0, *itertools.accumulate(rows)][:-1])
+        _launch(weights, flat, per_row=True, offsets=row_offsets(weights))
     owner = torch.repeat_interleave(torch.arange(len(weights), device=device), torch.tensor(rows, device=device))
     bad = torch.zeros(len(weights), dtype=torch.bool, device=device)
     report_nonfinite(weights, bad.index_fill_(0, owner[~torch.isfinite(flat)], True))

@@ -17,9 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .amax import report_nonfinite, resolve_amax
+from .amax import grouped_row_amax, report_nonfinite, resolve_amax
 from .formats import E4M3_MAX
-from .grouping import build_groups, count_launch, describe, entry, locate, output, use_triton, validate
+from .grouping import (
+    build_groups,
+    count_launch,
+    describe,
+    entry,
+    locate,
+    num_rows,
+    output,
+    row_offsets,
+    use_triton,
+    validate,
+)
 from .rounding import e4m3_bits, e4m3_round, round_to_dtype
 
 
@@ -115,9 +126,9 @@ def quantize_fp8(
         return []
     amax, row_amax = _amaxes(weights, weight_amax, per_channel, device)
     if not use_triton(device):
-        if weight_amax is not None or per_channel:
+        if weight_amax is not None:  # otherwise the amax pass above has already checked
             report_nonfinite(weights, torch.stack([~torch.isfinite(w).all() for w in weights]))
-        rows = row_amax.split([w.numel() // w.shape[-1] for w in weights]) if row_amax is not None else None
+        rows = row_amax.split([num_rows(w) for w in weights]) if row_amax is not None else None
         return [
             quantize_fp8_reference(w, rows[i] if rows is not None else amax[i], per_channel)
             for i, w in enumerate(weights)
@@ -131,7 +142,7 @@ def quantize_fp8(
         for w in weights
     ]
     outs = [[r.weight for r in results], [r.weight_scale for r in results]]
-    offsets = _row_offsets(weights)
+    offsets = row_offsets(weights)
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
     block_r, block_k = _tiles(device)
@@ -167,14 +178,6 @@ def _scale_kind(quotient_kind: int, device: torch.device) -> int:
     return quotient_kind if device.type == "cuda" else 0
 
 
-def _row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
-    offsets, total = [], 0
-    for w in weights:
-        offsets.append(total)
-        total += w.numel() // w.shape[-1] if w.shape[-1] else 0
-    return offsets
-
-
 def _amaxes(
     weights: Sequence[torch.Tensor],
     weight_amax: torch.Tensor | Sequence[torch.Tensor] | None,
@@ -187,19 +190,23 @@ def _amaxes(
     if weight_amax is None:
         if use_triton(device):
             return None, None  # the kernel computes row amaxes in its first pass
-        return None, torch.cat([w.abs().amax(-1).float().reshape(-1) for w in weights])
+        return None, torch.cat(grouped_row_amax(weights))
     if len(weight_amax) != len(weights):
         raise ValueError(f"weight_amax has {len(weight_amax)} entries for {len(weights)} weights")
     flat = []
     for i, (w, a) in enumerate(zip(weights, weight_amax)):
-        rows = w.numel() // w.shape[-1]
         a = a.to(device=device, dtype=torch.float32).reshape(-1)
-        if a.numel() != rows:
-            raise ValueError(f"weight_amax[{i}] has {a.numel()} values for {describe(i, w)} with {rows} rows")
-        if not bool(torch.isfinite(a).all() & (a >= 0).all()):
-            raise ValueError(f"weight_amax[{i}] for {describe(i, w)}: values must be finite and >= 0")
+        if a.numel() != num_rows(w):
+            raise ValueError(f"weight_amax[{i}] has {a.numel()} values for {describe(i, w)} with {num_rows(w)} rows")
         flat.append(a)
-    return None, torch.cat(flat)
+    counts = torch.tensor([len(a) for a in flat], device=device)
+    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), counts)
+    flat = torch.cat(flat)
+    invalid = owner[~(torch.isfinite(flat) & (flat >= 0))]  # one host sync for all tensors
+    if len(invalid):
+        i = int(invalid[0])
+        raise ValueError(f"weight_amax[{i}] for {describe(i, weights[i])}: values must be finite and >= 0")
+    return None, flat
 
 
 # ----------------------------------------------------------------------------------------------

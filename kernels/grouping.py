@@ -9,6 +9,7 @@ chooses between the Triton kernels and the torch references, and counts launches
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import Counter
@@ -57,6 +58,16 @@ def use_triton(device: torch.device) -> bool:
 def describe(index: int, w: torch.Tensor) -> str:
     """How errors name a tensor: its position in the list, shape and dtype."""
     return f"weights[{index}] (shape {tuple(w.shape)}, {w.dtype})"
+
+
+def num_rows(w: torch.Tensor) -> int:
+    """Rows of a weight: the product of all dims but the last (the quantized axis)."""
+    return w.numel() // w.shape[-1] if w.shape[-1] else 0
+
+
+def row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
+    """Start of each weight's rows in a flat per-row buffer (per-channel amaxes and scales)."""
+    return [0, *itertools.accumulate(num_rows(w) for w in weights)][:-1]
 
 
 def row_stride(index: int, w: torch.Tensor) -> int:
@@ -139,7 +150,7 @@ def build_groups(
         tile = 0
         for i in indices:
             w = weights[i]
-            rows = w.numel() // w.shape[-1] if w.shape[-1] else 0
+            rows = num_rows(w)
             outs = [o[i].data_ptr() if o[i] is not None else 0 for o in outputs]
             outs += [0] * (NUM_OUT_COLS.value - len(outs))
             rows_table.append([w.data_ptr(), rows, w.shape[-1], row_stride(i, w), tile, i, aux[i] if aux else 0, *outs])

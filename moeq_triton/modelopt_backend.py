@@ -205,19 +205,23 @@ def _grouped_weight_only_quantize(original):
         name_to_module = dict(model.named_modules())
         fed: set[int] = set()
         seen: set[int] = set()
-        for module in name_to_module.values():
-            if id(module) in seen or not isinstance(module, QuantModule):
-                continue
-            seen.add(id(module))
-            with enable_weight_access_and_writeback(module, model, name_to_module):
-                for weight, quantizer in module.iter_weights_for_calibration():
-                    for leaf in _leaves(quantizer):
-                        fed.add(id(leaf))
-                    _CURRENT_NAME[0] = names.get(id(quantizer), None)
-                    try:
-                        quantizer(weight)
-                    finally:
-                        _CURRENT_NAME[0] = None
+        try:
+            for module in name_to_module.values():
+                if id(module) in seen or not isinstance(module, QuantModule):
+                    continue
+                seen.add(id(module))
+                with enable_weight_access_and_writeback(module, model, name_to_module):
+                    for weight, quantizer in module.iter_weights_for_calibration():
+                        for leaf in _leaves(quantizer):
+                            fed.add(id(leaf))
+                        _CURRENT_NAME[0] = names.get(id(quantizer), None)
+                        try:
+                            quantizer(weight)
+                        finally:
+                            _CURRENT_NAME[0] = None
+        except BaseException:
+            PENDING.records.clear()  # a failed pass must not leak its records into the next one
+            raise
         PENDING.flush()
         missing = [
             names[id(q)]

@@ -334,6 +334,10 @@ def test_bad_amax_is_named():
         quantize_nvfp4(w, torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="2 values for 1 weights"):
         quantize_nvfp4(w[:1], torch.ones(2))
+    with pytest.raises(ValueError, match=r"weight_amax\[1\] for weights\[1\]"):
+        quantize_fp8(w, [torch.ones(4), torch.tensor([1.0, -1.0, 1.0, 1.0])], per_channel=True)
+    with pytest.raises(ValueError, match=r"weight_amax\[0\] has 3 values .* with 4 rows"):
+        quantize_fp8(w, [torch.ones(3), torch.ones(4)], per_channel=True)
 
 
 @pytest.mark.parametrize("model", MODEL_SHAPES, ids=lambda m: m.name)

@@ -237,3 +237,21 @@ def test_scale_family_drops_only_the_expert_index():
     assert scale_family("model.layers.3.self_attn.q_proj.weight_quantizer") == (
         "model.layers.3.self_attn.q_proj.weight_quantizer"
     )
+
+
+def test_failed_pass_leaves_nothing_pending(monkeypatch):
+    """An error midway through ModelOpt's weight loop must not leak records into the next calibration."""
+    from grouped_linear_standin import QuantGroupedLinearStandIn
+
+    from moeq_triton.modelopt_backend import PENDING
+
+    original = QuantGroupedLinearStandIn.iter_weights_for_calibration
+
+    def fails_after_one(self):
+        yield next(iter(original(self)))
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(QuantGroupedLinearStandIn, "iter_weights_for_calibration", fails_after_one)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        mtq.quantize(GroupedMoEStandIn(layers=1, experts=2), moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    assert PENDING.records == []
