@@ -13,9 +13,14 @@ Scale modes:
 - ``"triton_grouped_shared"``: every expert quantizer of one grouped linear takes the max over all of
   that linear's experts (ModelOpt <= 0.46 semantics; some grouped-GEMM backends want one scale).
 
-ModelOpt 0.47 accepts only "max" and "histogram" and has no registry, so ``register()`` patches three
-private places (the pydantic validator, the calibrator closure, ``weight_only_quantize``), checks the
-version first, and is idempotent.  Importing ``moeq_triton`` calls it.
+Under torch.distributed the flush also reduces the amaxes across ranks (``collectives.max_reduce``:
+one all_reduce per process group plus one layout check), and ModelOpt's per-quantizer sync then
+skips those quantizers.
+
+ModelOpt 0.47 accepts only "max" and "histogram" and has no registry, so ``register()`` patches
+private places (the pydantic validator, the calibrator closure, the per-quantizer sync and MoE
+completeness check, ``weight_only_quantize``), checks the version first, and is idempotent.
+Importing ``moeq_triton`` calls it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collectives import DATA, EXPERT, TENSOR, SyncItem, active, max_reduce
 from .kernels import grouped_amax, grouped_row_amax
 
 CALIBRATOR = "triton_grouped"
@@ -52,12 +58,13 @@ def _calibrator_class():
         def __init__(self, num_bits=8, axis=None, unsigned=False, shared: bool = False):
             super().__init__(num_bits, axis, unsigned)
             self.shared = shared
+            self.synced = False  # True once its amax went through our cross-rank reduction
 
         @torch.no_grad()
         def collect(self, x: torch.Tensor) -> None:
             if x.device.type == "meta" or not _groupable_axis(self._axis, x):
                 return super().collect(x)  # ModelOpt's own reduction for layouts we do not group
-            PENDING.add(self, x, _CURRENT_NAME[0])
+            PENDING.add(self, x, *_CURRENT[0])
 
         def compute_amax(self):
             if PENDING.has(self):
@@ -66,6 +73,7 @@ def _calibrator_class():
 
         def reset(self):
             PENDING.discard(self)
+            self.synced = False
             super().reset()
 
     return TritonGroupedCalibrator
@@ -81,6 +89,7 @@ class _Record:
     calibrator: object
     weight: torch.Tensor
     quantizer_name: str | None
+    groups: tuple = ()  # process groups its amax must agree over (see sync_groups)
 
 
 @dataclass
@@ -99,8 +108,8 @@ class _Pending:
         self.records: list[_Record] = []
         self.last_stats: list[StatRow] = []
 
-    def add(self, calibrator, weight: torch.Tensor, name: str | None) -> None:
-        self.records.append(_Record(calibrator, weight.detach(), name))
+    def add(self, calibrator, weight: torch.Tensor, name: str | None, groups: tuple) -> None:
+        self.records.append(_Record(calibrator, weight.detach(), name, groups))
 
     def has(self, calibrator) -> bool:
         return any(r.calibrator is calibrator for r in self.records)
@@ -109,8 +118,13 @@ class _Pending:
         self.records = [r for r in self.records if r.calibrator is not calibrator]
 
     @torch.no_grad()
-    def flush(self) -> None:
-        """Reduce every recorded weight: one grouped launch per dtype (per tensor and per channel)."""
+    def flush(self, member_of: tuple | None = None) -> None:
+        """Reduce every recorded weight: one grouped launch per dtype (per tensor and per channel).
+
+        member_of: the process groups of this rank (only from the whole-model pass, which every rank
+        runs); then the amaxes are also reduced across ranks, one collective per group.  A lazy flush
+        (compute_amax outside that pass) stays local and leaves the sync to ModelOpt.
+        """
         records, self.records = self.records, []
         if not records:
             return
@@ -130,16 +144,19 @@ class _Pending:
                 owner.setdefault(key, record)
                 amax = amax.reshape(-1, 1) if record.calibrator._axis is not None else amax
                 results[key] = torch.maximum(results[key], amax) if key in results else amax
-        _share_within_families(results, owner)
+        families = _share_within_families(results, owner)
+        if member_of is not None:
+            _reduce_across_ranks(results, owner, families, member_of)
         for key, amax in results.items():
             record = owner[key]
             # MaxCalibrator keeps the weight's dtype: the max of bf16 values is exact in bf16.
             record.calibrator._calib_amax = amax.to(record.weight.dtype)
+            record.calibrator.synced = member_of is not None
         self.last_stats = _stats(records, results)
 
 
 PENDING = _Pending()
-_CURRENT_NAME: list[str | None] = [None]  # the quantizer ModelOpt is feeding right now
+_CURRENT: list[tuple[str | None, tuple]] = [(None, ())]  # the quantizer being fed now, and its groups
 
 
 def _name_the_weight(error: ValueError, group: list[_Record]) -> str:
@@ -164,8 +181,8 @@ def scale_family(quantizer_name: str) -> str:
     return _EXPERT_INDEX.sub(".*", quantizer_name)
 
 
-def _share_within_families(results: dict[int, torch.Tensor], owner: dict[int, _Record]) -> None:
-    """Shared mode: every per-tensor amax of a family becomes the family's max."""
+def _share_within_families(results: dict[int, torch.Tensor], owner: dict[int, _Record]) -> dict[str, list[int]]:
+    """Shared mode: every per-tensor amax of a family becomes the family's max; returns the families."""
     families: dict[str, list[int]] = {}
     for key, record in owner.items():
         if getattr(record.calibrator, "shared", False) and record.quantizer_name and record.calibrator._axis is None:
@@ -174,6 +191,29 @@ def _share_within_families(results: dict[int, torch.Tensor], owner: dict[int, _R
         shared = torch.stack([results[k] for k in keys]).amax()
         for k in keys:
             results[k] = shared
+    return families
+
+
+def _reduce_across_ranks(
+    results: dict[int, torch.Tensor], owner: dict[int, _Record], families: dict[str, list[int]], member_of: tuple
+) -> None:
+    """One SyncItem per quantizer (or per shared family), one collective per process group."""
+    in_family = {k for keys in families.values() for k in keys}
+    items = [
+        SyncItem(owner[k].quantizer_name or f"#{i}", results[k], owner[k].groups)
+        for i, k in enumerate(results)
+        if k not in in_family
+    ]
+    family_items = {}
+    for family, keys in families.items():
+        groups = tuple(dict.fromkeys(g for k in keys for g in owner[k].groups))  # ordered union
+        family_items[family] = SyncItem(f"family:{family}", results[keys[0]], groups)
+    max_reduce([*items, *family_items.values()], member_of)
+    for item, k in zip(items, (k for k in results if k not in in_family)):
+        results[k] = item.value
+    for family, keys in families.items():
+        for k in keys:
+            results[k] = family_items[family].value
 
 
 def _stats(records: list[_Record], results: dict[int, torch.Tensor]) -> list[StatRow]:
@@ -214,15 +254,15 @@ def _grouped_weight_only_quantize(original):
                     for weight, quantizer in module.iter_weights_for_calibration():
                         for leaf in _leaves(quantizer):
                             fed.add(id(leaf))
-                        _CURRENT_NAME[0] = names.get(id(quantizer), None)
+                        _CURRENT[0] = (names.get(id(quantizer)), sync_groups(module, names[id(module)], quantizer))
                         try:
                             quantizer(weight)
                         finally:
-                            _CURRENT_NAME[0] = None
+                            _CURRENT[0] = (None, ())
         except BaseException:
             PENDING.records.clear()  # a failed pass must not leak its records into the next one
             raise
-        PENDING.flush()
+        PENDING.flush(member_of=rank_groups())
         missing = [
             names[id(q)]
             for q in ours
@@ -240,6 +280,55 @@ def _grouped_weight_only_quantize(original):
     weight_only_quantize.__wrapped__ = original
     weight_only_quantize._moeq_triton = True
     return weight_only_quantize
+
+
+def sync_groups(module: torch.nn.Module, module_name: str, quantizer) -> tuple:
+    """The process groups a weight quantizer's amax must agree over, by ModelOpt's own rules.
+
+    Data parallel always; tensor parallel for a column-parallel weight (per tensor) or a row-parallel
+    weight (per tensor or per output channel: its rows are split along K); expert parallel only for
+    non-routed weights or in the shared-scale mode (routed experts on other EP ranks are other tensors).
+    Expert modules carry Megatron's expert-data / expert-tensor groups in their parallel_state.
+    """
+    if not active():
+        return ()
+    state = getattr(module, "parallel_state", None)
+    if state is None:
+        return ((DATA, None),)  # torch.distributed without Megatron: the world group
+    groups = []
+    if state.data_parallel_group.is_initialized():
+        groups.append((DATA, state.data_parallel_group.group))
+    axis = quantizer._axis
+    split = (getattr(module, "_is_column_parallel", False) and axis is None) or (
+        getattr(module, "_is_row_parallel", False) and axis in (None, 0)
+    )
+    if split and state.tensor_parallel_group.is_initialized():
+        groups.append((TENSOR, state.tensor_parallel_group.group))
+    routed = "experts" in module_name and "shared_experts" not in module_name
+    shared = getattr(quantizer._calibrator, "shared", False)
+    if (not routed or shared) and state.expert_model_parallel_group.is_initialized():
+        groups.append((EXPERT, state.expert_model_parallel_group.group))
+    return tuple(groups)
+
+
+def rank_groups() -> tuple | None:
+    """Every group this rank belongs to, whether or not it holds a quantizer for it (None: no sync)."""
+    if not active():
+        return None
+    try:
+        from megatron.core import parallel_state as mcore
+    except ImportError:
+        return ((DATA, None),)
+    if not mcore.model_parallel_is_initialized():
+        return ((DATA, None),)
+    return (
+        (DATA, mcore.get_data_parallel_group()),
+        (DATA, mcore.get_data_parallel_group(with_context_parallel=True)),
+        (DATA, mcore.get_expert_data_parallel_group()),
+        (EXPERT, mcore.get_expert_model_parallel_group()),
+        (TENSOR, mcore.get_tensor_model_parallel_group()),
+        (TENSOR, mcore.get_expert_tensor_parallel_group()),
+    )
 
 
 def _is_ours(quantizer) -> bool:
@@ -340,7 +429,29 @@ def register() -> None:
     set_from_attribute_config.__wrapped__ = original_set
     TensorQuantizer.set_from_attribute_config = set_from_attribute_config
 
-    # 3. Whole-model weight calibration with quantizer names and one flush.
+    # 3. ModelOpt's per-quantizer sync and completeness check skip amaxes we already reduced.
+    original_sync = TensorQuantizer.sync_amax_across_distributed_group
+
+    def sync_amax_across_distributed_group(self, parallel_group):
+        if getattr(getattr(self, "_calibrator", None), "synced", False):
+            return
+        original_sync(self, parallel_group)
+
+    sync_amax_across_distributed_group.__wrapped__ = original_sync
+    TensorQuantizer.sync_amax_across_distributed_group = sync_amax_across_distributed_group
+    original_check = model_calib._check_moe_calibration_complete
+
+    def check_moe_calibration_complete(quantizer, parallel_state):
+        # One all_gather_object per leaf per group, and a hang when ranks hold different modules
+        # (ModelOpt #831/#862).  Our layout check already covers our quantizers; a disabled one has
+        # no amax to compare.  Everything else still goes through ModelOpt's check.
+        for leaf in _leaves(quantizer):
+            if not (leaf._disabled or getattr(getattr(leaf, "_calibrator", None), "synced", False)):
+                original_check(leaf, parallel_state)
+
+    model_calib._check_moe_calibration_complete = check_moe_calibration_complete
+
+    # 4. Whole-model weight calibration with quantizer names and one flush.
     if not getattr(model_calib.weight_only_quantize, "_moeq_triton", False):
         model_calib.weight_only_quantize = _grouped_weight_only_quantize(model_calib.weight_only_quantize)
     _registered = True

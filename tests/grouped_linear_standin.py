@@ -20,9 +20,19 @@ from torch import nn
 class GroupedLinearStandIn(nn.Module):
     """num_gemms expert weights held as separate parameters, like te.pytorch.GroupedLinear."""
 
-    def __init__(self, num_gemms: int, in_features: int, out_features: int, shared_quantizer: bool = False):
+    def __init__(
+        self,
+        num_gemms: int,
+        in_features: int,
+        out_features: int,
+        shared_quantizer: bool = False,
+        parallel: str | None = None,
+    ):
         super().__init__()
         self.num_gemms = num_gemms
+        # Megatron's ColumnParallel / RowParallel flags, as ModelOpt's megatron plugin sets them.
+        self._is_column_parallel = parallel == "column"
+        self._is_row_parallel = parallel == "row"
         self.shared_quantizer = shared_quantizer
         for i in range(num_gemms):
             self.register_parameter(f"weight{i}", nn.Parameter(torch.randn(out_features, in_features)))
@@ -34,7 +44,12 @@ class GroupedLinearStandIn(nn.Module):
 
 @QuantModuleRegistry.register({GroupedLinearStandIn: "GroupedLinearStandIn"})
 class QuantGroupedLinearStandIn(QuantModule):
+    # Tests set this to hand the module its process groups, as Megatron's plugin does in _setup.
+    parallel_state_factory = None
+
     def _setup(self):
+        if type(self).parallel_state_factory is not None:
+            self.parallel_state = type(self).parallel_state_factory()
         if self.shared_quantizer:
             self.weight_quantizer = TensorQuantizer()
         else:
@@ -54,14 +69,24 @@ class QuantGroupedLinearStandIn(QuantModule):
 class GroupedMoEStandIn(nn.Module):
     """layers x {linear_fc1, linear_fc2} grouped linears, named like Megatron's TEGroupedMLP."""
 
-    def __init__(self, layers: int, experts: int, hidden: int = 32, ffn: int = 16, shared_quantizer: bool = False):
+    def __init__(
+        self,
+        layers: int,
+        experts: int,
+        hidden: int = 32,
+        ffn: int = 16,
+        shared_quantizer: bool = False,
+        tensor_parallel: int = 1,
+    ):
+        """tensor_parallel > 1 builds one TP rank's shards: fc1 rows and fc2 columns divided by it."""
         super().__init__()
         self.layers = nn.ModuleList()
+        out1, in2 = 2 * ffn // tensor_parallel, ffn // tensor_parallel
         for _ in range(layers):
             mlp = nn.Module()
             mlp.experts = nn.Module()
-            mlp.experts.linear_fc1 = GroupedLinearStandIn(experts, hidden, 2 * ffn, shared_quantizer)
-            mlp.experts.linear_fc2 = GroupedLinearStandIn(experts, ffn, hidden, shared_quantizer)
+            mlp.experts.linear_fc1 = GroupedLinearStandIn(experts, hidden, out1, shared_quantizer, "column")
+            mlp.experts.linear_fc2 = GroupedLinearStandIn(experts, in2, hidden, shared_quantizer, "row")
             layer = nn.Module()
             layer.mlp = mlp
             self.layers.append(layer)

@@ -1,0 +1,82 @@
+"""Run a function on N real processes joined by torch.distributed (gloo), with a hard deadline.
+
+Each worker gets (rank, world, *args) after ``init_process_group``; its return value (or the text of
+its exception) comes back to the test.  A worker still running at the deadline is killed and the
+test fails: a hang becomes a failure, never a stuck CI run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+
+class WorkerError(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        queue.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException as error:  # reported to the parent, which decides
+        queue.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0) -> list[tuple[str, object]]:
+    """[(status, value)] by rank; status "ok" with fn's return value, or "error" with its message."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, timeout_s / 2), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, object]] = {}
+    try:
+        for _ in range(world):
+            rank, status, value = queue.get(timeout=timeout_s)
+            results[rank] = (status, value)
+    except Exception as error:
+        raise WorkerError(f"only ranks {sorted(results)} answered within {timeout_s} s (hang?)") from error
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def values(results: list[tuple[str, object]]) -> list:
+    """The return values, or an error with every failing rank's message."""
+    failed = [f"rank {r}: {v}" for r, (s, v) in enumerate(results) if s != "ok"]
+    if failed:
+        raise WorkerError("\n".join(failed))
+    return [v for _, v in results]

@@ -1,0 +1,204 @@
+"""Cross-rank amax reduction on real torch.distributed (gloo, spawned processes).
+
+Each test spawns its ranks through distributed_harness.run_ranks, which kills them at a deadline:
+a hang fails the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+from distributed_harness import run_ranks, values
+
+HIDDEN, FFN = 32, 16
+
+
+def _count_all_reduce():
+    """Wrap torch.distributed.all_reduce; returns the list the calls are appended to."""
+    import torch.distributed as dist
+
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    return calls
+
+
+def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode: str) -> dict:
+    """Experts split over EP = world / tp ranks, each expert's weight split over tp ranks.
+
+    Every rank generates the same full (unsharded) weights, keeps its shard, and checks that each
+    quantizer ends with the amax of the full weight (per expert) or of all experts (shared).
+    """
+    import modelopt.torch.quantization as mtq
+    import torch
+    import torch.distributed as dist
+    from grouped_linear_standin import GroupedMoEStandIn, QuantGroupedLinearStandIn
+    from modelopt.torch.utils.distributed import ParallelState
+
+    import moeq_triton
+
+    ep = world // tp
+    tp_rank, ep_rank = rank % tp, rank // tp
+    tp_groups = [dist.new_group([e * tp + t for t in range(tp)]) for e in range(ep)]  # every rank creates all
+    ep_groups = [dist.new_group([e * tp + t for e in range(ep)]) for t in range(tp)]
+    my_tp, my_ep = tp_groups[ep_rank], ep_groups[tp_rank]
+    QuantGroupedLinearStandIn.parallel_state_factory = lambda: ParallelState(-1, my_tp, my_ep)
+
+    local = experts // ep
+    model = GroupedMoEStandIn(layers, local, hidden=HIDDEN, ffn=FFN, tensor_parallel=tp).to(torch.bfloat16)
+    model.head = torch.nn.Linear(HIDDEN, HIDDEN, bias=False).to(torch.bfloat16)  # replicated: world group
+    gen = torch.Generator().manual_seed(1234)
+    expected: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(HIDDEN, HIDDEN, generator=gen))
+        expected["head.weight_quantizer"] = model.head.weight.abs().amax()
+        for index, layer in enumerate(model.layers):
+            for name, shape, dim in (("linear_fc1", (2 * FFN, HIDDEN), 0), ("linear_fc2", (HIDDEN, FFN), 1)):
+                full = [((torch.randn(shape, generator=gen) ** 3) * (1 + e)).to(torch.bfloat16) for e in range(experts)]
+                linear = getattr(layer.mlp.experts, name)
+                prefix = f"layers.{index}.mlp.experts.{name}.weight_quantizer"
+                for i in range(local):
+                    e = ep_rank * local + i
+                    getattr(linear, f"weight{i}").copy_(full[e].chunk(tp, dim=dim)[tp_rank])
+                    per_expert = full[e].abs().amax()
+                    everyone = torch.stack([w.abs().amax() for w in full]).amax()
+                    expected[f"{prefix}.{i}"] = everyone if mode == "shared" else per_expert
+
+    cfg = moeq_triton.NVFP4_WEIGHT_ONLY_CFG
+    if mode == "shared":
+        cfg = {**cfg, "quant_cfg": [dict(e) for e in cfg["quant_cfg"]]}
+        for entry in cfg["quant_cfg"]:
+            if "cfg" in entry and entry["cfg"].get("calibrator") == moeq_triton.CALIBRATOR:
+                entry["cfg"] = {**entry["cfg"], "calibrator": moeq_triton.CALIBRATOR_SHARED}
+    calls = _count_all_reduce()
+    mtq.quantize(model, cfg)
+    quantizers = dict(model.named_modules())
+    wrong = [
+        f"{name}: {quantizers[name].amax.item()} != {value.item()}"
+        for name, value in expected.items()
+        if not (quantizers[name].amax.dtype == value.dtype and torch.equal(quantizers[name].amax, value))
+    ]
+    return {"wrong": wrong, "collectives": len(calls), "checked": len(expected)}
+
+
+def _expected_collectives(world: int, tp: int, mode: str) -> int:
+    """One layout check + one all_reduce per distinct group (by member ranks) that carries values."""
+    ep = world // tp
+    groups = {tuple(range(world))}  # the replicated head (the world group)
+    if tp > 1:
+        groups.add(tuple(range(tp)))  # rank 0's tensor-parallel group
+    if mode == "shared" and ep > 1:
+        groups.add(tuple(e * tp for e in range(ep)))  # rank 0's expert-parallel group
+    return 1 + len(groups)
+
+
+@pytest.mark.parametrize("mode", ["per-expert", "shared"])
+@pytest.mark.parametrize(("world", "tp"), [(2, 1), (2, 2), (4, 2)])
+def test_sharded_experts_match_unsharded_amax(world, tp, mode):
+    """Every rank ends with the single-process amax of the unsharded model, bitwise."""
+    results = values(run_ranks(_sharded_moe, world, tp, 2, 4, mode))
+    for rank, result in enumerate(results):
+        assert result["checked"] > 1
+        assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
+        assert result["collectives"] == _expected_collectives(world, tp, mode), result
+
+
+def test_collectives_do_not_grow_with_layers_or_experts():
+    """2 layers x 4 experts and 16 layers x 64 experts: the same number of collectives."""
+    small = values(run_ranks(_sharded_moe, 2, 2, 2, 4, "per-expert"))
+    large = values(run_ranks(_sharded_moe, 2, 2, 16, 64, "per-expert"))
+    assert [r["wrong"] for r in small + large] == [[], [], [], []]
+    expected = _expected_collectives(2, 2, "per-expert")
+    assert {r["collectives"] for r in small} == {r["collectives"] for r in large} == {expected}
+
+
+def _uneven(rank: int, world: int, case: str) -> dict:
+    """Rank 0 holds routed experts (EP over the world); rank 1 holds none, or an extra module."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    import torch.distributed as dist
+    from grouped_linear_standin import GroupedMoEStandIn, QuantGroupedLinearStandIn
+    from modelopt.torch.utils.distributed import ParallelState
+
+    import moeq_triton
+
+    QuantGroupedLinearStandIn.parallel_state_factory = lambda: ParallelState(-1, -1, dist.group.WORLD)
+    model = GroupedMoEStandIn(1, 2) if rank == 0 else torch.nn.Module()
+    model.head = torch.nn.Linear(8, 8, bias=False)
+    if case == "mismatch" and rank == 1:
+        model.extra = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        model.head.weight.fill_(0.5 + rank)  # replicas that differ: the world max must win
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    return {"head": model.head.weight_quantizer.amax.item()}
+
+
+def test_rank_with_zero_local_experts_completes():
+    results = values(run_ranks(_uneven, 2, "zero-experts"))
+    assert [r["head"] for r in results] == [1.5, 1.5]
+
+
+def test_mismatched_quantizer_sets_fail_on_every_rank():
+    """No hang, and every rank gets the same clear error."""
+    results = run_ranks(_uneven, 2, "mismatch", timeout_s=180)
+    for status, value in results:
+        assert status == "error"
+        assert "disagree about which amaxes to reduce" in value, value
+
+
+def _megatron(rank: int, world: int) -> dict:
+    """Real Megatron parallel_state (TP 2, EP 2) and megatron-core modules: ours == ModelOpt's max."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    import moeq_triton
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        ffn_hidden_size=128, moe_ffn_hidden_size=32, num_moe_experts=4, moe_router_topk=2,
+        gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True, add_bias_linear=False,
+        use_cpu_initialization=True, params_dtype=torch.bfloat16, bf16=True, tensor_model_parallel_size=2,
+        expert_model_parallel_size=2,
+    )  # fmt: skip
+    spec = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
+    ours = GPTModel(config, spec, vocab_size=128, max_sequence_length=32).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(rank)  # every shard differs: reductions must really happen
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
+    theirs = copy.deepcopy(ours)
+    calls = _count_all_reduce()
+    mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    ours_collectives = len(calls)
+    mtq.quantize(theirs, copy.deepcopy(mtq.W4A16_NVFP4_CFG))
+    a = {n: b for n, b in ours.named_buffers() if n.endswith("_amax")}
+    b = {n: b for n, b in theirs.named_buffers() if n.endswith("_amax")}
+    wrong = [n for n in a if not (n in b and a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]))]
+    parallel_state.destroy_model_parallel()
+    return {
+        "wrong": wrong,
+        "same_keys": a.keys() == b.keys(),
+        "experts": sum("local_experts" in n for n in a),
+        "ours": ours_collectives,
+        "theirs": len(calls) - ours_collectives,
+    }
+
+
+def test_real_megatron_tensor_and_expert_parallel_matches_modelopt():
+    results = values(run_ranks(_megatron, 4, timeout_s=400))
+    for rank, result in enumerate(results):
+        assert result["same_keys"] and result["experts"] == 2 * 2 * 2, result
+        assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
+        assert result["ours"] < result["theirs"], result
+    print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
