@@ -27,11 +27,13 @@ def _count_all_reduce():
     return calls
 
 
-def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode: str) -> dict:
+def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode: str, megatron: bool = False) -> dict:
     """Experts split over EP = world / tp ranks, each expert's weight split over tp ranks.
 
     Every rank generates the same full (unsharded) weights, keeps its shard, and checks that each
     quantizer ends with the amax of the full weight (per expert) or of all experts (shared).
+    megatron=True takes the groups and ranks from Megatron's initialized parallel_state (expert
+    data / tensor / model parallel, as ModelOpt's TEGroupedMLP plugin hands them to the experts).
     """
     import modelopt.torch.quantization as mtq
     import torch
@@ -42,11 +44,21 @@ def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode
     import moeq_triton
 
     ep = world // tp
-    tp_rank, ep_rank = rank % tp, rank // tp
-    tp_groups = [dist.new_group([e * tp + t for t in range(tp)]) for e in range(ep)]  # every rank creates all
-    ep_groups = [dist.new_group([e * tp + t for e in range(ep)]) for t in range(tp)]
-    my_tp, my_ep = tp_groups[ep_rank], ep_groups[tp_rank]
-    QuantGroupedLinearStandIn.parallel_state_factory = lambda: ParallelState(-1, my_tp, my_ep)
+    if megatron:
+        from megatron.core import parallel_state as mcore
+
+        tp_rank, ep_rank = mcore.get_expert_tensor_parallel_rank(), mcore.get_expert_model_parallel_rank()
+        QuantGroupedLinearStandIn.parallel_state_factory = lambda: ParallelState(
+            mcore.get_expert_data_parallel_group(),
+            mcore.get_expert_tensor_parallel_group(),
+            mcore.get_expert_model_parallel_group(),
+        )
+    else:
+        tp_rank, ep_rank = rank % tp, rank // tp
+        tp_groups = [dist.new_group([e * tp + t for t in range(tp)]) for e in range(ep)]  # all ranks create all
+        ep_groups = [dist.new_group([e * tp + t for e in range(ep)]) for t in range(tp)]
+        my_tp, my_ep = tp_groups[ep_rank], ep_groups[tp_rank]
+        QuantGroupedLinearStandIn.parallel_state_factory = lambda: ParallelState(-1, my_tp, my_ep)
 
     local = experts // ep
     model = GroupedMoEStandIn(layers, local, hidden=HIDDEN, ffn=FFN, tensor_parallel=tp).to(torch.bfloat16)
@@ -151,9 +163,12 @@ def test_mismatched_quantizer_sets_fail_on_every_rank():
 
 
 def _megatron(rank: int, world: int) -> dict:
-    """Real Megatron parallel_state (TP 2, EP 2) and megatron-core modules: ours == ModelOpt's max."""
-    import copy
+    """Real Megatron parallel_state (TP 2, EP 2 on 4 ranks) with megatron-core modules.
 
+    ModelOpt refuses TP and EP together on SequentialMLP, so the experts here are the TE-contract
+    stand-in holding Megatron's expert groups (checked against the unsharded weights), and the
+    dense part is a real megatron-core GPTModel with TP 2 (checked against ModelOpt's own max and sync).
+    """
     import modelopt.torch.quantization as mtq
     import torch
     from megatron.core import parallel_state
@@ -164,41 +179,47 @@ def _megatron(rank: int, world: int) -> dict:
     import moeq_triton
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    experts = _sharded_moe(rank, world, 2, 2, 4, "per-expert", megatron=True)
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-        ffn_hidden_size=128, moe_ffn_hidden_size=32, num_moe_experts=4, moe_router_topk=2,
-        gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True, add_bias_linear=False,
-        use_cpu_initialization=True, params_dtype=torch.bfloat16, bf16=True, tensor_model_parallel_size=2,
-        expert_model_parallel_size=2,
+        ffn_hidden_size=128, gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True,
+        add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.bfloat16, bf16=True,
+        tensor_model_parallel_size=2,
     )  # fmt: skip
-    spec = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm")
-    ours = GPTModel(config, spec, vocab_size=128, max_sequence_length=32).to(torch.bfloat16)
-    gen = torch.Generator().manual_seed(rank)  # every shard differs: reductions must really happen
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
-    theirs = copy.deepcopy(ours)
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+    def build() -> GPTModel:
+        model = GPTModel(config, spec, vocab_size=128, max_sequence_length=32).to(torch.bfloat16)
+        gen = torch.Generator().manual_seed(rank)  # every shard differs: reductions must really happen
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
+        return model
+
+    ours, theirs = build(), build()
     calls = _count_all_reduce()
     mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     ours_collectives = len(calls)
-    mtq.quantize(theirs, copy.deepcopy(mtq.W4A16_NVFP4_CFG))
+    mtq.quantize(theirs, {**mtq.W4A16_NVFP4_CFG})
     a = {n: b for n, b in ours.named_buffers() if n.endswith("_amax")}
     b = {n: b for n, b in theirs.named_buffers() if n.endswith("_amax")}
     wrong = [n for n in a if not (n in b and a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]))]
     parallel_state.destroy_model_parallel()
     return {
+        "experts": experts,
         "wrong": wrong,
-        "same_keys": a.keys() == b.keys(),
-        "experts": sum("local_experts" in n for n in a),
+        "same_keys": a.keys() == b.keys() and len(a) > 4,
         "ours": ours_collectives,
         "theirs": len(calls) - ours_collectives,
     }
 
 
-def test_real_megatron_tensor_and_expert_parallel_matches_modelopt():
+def test_real_megatron_tensor_and_expert_parallel():
     results = values(run_ranks(_megatron, 4, timeout_s=400))
     for rank, result in enumerate(results):
-        assert result["same_keys"] and result["experts"] == 2 * 2 * 2, result
+        assert result["experts"]["wrong"] == [], f"rank {rank}: {result['experts']['wrong'][:4]}"
+        assert result["experts"]["checked"] > 1
+        assert result["same_keys"], result
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["ours"] < result["theirs"], result
     print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
