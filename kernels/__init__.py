@@ -4,13 +4,14 @@ Each public function takes any number of weights and issues one Triton launch pe
 device table of pointers (``grouping``); a plain-torch reference sits beside each kernel.
 """
 
-from .amax import grouped_amax, grouped_amax_reference, grouped_row_amax
+from .amax import NonFiniteWeightError, grouped_amax, grouped_amax_reference, grouped_row_amax
 from .fp8 import FP8Weight, quantize_fp8, quantize_fp8_reference
 from .grouping import launch_counts, reset_launch_counts, use_triton
 from .nvfp4 import NVFP4Weight, dequantize_nvfp4_reference, quantize_nvfp4, quantize_nvfp4_reference
 
 __all__ = [
     "FP8Weight",
+    "NonFiniteWeightError",
     "NVFP4Weight",
     "dequantize_nvfp4_reference",
     "grouped_amax",

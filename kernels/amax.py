@@ -98,12 +98,20 @@ def _launch(weights: Sequence[torch.Tensor], out: torch.Tensor, per_row: bool, o
             count_launch("row_amax" if per_row else "amax")
 
 
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or Inf; ``index`` is its position in the caller's list."""
+
+    def __init__(self, index: int, description: str) -> None:
+        super().__init__(f"{description} contains NaN or Inf; refusing to quantize it")
+        self.index = index
+
+
 def report_nonfinite(weights: Sequence[torch.Tensor], bad: torch.Tensor) -> None:
     """One host sync: fail on the first tensor flagged in the bool vector ``bad``."""
     bad = bad.nonzero()
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"{describe(i, weights[i])} contains NaN or Inf; refusing to quantize it")
+        raise NonFiniteWeightError(i, describe(i, weights[i]))
 
 
 def resolve_amax(

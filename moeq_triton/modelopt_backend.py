@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .collectives import DATA, EXPERT, TENSOR, SyncItem, active, max_reduce
-from .kernels import grouped_amax, grouped_row_amax
+from .kernels import NonFiniteWeightError, grouped_amax, grouped_row_amax
 
 CALIBRATOR = "triton_grouped"
 CALIBRATOR_SHARED = "triton_grouped_shared"
@@ -137,8 +137,10 @@ class _Pending:
                 continue
             try:
                 amaxes = reduce([r.weight for r in group])
-            except ValueError as error:
-                raise ValueError(_name_the_weight(error, group)) from None
+            except NonFiniteWeightError as error:
+                record = group[error.index]
+                name = record.quantizer_name or "an unnamed quantizer"
+                raise ValueError(f"weight of {name} (shape {tuple(record.weight.shape)}) contains NaN or Inf") from None
             for record, amax in zip(group, amaxes):
                 key = id(record.calibrator)
                 owner.setdefault(key, record)
@@ -157,15 +159,6 @@ class _Pending:
 
 PENDING = _Pending()
 _CURRENT: list[tuple[str | None, tuple]] = [(None, ())]  # the quantizer being fed now, and its groups
-
-
-def _name_the_weight(error: ValueError, group: list[_Record]) -> str:
-    """Turn the kernels' 'weights[i] (shape ...)' into the quantizer that was fed that weight."""
-    match = re.match(r"weights\[(\d+)\] (.*)", str(error))
-    if not match:
-        return str(error)
-    record = group[int(match.group(1))]
-    return f"weight of {record.quantizer_name or 'an unnamed quantizer'}: {match.group(2)}"
 
 
 _EXPERT_INDEX = re.compile(r"(?<=experts)\.\d+(?=\.)|\.\d+$")

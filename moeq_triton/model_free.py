@@ -1,0 +1,324 @@
+"""Model-free quantization of a Hugging Face checkpoint, straight from its safetensors files.
+
+Weight-only quantization needs no activations, so no model is built: the job is planned from tensor
+names and shapes alone, then each output shard is produced by reading its source tensors once,
+quantizing them in grouped kernel calls (scale groups such as an expert's gate/up are always read
+together, so their shared amax needs no second pass) and writing the shard.  The plan is
+deterministic, so N processes (torchrun) each produce whole shards and the result is the same files
+a single process writes.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint_format import Format
+from .checkpoint_io import INDEX, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .kernels import NonFiniteWeightError, dequantize_nvfp4_reference, grouped_amax, quantize_fp8, quantize_nvfp4
+from .naming import module_of, naming_for
+
+QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass
+class Unit:
+    """Tensors read and processed together: one scale group, or one kept tensor."""
+
+    names: list[str]
+    quantize: bool
+    in_bytes: int
+    out_bytes: int
+
+
+@dataclass
+class Plan:
+    fmt: Format
+    shards: list[list[Unit]]
+    exclude_modules: list[str]
+
+    @property
+    def units(self) -> list[Unit]:
+        return [u for shard in self.shards for u in shard]
+
+
+def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
+    rows, k = int(torch.Size(shape[:-1]).numel()), shape[-1]
+    if fmt.is_nvfp4:
+        return rows * (k // 2 + k // 16) + 4
+    return rows * k + (4 * rows if fmt.per_channel else 4)
+
+
+def make_plan(source: SourceCheckpoint, fmt: Format, experts_only: bool, max_shard_bytes: int) -> Plan:
+    """Which tensors are quantized, which share an amax, and which output shard holds each."""
+    naming = naming_for(source.config)
+    groups: dict[str, Unit] = {}
+    units: list[Unit] = []
+    exclude: list[str] = []
+    for name in source.names():
+        shape, dtype = source.shape_dtype(name)
+        in_bytes = source.nbytes(name)
+        linear = bool(naming.quantized.match(name))
+        if linear and experts_only and not naming.experts.match(name):
+            exclude.append(module_of(name))
+            linear = False
+        if naming.excluded.match(name):
+            exclude.append(module_of(name))
+        if not linear:
+            units.append(Unit([name], False, in_bytes, in_bytes))
+            continue
+        if dtype not in QUANTIZABLE_DTYPES or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
+            raise CheckpointError(
+                f"{source.path / source.weight_map[name]}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
+                f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 weight"
+                + (" with a last dim that is a multiple of 16" if fmt.is_nvfp4 else "")
+            )
+        key = naming.scale_group(name, fmt.is_nvfp4)
+        if key not in groups:
+            groups[key] = Unit([], True, 0, 0)
+            units.append(groups[key])
+        unit = groups[key]
+        unit.names.append(name)
+        unit.in_bytes += in_bytes
+        unit.out_bytes += _out_bytes(shape, fmt)
+    shards: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if shards[-1] and size + unit.out_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += unit.out_bytes
+    return Plan(fmt, shards, sorted(set(exclude)))
+
+
+@dataclass
+class Stats:
+    quantized: int = 0
+    kept: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
+
+
+def _quantize_units(
+    units: list[Unit], loaded: dict[str, torch.Tensor], fmt: Format, source: SourceCheckpoint
+) -> dict[str, torch.Tensor]:
+    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group."""
+    names = [n for u in units for n in u.names]
+    if not names:
+        return {}
+    weights = [loaded[n] for n in names]
+    try:
+        amax = grouped_amax(weights)
+    except NonFiniteWeightError as error:
+        name = names[error.index]
+        raise CheckpointError(f"{source.path / source.weight_map[name]}: tensor {name} contains NaN or Inf") from None
+    owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
+    group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
+    out: dict[str, torch.Tensor] = {}
+    if fmt.is_nvfp4:
+        for name, q in zip(names, quantize_nvfp4(weights, group_max)):
+            out[name], out[name + "_scale"], out[name + "_scale_2"] = q
+    else:
+        results = quantize_fp8(weights, None if fmt.per_channel else group_max, per_channel=fmt.per_channel)
+        for name, q in zip(names, results):
+            out[name], out[name + "_scale"] = q
+    return out
+
+
+def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
+    """float32 values of a quantized weight from its output tensors."""
+    from .kernels import NVFP4Weight
+
+    if fmt.is_nvfp4:
+        q = NVFP4Weight(tensors[name], tensors[name + "_scale"], tensors[name + "_scale_2"])
+        return dequantize_nvfp4_reference(q)
+    scale = tensors[name + "_scale"]
+    return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
+
+
+def _relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
+    return float(err.max()), float(err.mean())
+
+
+def run_shards(
+    plan: Plan,
+    source: SourceCheckpoint,
+    out: AtomicCheckpointDir,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    batch_bytes: int = 1 << 30,
+    advance: Callable[[int], None] = lambda n: None,
+) -> Stats:
+    """Produce this rank's shards (shard s belongs to rank s % world)."""
+    stats = Stats()
+    for s, shard in enumerate(plan.shards):
+        if s % world != rank:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for batch in _batches(shard, batch_bytes):
+            loaded = {n: source.tensor(n).to(device) for u in batch for n in u.names}
+            quantized = [u for u in batch if u.quantize]
+            result = _quantize_units(quantized, loaded, plan.fmt, source)
+            if quantized:
+                sample = quantized[0].names[0]
+                stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+            for unit in batch:
+                if not unit.quantize:
+                    result[unit.names[0]] = loaded[unit.names[0]]
+                stats.quantized += len(unit.names) if unit.quantize else 0
+                stats.kept += 0 if unit.quantize else 1
+                stats.bytes_in += unit.in_bytes
+                stats.bytes_out += unit.out_bytes
+                advance(unit.in_bytes)
+            tensors.update({k: v.cpu() for k, v in result.items()})
+        out.write_shard(shard_name(s, len(plan.shards)), tensors)
+    return stats
+
+
+def _batches(units: list[Unit], budget: int) -> list[list[Unit]]:
+    batches: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if batches[-1] and size + unit.in_bytes > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(unit)
+        size += unit.in_bytes
+    return batches
+
+
+def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:
+    """Index, config.json with quantization_config, hf_quant_config.json, tokenizer/generation files."""
+    import shutil
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s, shard in enumerate(plan.shards):
+        for unit in shard:
+            for name in unit.names:
+                outputs = [name, name + "_scale"] + ([name + "_scale_2"] if plan.fmt.is_nvfp4 else [])
+                for output in outputs if unit.quantize else [name]:
+                    weight_map[output] = shard_name(s, len(plan.shards))
+            total += unit.out_bytes
+    out.write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    config = dict(source.config)
+    config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
+    out.write_json("config.json", config)
+    out.write_json("hf_quant_config.json", plan.fmt.hf_quant_config(plan.exclude_modules))
+    for extra in source.extra_files():
+        shutil.copy2(extra, out.partial / extra.name)
+
+
+def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
+    """Reload the output: every expected tensor with its dtype and shape, and a bitwise re-quantization
+    of one scale group per shard.  Returns the problems found (empty when the checkpoint is sound)."""
+    problems = []
+    try:
+        result = SourceCheckpoint(destination)
+    except CheckpointError as error:
+        return [str(error)]
+    kinds = {
+        "weight": "U8" if plan.fmt.is_nvfp4 else "F8_E4M3",
+        "weight_scale": "F8_E4M3" if plan.fmt.is_nvfp4 else "F32",
+    }
+    expected: dict[str, str | None] = {}
+    for unit in plan.units:
+        for name in unit.names:
+            if not unit.quantize:
+                expected[name] = source.shape_dtype(name)[1]
+                continue
+            expected[name] = kinds["weight"]
+            expected[name + "_scale"] = kinds["weight_scale"]
+            if plan.fmt.is_nvfp4:
+                expected[name + "_scale_2"] = "F32"
+    missing = sorted(set(expected) - set(result.weight_map))
+    extra = sorted(set(result.weight_map) - set(expected))
+    if missing or extra:
+        problems.append(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, dtype in expected.items():
+        if name in result.weight_map and result.shape_dtype(name)[1] != dtype:
+            problems.append(f"{name}: dtype {result.shape_dtype(name)[1]}, expected {dtype}")
+    for shard in plan.shards:
+        unit = next((u for u in shard if u.quantize), None)
+        if unit is None or problems:
+            continue
+        loaded = {n: source.tensor(n).to(device) for n in unit.names}
+        again = _quantize_units([unit], loaded, plan.fmt, source)
+        for key, tensor in again.items():
+            if not same_bytes(result.tensor(key), tensor.cpu()):
+                problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    return problems
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Dtype, shape and every bit equal (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def peak_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def quantize_checkpoint(
+    source_path: str | os.PathLike,
+    destination: str | os.PathLike,
+    fmt: Format,
+    experts_only: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    batch_bytes: int = 1 << 30,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> tuple[Plan, Stats, float]:
+    """The whole job in one process (rank/world from torchrun's environment when present)."""
+    import torch.distributed as dist
+
+    start = time.perf_counter()
+    source = SourceCheckpoint(source_path)
+    plan = make_plan(source, fmt, experts_only, max_shard_bytes)
+    out = AtomicCheckpointDir(destination, overwrite)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if rank == 0:
+        out.create()
+    if distributed:
+        dist.barrier()
+    advance = (
+        progress(rank, sum(u.in_bytes for s, sh in enumerate(plan.shards) if s % world == rank for u in sh))
+        if progress
+        else (lambda n: None)
+    )
+    failure: BaseException | None = None
+    try:
+        stats = run_shards(plan, source, out, torch.device(device), rank, world, batch_bytes, advance)
+    except BaseException as error:  # agreed on by all ranks below, then re-raised
+        failure, stats = error, Stats()
+    if distributed:
+        flag = torch.tensor([1 if failure else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and failure is None:
+            failure = CheckpointError("another rank failed; no checkpoint was written")
+    if failure is not None:
+        if rank == 0:
+            out.abort()
+        raise failure
+    if rank == 0:
+        write_metadata(plan, source, out)
+        out.commit()
+    if distributed:
+        dist.barrier()
+    return plan, stats, time.perf_counter() - start
