@@ -1,4 +1,5 @@
-# Two commands do all the set-up on a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` (the main job on the embedded
+# SYNTHETIC default checkpoint) and `make test`.
 # Both create or reuse .venv; torch is installed first and pinned (an unpinned torch pulls a CUDA build).
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/moeq-triton demo
+	$(BIN)/moeq-triton quantize --out out/synthetic-qwen3-moe-nvfp4 --overwrite --verify
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

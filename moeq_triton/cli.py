@@ -137,10 +137,10 @@ def _table(plan, stats, seconds: float, out: str, device: str):
         f"{seconds:.2f}", f"{stats.bytes_in / 1e9 / seconds:.2f}", f"{max(e[0] for e in errors):.2e}",
         f"{sum(e[1] for e in errors) / len(errors):.2e}",
     )  # fmt: skip
+    excluded = ", ".join(plan.exclude_modules[:4]) + (" ..." if len(plan.exclude_modules) > 4 else "")
     table.caption = (
-        "Rates count source bytes of this rank. Error: |dequantized - w| / max|w| on one sampled scale group per "
-        "batch. Excluded (kept): "
-        + (", ".join(plan.exclude_modules[:4]) + (" ..." if len(plan.exclude_modules) > 4 else ""))
+        "GB/s counts this rank's source bytes over the whole job. Error: |dequantized - w| / max|w| of one "
+        f"sampled tensor per batch. Kept unquantized (exclude_modules): {excluded}"
     )
     return table
 

@@ -1,0 +1,230 @@
+"""`moeq-triton quantize` against ModelOpt's own export of the same model, and its failure behaviour."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import modelopt.torch.quantization as mtq
+import pytest
+import torch
+from assertions import assert_bitwise_equal
+from distributed_harness import run_ranks, values
+from modelopt.torch.export import export_hf_checkpoint
+from safetensors.torch import load_file, save_file
+from test_modelopt_backend import tiny_qwen3_moe
+from transformers import AutoModelForCausalLM
+
+from moeq_triton.checkpoint_format import FORMATS
+from moeq_triton.cli import main
+from moeq_triton.model_free import quantize_checkpoint
+
+warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> str:
+    """A tiny Qwen3-MoE saved by transformers into several shards (gate and up of an expert may differ)."""
+    path = tmp_path_factory.mktemp("src") / "tiny-qwen3-moe"
+    tiny_qwen3_moe(layers=2, experts=4).save_pretrained(path, max_shard_size="60KB")
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
+    return str(path)
+
+
+def modelopt_export(source: str, fmt: str, out) -> None:
+    """ModelOpt's route: load, mtq.quantize with its weight-only config, export_hf_checkpoint."""
+    base = {
+        "nvfp4": mtq.W4A16_NVFP4_CFG,
+        "fp8": mtq.FP8_DEFAULT_CFG,
+        "fp8-per-channel": mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG,
+    }
+    cfg = copy.deepcopy(base[fmt])
+    cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer", "enable": False})
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.config.architectures = ["Qwen3MoeForCausalLM"]
+    mtq.quantize(model, cfg)
+    export_hf_checkpoint(model, export_dir=out)
+
+
+def load_all(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, f)))
+    return tensors
+
+
+def without_producer(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    config.pop("producer", None)
+    config.get("quantization_config", {}).pop("producer", None)
+    return config
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_output_equals_modelopt_export(source, fmt, tmp_path):
+    """Every tensor byte-identical to ModelOpt's export; hf_quant_config and config.json equivalent."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert main(["quantize", "--model", source, "--out", str(ours), "--format", fmt, "--device", "cpu"]) == 0
+    modelopt_export(source, fmt, theirs)
+    a, b = load_all(ours), load_all(theirs)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert_bitwise_equal(a[name], b[name], name)
+    for config in ("hf_quant_config.json", "config.json"):
+        mine = without_producer(json.loads((ours / config).read_text()))
+        reference = without_producer(json.loads((theirs / config).read_text()))
+        mine.pop("dtype", None), reference.pop("dtype", None)  # ModelOpt rewrites the loaded dtype
+        assert mine == reference, config
+    index = json.loads((ours / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(a)
+    if fmt == "nvfp4":
+        for layer in range(2):
+            for e in range(4):
+                p = f"model.layers.{layer}.mlp.experts.{e}"
+                assert_bitwise_equal(a[f"{p}.gate_proj.weight_scale_2"], a[f"{p}.up_proj.weight_scale_2"], p)
+
+
+def test_experts_only_keeps_attention(source, tmp_path):
+    out = tmp_path / "experts-only"
+    assert main(["quantize", "--model", source, "--out", str(out), "--experts-only", "--device", "cpu"]) == 0
+    tensors = load_all(out)
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.experts.1.down_proj.weight"].dtype == torch.uint8
+    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert "model.layers.1.self_attn.o_proj" in excluded and "model.layers.1.mlp.gate" in excluded
+
+
+def test_console_script_default_model_with_verify(tmp_path):
+    """The main job end to end through the installed console script: synthetic default, --verify."""
+    env = {**os.environ, "MOEQ_TRITON_CACHE": str(tmp_path / "cache"), "TRITON_INTERPRET": "0"}
+    script = os.path.join(os.path.dirname(sys.executable), "moeq-triton")
+    run = subprocess.run(
+        [script, "quantize", "--out", str(tmp_path / "out"), "--verify", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "SYNTHETIC" in run.stdout and "verify:" in run.stdout
+    assert (tmp_path / "out" / "hf_quant_config.json").is_file()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moeq_triton", "quantize", "--device", "cpu", *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"},
+    )  # fmt: skip
+
+
+def assert_clean_failure(run: subprocess.CompletedProcess, fragment: str, out) -> None:
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr, run.stderr[-1500:]
+    assert fragment in run.stderr, run.stderr[-1500:]
+    assert not out.exists() or not any(out.iterdir())
+    assert not (out.parent / f".{out.name}.partial").exists()
+
+
+def copy_checkpoint(source: str, tmp_path):
+    target = tmp_path / "broken"
+    target.mkdir()
+    for f in os.listdir(source):
+        (target / f).write_bytes(open(os.path.join(source, f), "rb").read())
+    return target
+
+
+def test_missing_config(tmp_path):
+    out = tmp_path / "out"
+    assert_clean_failure(cli("--model", str(tmp_path), "--out", str(out)), "config.json: not found", out)
+
+
+def test_truncated_shard_is_named(source, tmp_path):
+    broken = copy_checkpoint(source, tmp_path)
+    shard = sorted(f for f in os.listdir(broken) if f.endswith(".safetensors"))[1]
+    data = (broken / shard).read_bytes()
+    (broken / shard).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert_clean_failure(cli("--model", str(broken), "--out", str(out)), shard, out)
+
+
+def test_nan_tensor_is_named(source, tmp_path):
+    broken = copy_checkpoint(source, tmp_path)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    tensors = load_file(broken / index[name])
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, broken / index[name], {"format": "pt"})
+    out = tmp_path / "out"
+    assert_clean_failure(cli("--model", str(broken), "--out", str(out)), name, out)
+
+
+def test_unknown_architecture(source, tmp_path):
+    broken = copy_checkpoint(source, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["MysteryForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_clean_failure(cli("--model", str(broken), "--out", str(out)), "supported: Qwen3MoeForCausalLM", out)
+
+
+def test_existing_destination_untouched(source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    run = cli("--model", source, "--out", str(out))
+    assert run.returncode != 0 and "--overwrite" in run.stderr and "Traceback" not in run.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unwritable_destination(source, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    run = cli("--model", source, "--out", str(out))
+    assert run.returncode != 0 and "cannot write" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(source, tmp_path, monkeypatch):
+    """A failure in the middle leaves only a hidden partial directory; the next run replaces it."""
+    import moeq_triton.model_free as model_free
+
+    out = tmp_path / "out"
+    original = model_free.AtomicCheckpointDir.write_shard
+    calls = []
+
+    def failing(self, file, tensors):
+        calls.append(file)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, file, tensors)
+
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", original)
+    quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").is_file()
+
+
+def _two_process_run(rank: int, world: int, source: str, out: str) -> bool:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    from moeq_triton.checkpoint_format import FORMATS
+    from moeq_triton.model_free import quantize_checkpoint
+
+    quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
+    return True
+
+
+def test_two_processes_write_the_same_files_as_one(source, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    quantize_checkpoint(source, one, FORMATS["nvfp4"], max_shard_bytes=20_000)
+    assert values(run_ranks(_two_process_run, 2, source, str(two))) == [True, True]
+    files = sorted(os.listdir(one))
+    assert files == sorted(os.listdir(two)) and len([f for f in files if f.endswith(".safetensors")]) > 2
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
