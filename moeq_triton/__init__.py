@@ -1,26 +1,73 @@
 """moeq-triton: grouped NVFP4/FP8 weight quantization of Mixture-of-Experts models.
 
 ``moeq_triton.kernels`` is the compute layer; this package is the integration layer.
+
+Importing the package is light (the model-free command line never loads ModelOpt, whose import alone
+takes seconds).  It still makes ``"calibrator": "triton_grouped"`` valid in ModelOpt: the names are
+registered at once when ModelOpt's quantization package is already imported, and otherwise right
+after it is (a post-import hook).  The ready configs load ModelOpt on first access.
 """
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
 
 __version__ = "0.1.0"
 
-from .modelopt_backend import CALIBRATOR, CALIBRATOR_SHARED, calibration_stats, format_stats, make_configs, register
+_MODELOPT_QUANTIZATION = "modelopt.torch.quantization"
+_BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "calibration_stats", "format_stats", "register")
+_CONFIGS = ("NVFP4_WEIGHT_ONLY_CFG", "FP8_WEIGHT_ONLY_CFG", "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG")
 
-register()  # importing moeq_triton makes "calibrator": "triton_grouped" valid in mtq.quantize configs
+__all__ = [*_BACKEND, *_CONFIGS]
 
-_CONFIGS = make_configs()
-NVFP4_WEIGHT_ONLY_CFG = _CONFIGS["NVFP4_WEIGHT_ONLY_CFG"]
-FP8_WEIGHT_ONLY_CFG = _CONFIGS["FP8_WEIGHT_ONLY_CFG"]
-FP8_PER_CHANNEL_WEIGHT_ONLY_CFG = _CONFIGS["FP8_PER_CHANNEL_WEIGHT_ONLY_CFG"]
 
-__all__ = [
-    "CALIBRATOR",
-    "CALIBRATOR_SHARED",
-    "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG",
-    "FP8_WEIGHT_ONLY_CFG",
-    "NVFP4_WEIGHT_ONLY_CFG",
-    "calibration_stats",
-    "format_stats",
-    "register",
-]
+def __getattr__(name: str):
+    if name in _BACKEND or name in _CONFIGS:
+        from . import modelopt_backend
+
+        modelopt_backend.register()
+        if name in _CONFIGS:
+            value = modelopt_backend.make_configs()[name]
+            globals()[name] = value
+            return value
+        return getattr(modelopt_backend, name)
+    raise AttributeError(f"module 'moeq_triton' has no attribute {name!r}")
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs the backend registration right after ModelOpt's quantization package finishes importing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _MODELOPT_QUANTIZATION:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without us, once
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        from . import modelopt_backend
+
+        modelopt_backend.register()
+
+
+if _MODELOPT_QUANTIZATION in sys.modules:
+    from .modelopt_backend import register as _register
+
+    _register()
+elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterImport())

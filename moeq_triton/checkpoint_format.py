@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import __version__
+from . import __version__  # noqa: F401 (the package init is light)
 
 PRODUCER = {"name": "moeq-triton", "version": __version__}
 

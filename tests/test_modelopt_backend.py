@@ -255,3 +255,19 @@ def test_failed_pass_leaves_nothing_pending(monkeypatch):
     with pytest.raises(RuntimeError, match="injected failure"):
         mtq.quantize(GroupedMoEStandIn(layers=1, experts=2), moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     assert PENDING.records == []
+
+
+def test_light_import_then_registration_after_modelopt_import():
+    """`import moeq_triton` alone loads no ModelOpt; importing ModelOpt later still registers the name."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, moeq_triton\n"
+        "assert not any(m.startswith('modelopt') for m in sys.modules), 'moeq_triton imported ModelOpt'\n"
+        "from modelopt.torch.quantization.config import QuantizerAttributeConfig\n"
+        "QuantizerAttributeConfig(calibrator='triton_grouped')\n"
+        "print('registered')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "registered" in run.stdout, run.stderr[-2000:]
