@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .amax import report_nonfinite, resolve_amax
+from .amax import NonFiniteWeightError, report_nonfinite, resolve_amax
 from .formats import (
     E2M1_BOUNDS,
     E2M1_MAX,
@@ -24,7 +24,7 @@ from .formats import (
     NVFP4_BLOCK_SIZE,
     NVFP4_SCALE_2_DIVISOR,
 )
-from .grouping import build_groups, count_launch, entry, locate, output, use_triton, validate
+from .grouping import build_groups, count_launch, describe, entry, locate, output, use_triton, validate
 from .rounding import e2m1_code, e4m3_bits, e4m3_round
 
 
@@ -111,9 +111,14 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
         return []
     amax = resolve_amax(weights, weight_amax, device)
     if not use_triton(device):
-        if weight_amax is not None:
-            report_nonfinite(weights, torch.stack([~torch.isfinite(w).all() for w in weights]))
-        return [quantize_nvfp4_reference(w, a) for w, a in zip(weights, amax)]
+        results = []
+        for i, (w, a) in enumerate(zip(weights, amax)):
+            blocks = w.float().unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
+            block_amax = blocks.abs().amax(-1)  # NaN/Inf survive here: a cheap check of the caller's weights
+            if weight_amax is not None and not bool(torch.isfinite(block_amax).all()):
+                raise NonFiniteWeightError(i, describe(i, w))
+            results.append(_nvfp4_from_blocks(blocks, block_amax, a))
+        return results
     results = [_empty_outputs(w) for w in weights]
     outs = [[r.weight for r in results], [r.weight_scale for r in results], [r.weight_scale_2 for r in results]]
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
@@ -131,23 +136,30 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
 # ----------------------------------------------------------------------------------------------
 # Reference: plain torch, one tensor at a time, written from the numerics (not from the kernel).
 
-_E2M1_BOUNDS_LIST = list(E2M1_BOUNDS)
+
+def _strict_bounds(device: torch.device) -> torch.Tensor:
+    """E2M1 midpoints for a strict ``>`` test: a tie at an odd midpoint rounds up to the even code, so
+    that midpoint is replaced by the float32 just below it (x > prev(b) exactly when x >= b)."""
+    bounds = torch.tensor(E2M1_BOUNDS, dtype=torch.float32)
+    below = torch.nextafter(bounds, torch.zeros(()))
+    odd = torch.arange(len(E2M1_BOUNDS)) % 2 == 1
+    return torch.where(odd, below, bounds).to(device)
 
 
 def e2m1_codes_reference(x: torch.Tensor) -> torch.Tensor:
-    """uint8 E2M1 codes of float32 x: ties to even (odd bounds round up), sign in bit 3, NaN -> 7."""
-    m = x.abs()
-    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for i, bound in enumerate(_E2M1_BOUNDS_LIST):
-        code += (m >= bound) if i % 2 else (m > bound)
-    code = torch.where(torch.isnan(x), 7, code)
+    """uint8 E2M1 codes of float32 x: ties to even, sign in bit 3 (x < 0), NaN -> 7 (it sorts last)."""
+    code = torch.bucketize(x.abs(), _strict_bounds(x.device)).to(torch.uint8)  # bounds strictly below |x|
     return code | ((x < 0).to(torch.uint8) << 3)
 
 
 def quantize_nvfp4_reference(w: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
-    scale_2 = amax.float().reshape(()) / NVFP4_SCALE_2_DIVISOR
     blocks = w.float().unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
-    scale = blocks.abs().amax(-1) / (E2M1_MAX * scale_2)
+    return _nvfp4_from_blocks(blocks, blocks.abs().amax(-1), amax)
+
+
+def _nvfp4_from_blocks(blocks: torch.Tensor, block_amax: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
+    scale_2 = amax.float().reshape(()) / NVFP4_SCALE_2_DIVISOR
+    scale = block_amax / (E2M1_MAX * scale_2)
     scale = torch.where(scale == 0, 1.0, scale)
     scale = scale.clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(torch.float8_e4m3fn)
     x = blocks / (scale.float() * scale_2).unsqueeze(-1)

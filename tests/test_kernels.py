@@ -160,6 +160,7 @@ def test_nvfp4_all_zero_tensor_matches_modelopt(dtype):
     w = torch.zeros(3, 32, dtype=dtype)
     (r,) = quantize_nvfp4([w])
     assert_results_equal(r, nvfp4_export(w, torch.zeros(())), "modelopt")
+    assert_results_equal(quantize_nvfp4_reference(w, torch.zeros(())), r, "reference (NaN x -> code 7)")
     assert_results_equal(r, nvfp4_self(w), "NVFP4QTensor.quantize")
 
 
