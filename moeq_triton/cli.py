@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
     q.add_argument("--max-shard-size", type=_size, default=_size("2GB"))
-    q.add_argument("--batch-size", type=_size, default=_size("1GB"), help="source bytes held in memory at once")
+    q.add_argument("--batch-size", type=_size, default=_size("256MB"), help="source bytes held in memory at once")
     demo = sub.add_parser("demo", help="quantize one synthetic MoE layer in memory and print a table")
     demo.add_argument("--device", default=None)
     args = parser.parse_args(argv)

@@ -155,7 +155,7 @@ def run_shards(
     device: torch.device,
     rank: int = 0,
     world: int = 1,
-    batch_bytes: int = 1 << 30,
+    batch_bytes: int = 256 << 20,
     advance: Callable[[int], None] = lambda n: None,
 ) -> Stats:
     """Produce this rank's shards (shard s belongs to rank s % world)."""
@@ -164,8 +164,7 @@ def run_shards(
         if s % world != rank:
             continue
         tensors: dict[str, torch.Tensor] = {}
-        for batch in _batches(shard, batch_bytes):
-            loaded = {n: source.tensor(n).to(device) for u in batch for n in u.names}
+        for batch, loaded in _prefetched(_batches(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
             result = _quantize_units(quantized, loaded, plan.fmt, source)
             if quantized:
@@ -182,6 +181,22 @@ def run_shards(
             tensors.update({k: v.cpu() for k, v in result.items()})
         out.write_shard(shard_name(s, len(plan.shards)), tensors)
     return stats
+
+
+def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
+    """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
+    compute; at most two batches in memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(batch: list[Unit]) -> dict[str, torch.Tensor]:
+        return {n: source.tensor(n).to(device) for u in batch for n in u.names}
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            loaded = pending.result()
+            pending = reader.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+            yield batch, loaded
 
 
 def _batches(units: list[Unit], budget: int) -> list[list[Unit]]:
@@ -278,7 +293,7 @@ def quantize_checkpoint(
     device: str = "cpu",
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
-    batch_bytes: int = 1 << 30,
+    batch_bytes: int = 256 << 20,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> tuple[Plan, Stats, float]:
     """The whole job in one process (rank/world from torchrun's environment when present)."""
