@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import __version__
 
 
 def _size(text: str) -> int:
-    """'2GB', '500MB', '123' -> bytes."""
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B") + "B" if text[-1:].isalpha() else text
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    """'2GB', '500MB', '64MiB', '123' -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GB, 500MB)")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("moeq-triton: error: --device cuda, but torch sees no CUDA device (use --device cpu)", file=sys.stderr)
+        return 1
     if args.command == "demo":
         from .demo import run_demo
 

@@ -228,3 +228,12 @@ def test_two_processes_write_the_same_files_as_one(source, tmp_path):
     assert files == sorted(os.listdir(two)) and len([f for f in files if f.endswith(".safetensors")]) > 2
     for f in files:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
+
+
+def test_size_arguments_and_missing_cuda(capsys):
+    from moeq_triton.cli import _size
+
+    assert [_size("2GB"), _size("500MB"), _size("64MiB"), _size("123")] == [2 << 30, 500 << 20, 64 << 20, 123]
+    if not torch.cuda.is_available():
+        assert main(["quantize", "--device", "cuda", "--out", "unused"]) == 1
+        assert "no CUDA device" in capsys.readouterr().err
