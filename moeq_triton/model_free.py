@@ -86,14 +86,7 @@ def make_plan(source: SourceCheckpoint, fmt: Format, experts_only: bool, max_sha
         unit.names.append(name)
         unit.in_bytes += in_bytes
         unit.out_bytes += _out_bytes(shape, fmt)
-    shards: list[list[Unit]] = [[]]
-    size = 0
-    for unit in units:
-        if shards[-1] and size + unit.out_bytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(unit)
-        size += unit.out_bytes
+    shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
     return Plan(fmt, shards, sorted(set(exclude)))
 
 
@@ -164,7 +157,7 @@ def run_shards(
         if s % world != rank:
             continue
         tensors: dict[str, torch.Tensor] = {}
-        for batch, loaded in _prefetched(_batches(shard, batch_bytes), source, device):
+        for batch, loaded in _prefetched(_pack(shard, batch_bytes, lambda u: u.in_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
             result = _quantize_units(quantized, loaded, plan.fmt, source)
             if quantized:
@@ -199,16 +192,17 @@ def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: tor
             yield batch, loaded
 
 
-def _batches(units: list[Unit], budget: int) -> list[list[Unit]]:
-    batches: list[list[Unit]] = [[]]
+def _pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
+    """Consecutive units in groups of at most ``budget`` bytes (a larger unit stands alone)."""
+    packs: list[list[Unit]] = [[]]
     size = 0
     for unit in units:
-        if batches[-1] and size + unit.in_bytes > budget:
-            batches.append([])
+        if packs[-1] and size + size_of(unit) > budget:
+            packs.append([])
             size = 0
-        batches[-1].append(unit)
-        size += unit.in_bytes
-    return batches
+        packs[-1].append(unit)
+        size += size_of(unit)
+    return packs
 
 
 def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:

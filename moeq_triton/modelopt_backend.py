@@ -324,6 +324,11 @@ def rank_groups() -> tuple | None:
     )
 
 
+def _synced(quantizer) -> bool:
+    """Its amax already went through our cross-rank reduction."""
+    return getattr(getattr(quantizer, "_calibrator", None), "synced", False)
+
+
 def _is_ours(quantizer) -> bool:
     return type(getattr(quantizer, "_calibrator", None)).__name__ == "TritonGroupedCalibrator"
 
@@ -426,9 +431,8 @@ def register() -> None:
     original_sync = TensorQuantizer.sync_amax_across_distributed_group
 
     def sync_amax_across_distributed_group(self, parallel_group):
-        if getattr(getattr(self, "_calibrator", None), "synced", False):
-            return
-        original_sync(self, parallel_group)
+        if not _synced(self):
+            original_sync(self, parallel_group)
 
     sync_amax_across_distributed_group.__wrapped__ = original_sync
     TensorQuantizer.sync_amax_across_distributed_group = sync_amax_across_distributed_group
@@ -439,7 +443,7 @@ def register() -> None:
         # (ModelOpt #831/#862).  Our layout check already covers our quantizers; a disabled one has
         # no amax to compare.  Everything else still goes through ModelOpt's check.
         for leaf in _leaves(quantizer):
-            if not (leaf._disabled or getattr(getattr(leaf, "_calibrator", None), "synced", False)):
+            if not (leaf._disabled or _synced(leaf)):
                 original_check(leaf, parallel_state)
 
     model_calib._check_moe_calibration_complete = check_moe_calibration_complete
