@@ -1,5 +1,8 @@
-"""Test-wide set-up: the Triton interpreter must be on before any kernel module is imported."""
+"""Test-wide set-up: on CPU the Triton interpreter must be on before any kernel module is imported."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from device import TEST_DEVICE
+
+if TEST_DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 from assertions import assert_bitwise_equal, assert_results_equal
+from device import TEST_DEVICE
 from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
 from moeq_triton.kernels import (
     FP8Weight,
@@ -33,7 +34,7 @@ def heavy_tailed(shape, dtype, gen: torch.Generator) -> torch.Tensor:
     if shape[-1] >= 16:
         cols = torch.randint(0, shape[-1], (max(1, shape[-1] // 32),), generator=gen)
         w[..., cols] *= 40.0
-    return w.to(dtype)
+    return w.to(dtype).to(TEST_DEVICE)
 
 
 def mixed_list(n: int, dtype, seed: int, max_k: int = 320) -> list[torch.Tensor]:
@@ -122,7 +123,7 @@ def crafted_nvfp4_weight(dtype) -> torch.Tensor:
         [6.0 * 2.0**-10, -(2.0**-12)] + [2.0**-13] * 14,  # subnormal E4M3 scales
         [6.0 * 1.0625] + [5.99] * 15,  # scale between E4M3 values: rounds, then x saturates
     ]
-    return torch.tensor(rows, dtype=torch.float32).to(dtype)
+    return torch.tensor(rows, dtype=torch.float32).to(dtype).to(TEST_DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,10 +158,11 @@ def test_nvfp4_saturation_with_small_amax(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nvfp4_all_zero_tensor_matches_modelopt(dtype):
     """ModelOpt turns an all-zero tensor into NaN block scales (0/0) and 0x77 codes; we match it."""
-    w = torch.zeros(3, 32, dtype=dtype)
+    w = torch.zeros(3, 32, dtype=dtype, device=TEST_DEVICE)
+    zero = torch.zeros((), device=TEST_DEVICE)
     (r,) = quantize_nvfp4([w])
-    assert_results_equal(r, nvfp4_export(w, torch.zeros(())), "modelopt")
-    assert_results_equal(quantize_nvfp4_reference(w, torch.zeros(())), r, "reference (NaN x -> code 7)")
+    assert_results_equal(r, nvfp4_export(w, zero), "modelopt")
+    assert_results_equal(quantize_nvfp4_reference(w, zero), r, "reference (NaN x -> code 7)")
     assert_results_equal(r, nvfp4_self(w), "NVFP4QTensor.quantize")
 
 
@@ -208,13 +210,13 @@ def e4m3_probe_values() -> torch.Tensor:
     extra = torch.tensor([-0.0, 449.0, 460.0, 464.0, 500.0, 1e4, 2.0**-10, 2.0**-11, 3 * 2.0**-11, 1e-30])
     values = torch.cat([finite, mids, nudged, extra, -extra])
     pad = (-len(values)) % 16
-    return torch.cat([values, torch.zeros(pad)]).reshape(-1, 16)
+    return torch.cat([values, torch.zeros(pad)]).reshape(-1, 16).to(TEST_DEVICE)
 
 
 def test_fp8_every_e4m3_value_and_midpoint():
     """amax = 448 makes scale 1, so each probe goes straight through the E4M3 rounding."""
     w = e4m3_probe_values()
-    amax = torch.tensor([448.0])
+    amax = torch.tensor([448.0], device=TEST_DEVICE)
     (r,) = quantize_fp8([w], weight_amax=amax)
     assert_results_equal(r, quantize_fp8_reference(w, amax[0]), "reference")
     assert_results_equal(r, fp8_export(w, amax[0]), "modelopt")
@@ -234,13 +236,13 @@ def test_fp8_double_rounding_of_half_precision(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_zero_tensor_and_zero_rows(dtype):
     """Per tensor, ModelOpt divides by a zero scale as is; per channel it maps a zero row amax to scale 1."""
-    w = torch.zeros(4, 32, dtype=dtype)
+    w = torch.zeros(4, 32, dtype=dtype, device=TEST_DEVICE)
     w[1, 3] = -2.0
     (pc,) = quantize_fp8([w], per_channel=True)
     assert_results_equal(pc, fp8_channel_export(w, w.abs().amax(-1).float()), "modelopt per channel")
-    z = torch.zeros(2, 16, dtype=dtype)
+    z = torch.zeros(2, 16, dtype=dtype, device=TEST_DEVICE)
     (pt,) = quantize_fp8([z])
-    assert_results_equal(pt, fp8_export(z, torch.zeros(())), "modelopt per tensor, zero amax")
+    assert_results_equal(pt, fp8_export(z, torch.zeros((), device=TEST_DEVICE)), "modelopt per tensor, zero amax")
 
 
 def test_fp8_per_channel_given_row_amax():
@@ -269,7 +271,7 @@ def test_one_launch_per_dtype(n):
 
 def test_no_stacking_copy_outputs_are_separate():
     """Outputs are one allocation per tensor, so a safetensors writer can save them without copies."""
-    stacked = torch.randn(4, 8, 32, dtype=torch.bfloat16)
+    stacked = torch.randn(4, 8, 32, dtype=torch.bfloat16, device=TEST_DEVICE)
     results = quantize_nvfp4(list(stacked.unbind(0)))
     pointers = {r.weight.untyped_storage().data_ptr() for r in results}
     assert len(pointers) == 4
@@ -296,11 +298,17 @@ def test_empty_list():
     assert quantize_fp8([], per_channel=True) == []
 
 
-@pytest.mark.parametrize("interpreter", ["1", "0"])
+# Triton picks the interpreter when a kernel is decorated, so a GPU session cannot also run it.
+ENGINES = ["reference", "gpu"] if TEST_DEVICE.type == "cuda" else ["reference", "interpreter"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
-def test_non_finite_weight_is_named(monkeypatch, interpreter, bad):
-    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+def test_non_finite_weight_is_named(monkeypatch, engine, bad):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")
+    device = TEST_DEVICE if engine == "gpu" else "cpu"
     weights = [torch.randn(4, 32), torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(2, 16)]
+    weights = [w.to(device) for w in weights]
     weights[2][1, 5] = float(bad)
     for call in (
         lambda: grouped_amax(weights),
