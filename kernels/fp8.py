@@ -1,11 +1,12 @@
 """FP8 (E4M3) weight quantization, per tensor or per output channel, one launch per dtype.
 
-Bit-exact with ModelOpt's HF export, whose two FP8 paths differ (unified_export_hf.py):
-- per tensor ("FP8"): scale = amax / 448 as is (a zero amax gives scale 0, as ModelOpt writes it);
-  torch keeps ``w / scale`` in the weight's dtype before the FP8 cast, so bf16/fp16 round twice
-  (an N-D weight is treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
-- per channel ("FP8_PER_CHANNEL_PER_TOKEN"): ModelOpt's ``export_amax`` first turns a zero amax into
-  448 (scale 1) and clamps it to the weight dtype's smallest normal; the quotient stays float32.
+Bit-exact with ModelOpt's HF export (``get_scaling_factor`` -> ``TensorQuantizer.export_amax``):
+- the scale: a zero (or NaN) amax becomes 448 (scale 1), the amax is clamped up to the weight dtype's
+  smallest normal, then divided by 448 as torch divides by a Python number on the device (rounding.py);
+- per tensor ("FP8"): torch keeps ``w / scale`` in the weight's dtype before the FP8 cast, so bf16/fp16
+  round twice; on CUDA the 0-dim scale is itself first rounded to the weight dtype (an N-D weight is
+  treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
+- per channel ("FP8_PER_CHANNEL_PER_TOKEN"): the quotient stays float32.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from .grouping import (
     use_triton,
     validate,
 )
-from .rounding import e4m3_bits, e4m3_round, round_to_dtype
+from .rounding import (
+    divide_by_constant,
+    divides_by_reciprocal,
+    e4m3_bits,
+    e4m3_round,
+    float32_reciprocal,
+    round_to_dtype,
+)
 
 
 class FP8Weight(NamedTuple):
@@ -40,14 +48,15 @@ class FP8Weight(NamedTuple):
 
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
+_INV_E4M3_MAX = tl.constexpr(float32_reciprocal(E4M3_MAX))
 _DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see rounding.round_to_dtype
 
 
 @triton.jit
-def _channel_scale(amax, TINY: tl.constexpr):
-    """Per-channel export scale: zero amax -> 448, clamp to the dtype's smallest normal, / 448."""
+def _export_scale(amax, TINY: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """ModelOpt's export scale: zero amax -> 448, clamp to the dtype's smallest normal, / 448."""
     amax = tl.where(amax == 0.0, _E4M3_MAX, tl.maximum(amax, TINY))
-    return tl.div_rn(amax, _E4M3_MAX)
+    return divide_by_constant(amax, _E4M3_MAX, _INV_E4M3_MAX, RECIPROCAL)
 
 
 @triton.jit
@@ -66,6 +75,7 @@ def _fp8_kernel(
     QUOTIENT_KIND: tl.constexpr,
     SCALE_KIND: tl.constexpr,
     TINY: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = locate(table, pid, T, STEPS)
@@ -87,11 +97,11 @@ def _fp8_kernel(
                 x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
                 acc = tl.maximum(acc, tl.abs(x))
             a = tl.max(acc, axis=1)
-        scale = _channel_scale(a, TINY)
+        scale = _export_scale(a, TINY, RECIPROCAL)
         tl.store(s_ptr + r1, scale, mask=r1 < rows)
         divisor = scale[:, None]
     else:
-        scale = tl.div_rn(tl.load(amax + index), _E4M3_MAX)
+        scale = _export_scale(tl.load(amax + index), TINY, RECIPROCAL)
         if pid == tile_start:
             tl.store(s_ptr, scale)
         divisor = round_to_dtype(scale, SCALE_KIND)
@@ -165,6 +175,7 @@ def quantize_fp8(
             kind,
             _scale_kind(kind, device),
             torch.finfo(g.dtype).tiny,
+            divides_by_reciprocal(device),
         )
         count_launch("fp8")
     report_nonfinite(weights, nonfinite > 0)
@@ -173,8 +184,8 @@ def quantize_fp8(
 
 def _scale_kind(quotient_kind: int, device: torch.device) -> int:
     """On CUDA torch casts the 0-dim float32 scale to the weight dtype before dividing; on CPU it
-    keeps it float32 (numerics.md).  The CUDA half is read from torch's TensorIterator, not yet
-    measured on a GPU: benchmarks/device_check.sh settles it against ModelOpt on the device."""
+    keeps it float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
+    H200 run in benchmarks/RESULTS.md)."""
     return quotient_kind if device.type == "cuda" else 0
 
 
@@ -213,8 +224,8 @@ def _amaxes(
 # Reference: ModelOpt's export formula in plain torch, evaluated on the input's device.
 
 
-def channel_scale_reference(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-channel scale as ModelOpt's export_amax + get_scaling_factor compute it (float32)."""
+def export_scale_reference(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scale as ModelOpt's export_amax + get_scaling_factor compute it (float32, amax's device)."""
     amax = torch.where(amax == 0, E4M3_MAX, amax.float())
     return amax.clamp(min=torch.finfo(dtype).tiny) / E4M3_MAX
 
@@ -223,7 +234,7 @@ def quantize_fp8_reference(w: torch.Tensor, amax: torch.Tensor, per_channel: boo
     """Per tensor: ``(w / scale).to(e4m3)`` with a 0-dim scale, so torch divides in w's dtype; per
     channel the [rows] scale is a real tensor, so the quotient promotes to float32."""
     if per_channel:
-        scale = channel_scale_reference(amax.reshape(w.shape[:-1]), w.dtype)
+        scale = export_scale_reference(amax.reshape(w.shape[:-1]), w.dtype)
         return FP8Weight((w / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale)
-    scale = amax.float().reshape(()) / E4M3_MAX
+    scale = export_scale_reference(amax.reshape(()), w.dtype)
     return FP8Weight((w / scale).to(torch.float8_e4m3fn), scale)

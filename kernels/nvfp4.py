@@ -25,7 +25,7 @@ from .formats import (
     NVFP4_SCALE_2_DIVISOR,
 )
 from .grouping import build_groups, count_launch, describe, entry, locate, output, use_triton, validate
-from .rounding import e2m1_code, e4m3_bits, e4m3_round
+from .rounding import divide_by_constant, divides_by_reciprocal, e2m1_code, e4m3_bits, e4m3_round, float32_reciprocal
 
 
 class NVFP4Weight(NamedTuple):
@@ -37,12 +37,23 @@ class NVFP4Weight(NamedTuple):
 _BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE)
 _HALF_BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE // 2)
 _DIVISOR = tl.constexpr(NVFP4_SCALE_2_DIVISOR)
+_INV_DIVISOR = tl.constexpr(float32_reciprocal(NVFP4_SCALE_2_DIVISOR))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
 
 
 @triton.jit
-def _nvfp4_kernel(table, amax, nonfinite, ref_ptr, T, STEPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCKS: tl.constexpr):
+def _nvfp4_kernel(
+    table,
+    amax,
+    nonfinite,
+    ref_ptr,
+    T,
+    STEPS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = locate(table, pid, T, STEPS)
     ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
@@ -50,7 +61,7 @@ def _nvfp4_kernel(table, amax, nonfinite, ref_ptr, T, STEPS: tl.constexpr, BLOCK
     q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
     s_ptr = output(table, t, 1).to(tl.pointer_type(tl.uint8))
 
-    scale_2 = tl.div_rn(tl.load(amax + index), _DIVISOR)
+    scale_2 = divide_by_constant(tl.load(amax + index), _DIVISOR, _INV_DIVISOR, RECIPROCAL)
     if pid == tile_start:
         tl.store(output(table, t, 2).to(tl.pointer_type(tl.float32)), scale_2)
     scale_unit = _E2M1_MAX * scale_2
@@ -128,7 +139,15 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     for g in build_groups(weights, block_r, outs):
         if g.num_tiles:
             _nvfp4_kernel[(g.num_tiles,)](
-                g.table, amax, nonfinite, weights[g.first], len(g.indices), g.search_steps, block_r, blocks
+                g.table,
+                amax,
+                nonfinite,
+                weights[g.first],
+                len(g.indices),
+                g.search_steps,
+                block_r,
+                blocks,
+                divides_by_reciprocal(device),
             )
             count_launch("nvfp4")
     report_nonfinite(weights, nonfinite > 0)

@@ -3,9 +3,11 @@
 Why not ``x.to(tl.float8e4nv)``: the Triton interpreter converts float32 -> float8 wrongly (drops
 the rounding carry, rounds ties up, overflows to NaN), and Hopper has no E2M1 convert at all.  Here
 every rounding is round-half-to-even done on the float32 bit pattern, so the interpreter and the
-GPU agree bit for bit with torch.  All divisions elsewhere use ``tl.div_rn`` for the same reason.
+GPU agree bit for bit with torch.  All divisions elsewhere use ``tl.div_rn`` for the same reason, or
+``divide_by_constant`` where torch itself divides by a Python number.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -110,3 +112,27 @@ def e2m1_code(x):
     )
     code = tl.where(m != m, 7, code)
     return tl.where(x < 0, code | 8, code)
+
+
+def divides_by_reciprocal(device: torch.device) -> bool:
+    """Does torch compute ``float32_tensor / python_number`` as ``x * float32(1 / number)`` on this device?
+
+    On CUDA yes: ATen's div_true_kernel_cuda multiplies by the reciprocal of a CPU scalar (measured on an
+    H200, benchmarks/RESULTS.md); on CPU a float32 tensor is divided exactly.  ModelOpt computes its
+    export scales this way (``amax.float() / 448.0``, ``amax.float() / (6.0 * 448.0)``), so the two
+    devices can differ by one ulp and each kernel follows the device it runs on.
+    """
+    return device.type == "cuda"
+
+
+def float32_reciprocal(c: float) -> float:
+    """float32(1 / c), correctly rounded, as torch's CUDA kernel computes it for the scalar c."""
+    return (torch.tensor(1.0) / torch.tensor(c, dtype=torch.float32)).item()
+
+
+@triton.jit
+def divide_by_constant(x, C: tl.constexpr, INV_C: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """``x / C`` exactly as torch evaluates ``tensor / C`` on the device (see divides_by_reciprocal)."""
+    if RECIPROCAL:
+        return x * INV_C
+    return tl.div_rn(x, C)

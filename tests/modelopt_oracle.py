@@ -38,9 +38,12 @@ def nvfp4_self(w: torch.Tensor) -> NVFP4Weight:
 
 
 def fp8_export(w: torch.Tensor, amax: torch.Tensor) -> FP8Weight:
-    """The exporter's per-tensor FP8 branch: float32 amax / maxbound, then ``to_quantized_weight``."""
-    scale = torch.tensor(amax.float().item() / 448.0)
-    return FP8Weight(to_quantized_weight(w, scale.to(w.device), QUANTIZATION_FP8), scale)
+    """The exporter's per-tensor FP8 branch: a real TensorQuantizer's ``get_scaling_factor`` (float32
+    amax / maxbound on the amax's device), then ``to_quantized_weight``."""
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3)))
+    quantizer.amax = amax.reshape(()).to(w.device)
+    scale = get_scaling_factor(quantizer).reshape(())  # the exporter writes it 0-dim (test_quantize_command)
+    return FP8Weight(to_quantized_weight(w, scale, QUANTIZATION_FP8), scale)
 
 
 def fp8_channel_export(w: torch.Tensor, row_amax: torch.Tensor) -> FP8Weight:

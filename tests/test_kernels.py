@@ -21,7 +21,10 @@ from moeq_triton.kernels import (
     quantize_nvfp4_reference,
     reset_launch_counts,
 )
-from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES
+from moeq_triton.kernels import fp8 as fp8_module
+from moeq_triton.kernels import nvfp4 as nvfp4_module
+from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
+from moeq_triton.kernels.rounding import float32_reciprocal
 
 from moeq_triton.model_shapes import MODEL_SHAPES
 
@@ -235,7 +238,7 @@ def test_fp8_double_rounding_of_half_precision(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_zero_tensor_and_zero_rows(dtype):
-    """Per tensor, ModelOpt divides by a zero scale as is; per channel it maps a zero row amax to scale 1."""
+    """ModelOpt's export_amax maps a zero amax (tensor or row) to 448, i.e. scale 1, with a warning."""
     w = torch.zeros(4, 32, dtype=dtype, device=TEST_DEVICE)
     w[1, 3] = -2.0
     (pc,) = quantize_fp8([w], per_channel=True)
@@ -243,6 +246,30 @@ def test_fp8_zero_tensor_and_zero_rows(dtype):
     z = torch.zeros(2, 16, dtype=dtype, device=TEST_DEVICE)
     (pt,) = quantize_fp8([z])
     assert_results_equal(pt, fp8_export(z, torch.zeros((), device=TEST_DEVICE)), "modelopt per tensor, zero amax")
+    assert pt.weight_scale.item() == 1.0 and not pt.weight.view(torch.uint8).any()
+
+
+INTERPRETER_FLUSHES_BF16_SUBNORMALS = pytest.mark.xfail(
+    TEST_DEVICE.type == "cpu",
+    reason="the Triton interpreter (3.7) loads bf16 subnormals as 0; the GPU and the CPU reference do not",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(torch.bfloat16, marks=INTERPRETER_FLUSHES_BF16_SUBNORMALS), torch.float16, torch.float32]
+)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_amax_below_smallest_normal_is_clamped(dtype, per_channel):
+    """ModelOpt clamps the export amax up to the weight dtype's smallest normal before dividing."""
+    tiny = torch.finfo(dtype).tiny
+    w = torch.full((3, 16), tiny / 4, dtype=dtype, device=TEST_DEVICE)
+    w[1] = tiny * 3
+    (r,) = quantize_fp8([w], per_channel=per_channel)
+    if per_channel:
+        assert_results_equal(r, fp8_channel_export(w, w.abs().amax(-1).float()), "modelopt")
+    else:
+        assert_results_equal(r, fp8_export(w, w.abs().amax().float()), "modelopt")
 
 
 def test_fp8_per_channel_given_row_amax():
@@ -252,6 +279,37 @@ def test_fp8_per_channel_given_row_amax():
     row_amax = [w.abs().amax(-1, keepdim=True).float() * 2 for w in weights]
     for w, a, r in zip(weights, row_amax, quantize_fp8(weights, row_amax, per_channel=True)):
         assert_results_equal(r, fp8_channel_export(w, a), "modelopt")
+
+
+def ulp_sensitive_amaxes(divisor: float, count: int) -> torch.Tensor:
+    """bf16 amaxes above 1 (the other weights are 0.5) where float32 ``amax / divisor`` and
+    ``amax * float32(1 / divisor)`` differ."""
+    candidates = (1 + torch.rand(4096, generator=torch.Generator().manual_seed(fresh_seed())) * 50).bfloat16().float()
+    exact = candidates / torch.tensor(divisor)
+    product = candidates * float32_reciprocal(divisor)
+    return candidates[exact != product][:count]
+
+
+def test_division_by_a_python_number_follows_the_device(monkeypatch):
+    """torch on CUDA divides ``tensor / 448.0`` as ``tensor * float32(1 / 448)`` (ModelOpt's export scales
+    inherit this; measured against ModelOpt on an H200).  On CPU the kernels run that branch under the
+    interpreter by pretending to be on CUDA; on a GPU run they take it by themselves."""
+    if TEST_DEVICE.type == "cpu":
+        monkeypatch.setattr(nvfp4_module, "divides_by_reciprocal", lambda device: True)
+        monkeypatch.setattr(fp8_module, "divides_by_reciprocal", lambda device: True)
+    for divisor, quantize, scale_of in (
+        (NVFP4_SCALE_2_DIVISOR, quantize_nvfp4, lambda r: r.weight_scale_2),
+        (E4M3_MAX, quantize_fp8, lambda r: r.weight_scale),
+        (E4M3_MAX, lambda ws: quantize_fp8(ws, per_channel=True), lambda r: r.weight_scale[0]),
+    ):
+        amaxes = ulp_sensitive_amaxes(divisor, 8)
+        assert len(amaxes) == 8, "test lost its edge: no amax where the two divisions differ"
+        weights = [torch.full((1, 32), 0.5, dtype=torch.bfloat16, device=TEST_DEVICE) for _ in amaxes]
+        for w, a in zip(weights, amaxes):
+            w[0, 3] = a
+        for a, r in zip(amaxes, quantize(weights)):
+            expected = a * float32_reciprocal(divisor)
+            assert scale_of(r).item() == expected.item() != (a / divisor).item(), f"amax {a.item()} / {divisor}"
 
 
 # ---------------------------------------------------------------- structure
