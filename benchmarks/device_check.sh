@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU (an H200 here): bitwise kernel checks on the device, the FP8 rounding
-# probe, then the throughput benchmark, whose table is printed last.  Under 6 minutes.
+# probe, a sweep of tile choices, then the throughput benchmark with the fastest; its table is
+# printed last.  Under 6 minutes.
 #
 # The device image has torch and triton but not ModelOpt: carry its pure-Python wheels (and the few it
 # needs that the image lacks) in .whl/, named in the device tool's `carry`.  Fetch them once, here:
@@ -35,7 +36,11 @@ MOEQ_TEST_DEVICE=cuda timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/
     | tee "$OUT/pytest.txt" | tail -n 25 || status=1
 echo "== FP8 export rounding on CUDA"
 timeout 60 $PY benchmarks/fp8_rounding_probe.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
+echo "== tile sweep"
+timeout 120 $PY benchmarks/tile_sweep.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/tile_sweep.txt" || status=1
+TILES=()
+[ -f "$OUT/tiles.json" ] && TILES=(--tiles "$OUT/tiles.json")
 echo "== benchmark"
-timeout 200 $PY benchmarks/run.py --out "$OUT" 2>&1 | grep -v -E "Inserted [0-9]+ quantizers|Warning|warn" \
+timeout 200 $PY benchmarks/run.py --out "$OUT" "${TILES[@]}" 2>&1 | grep -v -E "Inserted [0-9]+ quantizers|Warning|warn" \
     | tee "$OUT/benchmark.txt" || status=1
 exit $status

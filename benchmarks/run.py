@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from moeq_triton.kernels import amax as amax_module
+from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import (
     grouped_amax,
     grouped_amax_reference,
@@ -43,7 +45,9 @@ from moeq_triton.kernels import (
     reset_launch_counts,
     use_triton,
 )
+from moeq_triton.kernels import nvfp4 as nvfp4_module
 from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
+from moeq_triton.kernels.grouping import Tiles
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +55,15 @@ from moeq_triton.model_shapes import MODEL_SHAPES, MoEShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from assertions import assert_bitwise_equal, assert_results_equal  # noqa: E402
+
+TILE_MODULES = {"grouped_amax": amax_module, "quantize_nvfp4": nvfp4_module, "quantize_fp8": fp8_module}
+
+
+def apply_tiles(tiles: dict[str, list[int]]) -> None:
+    """Use other GPU tile choices (rows, cols, warps) per kernel, e.g. tiles.json from tile_sweep.py."""
+    for name, choice in tiles.items():
+        TILE_MODULES[name].TILES["cuda"] = Tiles(*choice)
+
 
 # ---------------------------------------------------------------- byte accounting (tests check these)
 
@@ -270,40 +283,45 @@ class CollectiveCounter:
 def calibration_row(
     shape: MoEShape, weights: list[torch.Tensor], experts: int, device: str, reps: int, sol: float
 ) -> Row:
-    """`mtq.quantize` weight-only NVFP4 calibration: triton_grouped vs ModelOpt's max, same weights.
+    """Weight calibration through ModelOpt: `triton_grouped` vs ModelOpt's `max`, same weights.
 
-    Checks every amax bitwise against max first.  Fresh module wrappers per call (the weights are
-    shared, not copied): mtq.quantize converts the model in place.
+    Each model is converted once by `mtq.quantize` (module wrappers around the shared weights, no copies;
+    every amax checked bitwise against max), then `mtq.calibrate(forward_loop=None)` is timed: the
+    weight-only calibration pass alone, without the one-time module conversion.
     """
     import modelopt.torch.quantization as mtq
 
     import moeq_triton
 
-    ours_cfg = moeq_triton.NVFP4_WEIGHT_ONLY_CFG
-    max_cfg = copy.deepcopy(mtq.W4A16_NVFP4_CFG)
-
-    def run(cfg) -> torch.nn.Module:
+    def convert(cfg) -> torch.nn.Module:
         return mtq.quantize(ExpertModel(weights, experts), cfg, forward_loop=None)
 
     def amaxes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: m.amax for n, m in model.named_modules() if n.endswith("weight_quantizer") and m.amax is not None}
 
-    reference, ours = amaxes(run(max_cfg)), amaxes(run(ours_cfg))
-    assert reference.keys() == ours.keys() and len(ours) == len(weights), "quantizer sets differ"
-    for name in reference:
-        assert_bitwise_equal(ours[name], reference[name], f"mtq.quantize amax of {name}")
+    def calibrate(model: torch.nn.Module) -> None:
+        mtq.calibrate(model, algorithm="max", forward_loop=None)
+
+    reference = convert(copy.deepcopy(mtq.W4A16_NVFP4_CFG))
+    ours = convert(moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    for model in (reference, ours):
+        calibrate(model)
+    expected, got = amaxes(reference), amaxes(ours)
+    assert expected.keys() == got.keys() and len(got) == len(weights), "quantizer sets differ"
+    for name in expected:
+        assert_bitwise_equal(got[name], expected[name], f"calibrated amax of {name}")
     with CollectiveCounter() as ours_collectives:
-        launches = counted_launches(lambda: run(ours_cfg))
+        launches = counted_launches(lambda: calibrate(ours))
     with CollectiveCounter() as max_collectives:
-        run(max_cfg)
+        calibrate(reference)
     return Row(
         shape.name,
-        "mtq.quantize calibration (triton_grouped)",
+        "mtq.calibrate weights (triton_grouped)",
         len(weights),
         bytes_moved("calibration", weights),
-        wall_median(lambda: run(ours_cfg), device, reps),
+        wall_median(lambda: calibrate(ours), device, reps),
         sol,
-        modelopt_s=wall_median(lambda: run(max_cfg), device, reps),
+        modelopt_s=wall_median(lambda: calibrate(reference), device, reps),
         launches=launches,
         collectives=ours_collectives.count,
         extra={"modelopt_collectives": max_collectives.count},
@@ -407,7 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write results.json (and sweep.png) here")
     parser.add_argument("--no-modelopt", action="store_true", help="skip the ModelOpt columns and row")
+    parser.add_argument("--tiles", type=Path, default=None, help="GPU tile choices (tiles.json of tile_sweep.py)")
     args = parser.parse_args(argv)
+    if args.tiles:
+        apply_tiles(json.loads(args.tiles.read_text()))
 
     names = args.models.split(",") if args.models else [m.name for m in MODEL_SHAPES[: 1 if args.quick else None]]
     shapes = [next(m for m in MODEL_SHAPES if m.name == n) for n in names]
@@ -445,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": device_name(args.device),
         "versions": versions(),
+        "tiles": {name: list(module.TILES["cuda"]) for name, module in TILE_MODULES.items()},
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rows": [asdict(r) | {"gbps": r.gbps} for r in rows],
         "sweep": points,

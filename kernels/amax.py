@@ -12,7 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouping import build_groups, count_launch, describe, entry, locate, num_rows, row_offsets, use_triton, validate
+from .grouping import (
+    Tiles,
+    build_groups,
+    count_launch,
+    describe,
+    entry,
+    locate,
+    num_rows,
+    row_offsets,
+    tiles_for,
+    use_triton,
+    validate,
+)
 
 
 @triton.jit
@@ -45,9 +57,7 @@ def _amax_kernel(
         tl.atomic_max(amax_out + index, tl.max(tl.max(acc, axis=1), axis=0))
 
 
-def _tiles(device: torch.device) -> tuple[int, int]:
-    """(rows, columns) per program: small on GPU for occupancy, large in the interpreter (cost per program)."""
-    return (16, 256) if device.type == "cuda" else (64, 256)
+TILES = {"cuda": Tiles(16, 256, 4), "cpu": Tiles(64, 256)}  # benchmarks/tile_sweep.py measures others
 
 
 def grouped_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -89,11 +99,19 @@ def grouped_row_amax(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _launch(weights: Sequence[torch.Tensor], out: torch.Tensor, per_row: bool, offsets=None) -> None:
-    block_r, block_k = _tiles(out.device)
-    for g in build_groups(weights, block_r, aux=offsets):
+    tiles = tiles_for(TILES, out.device)
+    for g in build_groups(weights, tiles.rows, aux=offsets):
         if g.num_tiles:
             _amax_kernel[(g.num_tiles,)](
-                g.table, out, weights[g.first], len(g.indices), g.search_steps, block_r, block_k, per_row
+                g.table,
+                out,
+                weights[g.first],
+                len(g.indices),
+                g.search_steps,
+                tiles.rows,
+                tiles.cols,
+                per_row,
+                num_warps=tiles.warps,
             )
             count_launch("row_amax" if per_row else "amax")
 

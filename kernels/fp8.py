@@ -21,6 +21,7 @@ import triton.language as tl
 from .amax import grouped_row_amax, report_nonfinite, resolve_amax
 from .formats import E4M3_MAX
 from .grouping import (
+    Tiles,
     build_groups,
     count_launch,
     describe,
@@ -29,6 +30,7 @@ from .grouping import (
     num_rows,
     output,
     row_offsets,
+    tiles_for,
     use_triton,
     validate,
 )
@@ -117,8 +119,7 @@ def _fp8_kernel(
     tl.atomic_max(nonfinite + index, bad)
 
 
-def _tiles(device: torch.device) -> tuple[int, int]:
-    return (16, 256) if device.type == "cuda" else (64, 128)
+TILES = {"cuda": Tiles(16, 256, 4), "cpu": Tiles(64, 128)}  # benchmarks/tile_sweep.py measures others
 
 
 def quantize_fp8(
@@ -155,8 +156,8 @@ def quantize_fp8(
     offsets = row_offsets(weights)
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
-    block_r, block_k = _tiles(device)
-    for g in build_groups(weights, block_r, outs, aux=offsets):
+    tiles = tiles_for(TILES, device)
+    for g in build_groups(weights, tiles.rows, outs, aux=offsets):
         if not g.num_tiles:
             continue
         kind = 0 if per_channel else _DTYPE_KIND[g.dtype]  # per channel the quotient stays float32
@@ -168,14 +169,15 @@ def quantize_fp8(
             weights[g.first],
             len(g.indices),
             g.search_steps,
-            block_r,
-            block_k,
+            tiles.rows,
+            tiles.cols,
             per_channel,
             row_amax is not None,
             kind,
             _scale_kind(kind, device),
             torch.finfo(g.dtype).tiny,
             divides_by_reciprocal(device),
+            num_warps=tiles.warps,
         )
         count_launch("fp8")
     report_nonfinite(weights, nonfinite > 0)

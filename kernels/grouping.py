@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,6 +36,19 @@ NUM_OUT_COLS = tl.constexpr(3)
 TABLE_COLS = tl.constexpr(COL_OUT0.value + NUM_OUT_COLS.value)
 
 _LAUNCHES: Counter[str] = Counter()
+
+
+class Tiles(NamedTuple):
+    """Work of one program: rows x columns (NVFP4: 16-element blocks) and, on a GPU, warps."""
+
+    rows: int
+    cols: int
+    warps: int = 4
+
+
+def tiles_for(table: dict[str, Tiles], device: torch.device) -> Tiles:
+    """A kernel's tile choice for the device: 'cuda' (occupancy) or 'cpu' (the interpreter: few programs)."""
+    return table["cuda" if device.type == "cuda" else "cpu"]
 
 
 def launch_counts() -> dict[str, int]:

@@ -24,7 +24,18 @@ from .formats import (
     NVFP4_BLOCK_SIZE,
     NVFP4_SCALE_2_DIVISOR,
 )
-from .grouping import build_groups, count_launch, describe, entry, locate, output, use_triton, validate
+from .grouping import (
+    Tiles,
+    build_groups,
+    count_launch,
+    describe,
+    entry,
+    locate,
+    output,
+    tiles_for,
+    use_triton,
+    validate,
+)
 from .rounding import divide_by_constant, divides_by_reciprocal, e2m1_code, e4m3_bits, e4m3_round, float32_reciprocal
 
 
@@ -66,41 +77,35 @@ def _nvfp4_kernel(
         tl.store(output(table, t, 2).to(tl.pointer_type(tl.float32)), scale_2)
     scale_unit = _E2M1_MAX * scale_2
 
-    # A tile is [BLOCK_R rows, BLOCKS blocks, 8 pairs]; lo/hi are the even/odd elements of each pair.
+    # A tile is [BLOCK_R rows, BLOCKS blocks, 16 elements], loaded contiguously along each row.
     r = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
     r3 = r[:, None, None]
     b3 = tl.arange(0, BLOCKS)[None, :, None]
+    e3 = tl.arange(0, _BLOCK)[None, None, :]
     j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
+    r2 = r[:, None]
     num_blocks = K // _BLOCK
     bad = 0
     for b0 in range(0, num_blocks, BLOCKS):
         blk = b0 + b3
         mask = (r3 < rows) & (blk < num_blocks)
-        col = blk * _BLOCK + 2 * j3
-        lo = tl.load(x_ptr + r3 * stride + col, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + r3 * stride + col + 1, mask=mask, other=0.0).to(tl.float32)
-        alo = tl.abs(lo)
-        ahi = tl.abs(hi)
-        finite = (alo < float("inf")) & (ahi < float("inf"))  # False for NaN too
-        bad += tl.sum(tl.sum(tl.sum(tl.where(finite, 0, 1), axis=2), axis=1), axis=0)
+        x = tl.load(x_ptr + r3 * stride + blk * _BLOCK + e3, mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        bad += tl.sum(tl.sum(tl.sum(tl.where(a < float("inf"), 0, 1), axis=2), axis=1), axis=0)  # NaN too
 
-        block_amax = tl.max(tl.maximum(alo, ahi), axis=2)
-        scale = tl.div_rn(block_amax, scale_unit)
+        scale = tl.div_rn(tl.max(a, axis=2), scale_unit)
         scale = tl.where(scale == 0.0, 1.0, scale)
         scale = e4m3_round(tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale))
-        r2 = r[:, None]
         blk2 = b0 + tl.arange(0, BLOCKS)[None, :]
         tl.store(s_ptr + r2 * num_blocks + blk2, e4m3_bits(scale), mask=(r2 < rows) & (blk2 < num_blocks))
 
-        denom = (scale * scale_2)[:, :, None]
-        code = e2m1_code(tl.div_rn(lo, denom)) | (e2m1_code(tl.div_rn(hi, denom)) << 4)
-        tl.store(q_ptr + r3 * (K // 2) + blk * _HALF_BLOCK + j3, code.to(tl.uint8), mask=mask)
+        code = e2m1_code(tl.div_rn(x, (scale * scale_2)[:, :, None]))
+        lo, hi = tl.split(tl.reshape(code, [BLOCK_R, BLOCKS, _HALF_BLOCK, 2]))  # even, odd elements
+        tl.store(q_ptr + r3 * (K // 2) + blk * _HALF_BLOCK + j3, (lo | (hi << 4)).to(tl.uint8), mask=mask)
     tl.atomic_max(nonfinite + index, bad)
 
 
-def _tiles(device: torch.device) -> tuple[int, int]:
-    """(rows, 16-blocks) per program: GPU for occupancy, interpreter for fewer programs."""
-    return (16, 8) if device.type == "cuda" else (32, 16)
+TILES = {"cuda": Tiles(16, 8, 4), "cpu": Tiles(32, 16)}  # cols = 16-blocks; benchmarks/tile_sweep.py
 
 
 def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
@@ -135,8 +140,8 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     results = [_empty_outputs(w) for w in weights]
     outs = [[r.weight for r in results], [r.weight_scale for r in results], [r.weight_scale_2 for r in results]]
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    block_r, blocks = _tiles(device)
-    for g in build_groups(weights, block_r, outs):
+    tiles = tiles_for(TILES, device)
+    for g in build_groups(weights, tiles.rows, outs):
         if g.num_tiles:
             _nvfp4_kernel[(g.num_tiles,)](
                 g.table,
@@ -145,9 +150,10 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
                 weights[g.first],
                 len(g.indices),
                 g.search_steps,
-                block_r,
-                blocks,
+                tiles.rows,
+                tiles.cols,
                 divides_by_reciprocal(device),
+                num_warps=tiles.warps,
             )
             count_launch("nvfp4")
     report_nonfinite(weights, nonfinite > 0)

@@ -1,0 +1,71 @@
+"""Measure each kernel's tile choices (rows x cols x warps) on the GPU; every choice is checked bitwise first.
+
+    python benchmarks/tile_sweep.py [--model Qwen3-235B-A22B] [--out DIR]
+
+Writes DIR/tiles.json with the fastest choice per kernel (benchmarks/run.py --tiles applies it) and prints
+a table of GB/s per choice last.  The defaults live in each kernel module's TILES["cuda"].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
+from moeq_triton.kernels.grouping import Tiles
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import TILE_MODULES, bytes_moved, check_kernels, expert_views, median_seconds  # noqa: E402
+
+from moeq_triton.model_shapes import MODEL_SHAPES  # noqa: E402
+
+ROW_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4), (8, 1024, 8), (32, 512, 8)]
+BLOCK_TILES = [(16, 8, 4), (8, 16, 4), (16, 16, 8), (32, 8, 8), (4, 32, 4), (8, 32, 8), (32, 16, 8), (64, 8, 8)]
+CHOICES = {"grouped_amax": ROW_TILES, "quantize_nvfp4": BLOCK_TILES, "quantize_fp8": ROW_TILES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="Qwen3-235B-A22B", choices=[m.name for m in MODEL_SHAPES])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    shape = next(m for m in MODEL_SHAPES if m.name == args.model)
+    weights = expert_views(shape, 1, shape.experts, "cuda")
+    amax = grouped_amax(weights)
+    calls = {
+        "grouped_amax": lambda: grouped_amax(weights),
+        "quantize_nvfp4": lambda: quantize_nvfp4(weights, amax),
+        "quantize_fp8": lambda: quantize_fp8(weights, amax),
+    }
+    table = Table(title=f"tile sweep, {shape.name} experts (1 layer, {bytes_moved('amax', weights) / 1e9:.2f} GB bf16)")
+    for column in ("kernel", "rows x cols x warps", "GB/s", "median ms"):
+        table.add_column(column, justify="right")
+    best: dict[str, tuple[float, list[int]]] = {}
+    for name, choices in CHOICES.items():
+        module = TILE_MODULES[name]
+        default = module.TILES["cuda"]
+        for choice in choices:
+            module.TILES["cuda"] = Tiles(*choice)
+            check_kernels(weights, grouped_amax(weights))  # bitwise, all three kernels, this choice
+            seconds = median_seconds(calls[name], "cuda", reps=10)
+            gbps = bytes_moved(name, weights) / seconds / 1e9
+            mark = " (default)" if Tiles(*choice) == default else ""
+            table.add_row(name, f"{choice}{mark}", f"{gbps:.0f}", f"{seconds * 1e3:.3f}")
+            if gbps > best.get(name, (0.0, []))[0]:
+                best[name] = (gbps, list(choice))
+        module.TILES["cuda"] = default
+    chosen = {name: choice for name, (_, choice) in best.items()}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tiles.json").write_text(json.dumps(chosen))
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"fastest: {chosen}")
+
+
+if __name__ == "__main__":
+    main()
