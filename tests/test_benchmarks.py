@@ -1,0 +1,65 @@
+"""The benchmark suite's structure (never its times): byte accounting, launches per calibration, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from moeq_triton.kernels import quantize_fp8, quantize_nvfp4
+
+from moeq_triton.model_shapes import MoEShape
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import run  # noqa: E402
+
+TINY = MoEShape("tiny", hidden=64, moe_intermediate=32, experts=4, moe_layers=2)
+
+
+def output_bytes(results) -> int:
+    return sum(t.numel() * t.element_size() for r in results for t in r)
+
+
+@pytest.mark.parametrize("row, quantize", [("quantize_nvfp4", quantize_nvfp4), ("quantize_fp8", quantize_fp8)])
+def test_bytes_moved_counts_every_input_and_output_byte(row, quantize):
+    """The formula behind GB/s equals the bytes the kernels really read and allocate."""
+    weights = run.expert_views(TINY, 2, 4, "cpu")
+    read = sum(w.numel() * w.element_size() for w in weights)
+    assert run.bytes_moved(row, weights) == read + output_bytes(quantize(weights))
+    assert run.bytes_moved("grouped_amax", weights) == read
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_calibration_row_one_launch_and_bitwise_equal_to_max(layers):
+    """mtq.calibrate with triton_grouped: one launch whatever the number of layers, amaxes equal to max."""
+    weights = run.expert_views(TINY, layers, TINY.experts, "cpu")
+    row = run.calibration_row(TINY, weights, TINY.experts, "cpu", reps=1, sol=1.0)
+    assert row.launches == 1
+    assert row.collectives == 0 and row.extra["modelopt_collectives"] == 0  # one process: nothing to reduce
+    assert row.tensors == 2 * layers * TINY.experts
+
+
+def test_quick_run_writes_a_complete_table(tmp_path):
+    """`python benchmarks/run.py --quick` as CI runs it (torch references on CPU): every row and column."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out", str(tmp_path)],
+        check=True,
+        env=env,
+        timeout=170,
+    )
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"grouped_amax", "quantize_nvfp4", "quantize_fp8", "mtq.calibrate weights (triton_grouped)"}
+    weights = run.expert_views(run.MODEL_SHAPES[0], 1, 4, "cpu")
+    for name, r in rows.items():
+        expected = run.bytes_moved("calibration" if name.startswith("mtq") else name, weights)
+        assert r["bytes"] == expected and r["seconds"] > 0 and r["speed_of_light_s"] > 0
+    assert rows["quantize_nvfp4"]["modelopt_s"] and rows["quantize_nvfp4"]["loop_s"]
+    assert result["sweep"] and result["copy_bandwidth_bytes_per_s"] > 0
+    assert torch.__version__.split("+")[0] in json.dumps(result["versions"])
