@@ -76,6 +76,10 @@ class SourceCheckpoint:
     def names(self) -> list[str]:
         return sorted(self.weight_map)
 
+    def where(self, name: str) -> str:
+        """How errors name a tensor's origin: its file."""
+        return str(self.path / self.weight_map[name])
+
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         piece = self._open(self.weight_map[name]).get_slice(name)
         return tuple(piece.get_shape()), piece.get_dtype()

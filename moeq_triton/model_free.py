@@ -38,7 +38,7 @@ class Unit:
 
 @dataclass
 class Plan:
-    fmt: Format
+    fmt: Format | None  # None: an unquantized export (every tensor kept as it is)
     shards: list[list[Unit]]
     exclude_modules: list[str]
 
@@ -54,8 +54,11 @@ def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
     return rows * k + (4 * rows if fmt.per_channel else 4)
 
 
-def make_plan(source: SourceCheckpoint, fmt: Format, experts_only: bool, max_shard_bytes: int) -> Plan:
-    """Which tensors are quantized, which share an amax, and which output shard holds each."""
+def make_plan(source: SourceCheckpoint, fmt: Format | None, experts_only: bool, max_shard_bytes: int) -> Plan:
+    """Which tensors are quantized, which share an amax, and which output shard holds each.
+
+    ``source``: anything with ``config``, ``names()``, ``shape_dtype()``, ``nbytes()`` and ``where()``
+    (a SourceCheckpoint, or the exporter's in-memory model tensors)."""
     naming = naming_for(source.config)
     groups: dict[str, Unit] = {}
     units: list[Unit] = []
@@ -63,18 +66,18 @@ def make_plan(source: SourceCheckpoint, fmt: Format, experts_only: bool, max_sha
     for name in source.names():
         shape, dtype = source.shape_dtype(name)
         in_bytes = source.nbytes(name)
-        linear = bool(naming.quantized.match(name))
+        linear = fmt is not None and bool(naming.quantized.match(name))
         if linear and experts_only and not naming.experts.match(name):
             exclude.append(module_of(name))
             linear = False
-        if naming.excluded.match(name):
+        if fmt is not None and naming.excluded.match(name):
             exclude.append(module_of(name))
         if not linear:
             units.append(Unit([name], False, in_bytes, in_bytes))
             continue
         if dtype not in QUANTIZABLE_DTYPES or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
             raise CheckpointError(
-                f"{source.path / source.weight_map[name]}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
+                f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
                 f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 weight"
                 + (" with a last dim that is a multiple of 16" if fmt.is_nvfp4 else "")
             )
@@ -111,7 +114,7 @@ def _quantize_units(
         amax = grouped_amax(weights)
     except NonFiniteWeightError as error:
         name = names[error.index]
-        raise CheckpointError(f"{source.path / source.weight_map[name]}: tensor {name} contains NaN or Inf") from None
+        raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
     owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
     group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
     out: dict[str, torch.Tensor] = {}
@@ -123,6 +126,11 @@ def _quantize_units(
         for name, q in zip(names, results):
             out[name], out[name + "_scale"] = q
     return out
+
+
+def output_names(name: str, fmt: Format) -> list[str]:
+    """The tensors a quantized weight becomes in the checkpoint."""
+    return [name, name + "_scale"] + ([name + "_scale_2"] if fmt.is_nvfp4 else [])
 
 
 def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
@@ -214,15 +222,15 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
     for s, shard in enumerate(plan.shards):
         for unit in shard:
             for name in unit.names:
-                outputs = [name, name + "_scale"] + ([name + "_scale_2"] if plan.fmt.is_nvfp4 else [])
-                for output in outputs if unit.quantize else [name]:
+                for output in output_names(name, plan.fmt) if unit.quantize else [name]:
                     weight_map[output] = shard_name(s, len(plan.shards))
             total += unit.out_bytes
     out.write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     config = dict(source.config)
-    config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
+    if plan.fmt is not None:
+        config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
+        out.write_json("hf_quant_config.json", plan.fmt.hf_quant_config(plan.exclude_modules))
     out.write_json("config.json", config)
-    out.write_json("hf_quant_config.json", plan.fmt.hf_quant_config(plan.exclude_modules))
     for extra in source.extra_files():
         shutil.copy2(extra, out.partial / extra.name)
 
