@@ -20,10 +20,16 @@ _MODELOPT_QUANTIZATION = "modelopt.torch.quantization"
 _BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "calibration_stats", "format_stats", "register")
 _CONFIGS = ("NVFP4_WEIGHT_ONLY_CFG", "FP8_WEIGHT_ONLY_CFG", "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG")
 
-__all__ = [*_BACKEND, *_CONFIGS]
+_EXPORTER = ("export_hf", "load_hf")
+
+__all__ = [*_BACKEND, *_CONFIGS, *_EXPORTER]
 
 
 def __getattr__(name: str):
+    if name in _EXPORTER:
+        from . import exporter
+
+        return getattr(exporter, name)
     if name in _BACKEND or name in _CONFIGS:
         from . import modelopt_backend
 

@@ -1,0 +1,398 @@
+"""Export a model (calibrated through ModelOpt, or plain) as a Hugging Face checkpoint in ModelOpt's format.
+
+    moeq_triton.export_hf(model, "out/")                       # a transformers MoE model
+    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel (Qwen3-MoE)
+
+The model's tensors are first named as the Hugging Face checkpoint names them (transformers' own
+reverse conversion; for Megatron the mapping below), then the model-free machinery takes over: the
+same plan, the same grouped kernel calls per shard on the model's device, the same files and configs
+(``model_free``, ``naming``, ``checkpoint_format``, ``checkpoint_io``).  The format comes from the
+model's weight quantizers (NVFP4, FP8 per tensor or per channel); a model without them is exported
+unquantized.  Amaxes are the weights' own max per scale group, which is what ModelOpt's ``max``
+calibration (and ``triton_grouped``) gives; models calibrated otherwise are refused.
+
+Under torch.distributed each tensor is owned by the lowest rank that holds it (expert parallelism
+gives each rank its own experts); owners quantize their tensors, send the results to rank 0 as raw
+bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the files
+equal a single-process export.  The destination is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint_format import FORMATS, Format
+from .checkpoint_io import AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_names, write_metadata
+
+_TORCH_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+# ---------------------------------------------------------------- the model's tensors under HF names
+
+
+def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """On-disk names and layout (per-expert tensors) via transformers' own reverse weight conversion."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {k: v for k, v in model.state_dict().items() if "quantizer" not in k and not k.endswith("_extra_state")}
+    return revert_weight_conversion(model, state)
+
+
+def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch.Tensor]:
+    """A Megatron-Core GPTModel (Qwen3-MoE layout) under Hugging Face names; experts under global indices.
+
+    Fused QKV rows are grouped per query group [q heads of the group, k, v]; fused fc1 rows are
+    [gate; up].  Local spec (SequentialMLP) and TE spec (TEGroupedMLP: ``linear_fc1.weight{e}``) alike.
+    """
+    heads, groups = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    first_expert = _first_local_expert(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        name = name.removeprefix("module.")
+        tensor = param.detach()
+        target = _rename(name)
+        if target is not None:
+            out[target] = tensor
+            continue
+        match = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", name)
+        if match:
+            prefix = f"model.layers.{match.group(1)}.self_attn"
+            per_group = tensor.view(groups, (heads // groups + 2) * head_dim, -1)
+            q, k, v = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[f"{prefix}.{proj}.weight"] = part.reshape(-1, tensor.shape[-1])
+            continue
+        match = re.fullmatch(
+            r"decoder\.layers\.(\d+)\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|"
+            r"linear_fc([12])\.weight(\d+))",
+            name,
+        )
+        if match:
+            layer, local = match.group(1), int(match.group(2) or match.group(5))
+            fc = match.group(3) or match.group(4)
+            prefix = f"model.layers.{layer}.mlp.experts.{first_expert + local}"
+            if fc == "1":
+                gate, up = tensor.chunk(2, dim=0)
+                out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
+            else:
+                out[f"{prefix}.down_proj.weight"] = tensor
+            continue
+        raise CheckpointError(f"Megatron parameter {name} (shape {list(tensor.shape)}) has no Qwen3-MoE counterpart")
+    return out
+
+
+_RENAMES = [
+    (r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
+    (r"decoder\.final_layernorm\.weight", "model.norm.weight"),
+    (r"output_layer\.weight", "lm_head.weight"),
+    (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (
+        r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight",
+        r"model.layers.\1.input_layernorm.weight",
+    ),
+    (r"decoder\.layers\.(\d+)\.self_attention\.q_layernorm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"decoder\.layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.mlp.gate.weight"),
+]
+
+
+def _rename(name: str) -> str | None:
+    for pattern, replacement in _RENAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+def _first_local_expert(model: torch.nn.Module) -> int:
+    """Global index of this rank's first expert (expert parallelism); refuses what is not supported."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    for what, size in (
+        ("tensor", parallel_state.get_tensor_model_parallel_world_size()),
+        ("pipeline", parallel_state.get_pipeline_model_parallel_world_size()),
+        ("expert-tensor", parallel_state.get_expert_tensor_parallel_world_size()),
+    ):
+        if size > 1:
+            raise NotImplementedError(
+                f"export of a {what}-parallel Megatron model (size {size}) is not supported yet: "
+                "gather the shards first (expert and data parallelism are supported)"
+            )
+    experts = model.config.num_moe_experts or 0
+    return parallel_state.get_expert_model_parallel_rank() * (
+        experts // parallel_state.get_expert_model_parallel_world_size()
+    )
+
+
+def is_megatron(model: torch.nn.Module) -> bool:
+    return (
+        type(model).__module__.startswith("megatron.core") or hasattr(model, "decoder") and hasattr(model, "embedding")
+    )
+
+
+def hf_config_dict(config) -> dict:
+    """config.json content from a transformers config or a dict; ``architectures`` filled in when absent."""
+    if not isinstance(config, dict):
+        config = json.loads(config.to_json_string(use_diff=True))
+    config = dict(config)
+    if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
+        config["architectures"] = [_ARCHITECTURES[config["model_type"]]]
+    return config
+
+
+# ---------------------------------------------------------------- the format from the quantizers
+
+
+def detect_format(model: torch.nn.Module) -> Format | None:
+    """The format of the enabled weight quantizers (None: none enabled); mixed formats are refused."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    found = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or "weight_quantizer" not in name or module._disabled:
+            continue
+        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == 16:
+            found.add("nvfp4")
+        elif module.num_bits == (4, 3) and module.block_sizes is None:
+            found.add("fp8-per-channel" if module.axis == 0 else "fp8")
+        else:
+            raise CheckpointError(f"{name}: num_bits {module.num_bits} / blocks {module.block_sizes} is not exportable")
+    if len(found) > 1:
+        raise CheckpointError(f"the model mixes weight formats {sorted(found)}; export supports one per checkpoint")
+    return FORMATS[found.pop()] if found else None
+
+
+# ---------------------------------------------------------------- the source the plan reads
+
+
+class ModelTensors:
+    """The model's tensors as a plan source (names, shapes, dtypes, origin), across ranks.
+
+    ``meta`` covers every rank's tensors; ``owner`` is the lowest rank holding each name.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict, source_dir: str | os.PathLike | None) -> None:
+        self.tensors = tensors
+        self.config = config
+        self.source_dir = Path(source_dir) if source_dir else None
+        local = {n: (tuple(t.shape), _TORCH_DTYPES.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
+        self.rank, self.world = _rank_world()
+        per_rank = [local]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            per_rank = [None] * self.world
+            dist.all_gather_object(per_rank, local)  # names and shapes only; tensors never pickle
+        self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.owner: dict[str, int] = {}
+        for rank, entries in enumerate(per_rank):
+            for name, entry in entries.items():
+                if name in self.meta and self.meta[name] != entry:
+                    raise CheckpointError(
+                        f"{name}: rank {rank} holds {entry}, rank {self.owner[name]} {self.meta[name]}"
+                    )
+                self.meta.setdefault(name, entry)
+                self.owner.setdefault(name, rank)
+
+    def names(self) -> list[str]:
+        return sorted(self.meta)
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        return self.meta[name]
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.meta[name]
+        return int(torch.Size(shape).numel()) * {"BF16": 2, "F16": 2, "F32": 4}.get(dtype, 4)
+
+    def where(self, name: str) -> str:
+        return f"the model (rank {self.owner.get(name, self.rank)})"
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def extra_files(self):
+        from .checkpoint_io import EXTRA_FILES
+
+        for file in EXTRA_FILES if self.source_dir else ():
+            if (self.source_dir / file).is_file():
+                yield self.source_dir / file
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_hf(
+    model: torch.nn.Module,
+    export_dir: str | os.PathLike,
+    hf_config=None,
+    *,
+    fmt: str | None = "auto",
+    experts_only: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[int], None] = lambda n: None,
+) -> Path:
+    """Write ``model`` as a checkpoint vLLM / TensorRT-LLM / SGLang load; every rank calls it.
+
+    hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
+    fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel") or None
+    (unquantized); source_dir: where tokenizer and generation files are copied from.
+    """
+    if is_megatron(model):
+        if hf_config is None:
+            raise ValueError("a Megatron model needs hf_config (e.g. the Qwen3MoeConfig it mirrors)")
+        config = hf_config_dict(hf_config)
+        tensors = megatron_tensors(model, config)
+    else:
+        config = hf_config_dict(hf_config if hf_config is not None else model.config)
+        tensors = transformers_tensors(model)
+    chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
+    source = ModelTensors(tensors, config, source_dir)
+    plan = make_plan(source, chosen, experts_only, max_shard_bytes)
+    out = AtomicCheckpointDir(export_dir, overwrite)
+    failure = _agree(lambda: out.create() if source.rank == 0 else None, source)
+    if failure is None:
+        failure = _agree(lambda: _write_shards(plan, source, out, progress), source)
+    if failure is not None:
+        if source.rank == 0:
+            out.abort()
+        raise failure
+    if source.rank == 0:
+        write_metadata(plan, source, out)
+        out.commit()
+    _barrier(source)
+    return Path(export_dir)
+
+
+def _agree(step: Callable[[], object], source: ModelTensors) -> BaseException | None:
+    """Run a step on every rank; if any rank fails, every rank returns an error (none hangs)."""
+    failure: BaseException | None = None
+    try:
+        step()
+    except BaseException as error:  # re-raised by the caller on every rank
+        failure = error
+    if source.world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if failure else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and failure is None:
+            failure = CheckpointError("another rank failed during export; no checkpoint was written")
+    return failure
+
+
+def _barrier(source: ModelTensors) -> None:
+    if source.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
+    """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes."""
+    for s, shard in enumerate(plan.shards):
+        mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
+        produced: dict[str, torch.Tensor] = {}
+        for batch in _pack(mine, 1 << 30, lambda u: u.in_bytes):
+            loaded = {n: source.tensor(n) for u in batch for n in u.names}
+            produced.update(_quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source))
+            produced.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
+            progress(sum(u.in_bytes for u in batch))
+        produced = {k: v.detach().cpu() for k, v in produced.items()}
+        if source.world > 1:
+            produced = _gather_to_rank0(shard, source, plan, produced)
+        if source.rank == 0:
+            out.write_shard(shard_name(s, len(plan.shards)), produced)
+
+
+def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]):
+    """Point-to-point transfer of raw bytes in an order every rank derives from the plan."""
+    import torch.distributed as dist
+
+    for unit in shard:
+        owner = source.owner[unit.names[0]]
+        if owner == 0:
+            continue
+        names = [o for n in unit.names for o in output_names(n, plan.fmt)] if unit.quantize else unit.names
+        for name in names:
+            if source.rank == owner:
+                dist.send(_raw(produced.pop(name)), dst=0)
+            elif source.rank == 0:
+                shape, dtype = _output_layout(name, unit, source, plan)
+                buffer = torch.empty(int(torch.Size(shape).numel()) * dtype.itemsize, dtype=torch.uint8)
+                dist.recv(buffer, src=owner)
+                produced[name] = buffer.view(dtype).reshape(shape)
+    return produced
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of one output tensor, from the plan alone (the receiver allocates with it)."""
+    if not unit.quantize:
+        shape, dtype = source.meta[name]
+        return shape, {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+    base = name.removesuffix("_scale_2").removesuffix("_scale")
+    (rows, k), _ = source.meta[base]
+    if plan.fmt.is_nvfp4:
+        return {
+            base: ((rows, k // 2), torch.uint8),
+            base + "_scale": ((rows, k // 16), torch.float8_e4m3fn),
+            base + "_scale_2": ((), torch.float32),
+        }[name]
+    return {
+        base: ((rows, k), torch.float8_e4m3fn),
+        base + "_scale": (((rows,) if plan.fmt.per_channel else ()), torch.float32),
+    }[name]
+
+
+# ---------------------------------------------------------------- loading back
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a checkpoint written here or by ModelOpt; quantized weights are dequantized.
+
+    Refuses anything that is not a complete checkpoint: a missing config, index or shard, or a tensor
+    the index lists but no file holds.
+    """
+    source = SourceCheckpoint(path)
+    quant = Path(path) / "hf_quant_config.json"
+    fmt = None
+    if quant.is_file():
+        algo = json.loads(quant.read_text())["quantization"]["quant_algo"]
+        fmt = next((f for f in FORMATS.values() if f.quant_algo == algo), None)
+        if fmt is None:
+            raise CheckpointError(f"{quant}: quant_algo {algo} is not one this loader reads")
+    stored = {name: source.tensor(name) for name in source.names()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in stored.items():
+        if name.endswith(("_scale", "_scale_2")) and name.removesuffix("_2").removesuffix("_scale") in stored:
+            continue
+        if fmt is not None and name + "_scale" in stored:
+            tensors[name] = dequantize(stored, name, fmt).to(dtype)
+        else:
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return source.config, tensors

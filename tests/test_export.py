@@ -1,0 +1,104 @@
+"""moeq_triton.export_hf / load_hf: transformers and Megatron-Core models, against ModelOpt and the references."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import modelopt.torch.quantization as mtq
+import pytest
+import torch
+from assertions import assert_bitwise_equal
+from modelopt.torch.export import export_hf_checkpoint
+from moeq_triton.kernels import grouped_amax, quantize_nvfp4_reference
+from safetensors.torch import load_file
+from test_modelopt_backend import tiny_qwen3_moe, without_inputs
+
+import moeq_triton
+from moeq_triton.checkpoint_io import CheckpointError
+from moeq_triton.model_free import dequantize
+
+warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
+
+OURS = {
+    "nvfp4": "NVFP4_WEIGHT_ONLY_CFG",
+    "fp8": "FP8_WEIGHT_ONLY_CFG",
+    "fp8-per-channel": "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG",
+}
+THEIRS = {"nvfp4": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG", "fp8-per-channel": "FP8_PER_CHANNEL_PER_TOKEN_CFG"}
+
+
+def load_all(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, f)))
+    return tensors
+
+
+def comparable(config: dict) -> dict:
+    """A config without the fields that name the writer or its library version."""
+    config = copy.deepcopy(config)
+    for key in ("producer", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(key, None)
+        config.get("quantization_config", {}).pop(key, None)
+    return config
+
+
+@pytest.mark.parametrize("fmt", list(OURS))
+def test_transformers_export_equals_modelopt_export(fmt, tmp_path):
+    """triton_grouped + export_hf == ModelOpt max + export_hf_checkpoint: every tensor, byte for byte."""
+    ours, theirs = tiny_qwen3_moe(), tiny_qwen3_moe()
+    mtq.quantize(ours, getattr(moeq_triton, OURS[fmt]))
+    mtq.quantize(theirs, without_inputs(getattr(mtq, THEIRS[fmt])))
+    moeq_triton.export_hf(ours, tmp_path / "ours")
+    export_hf_checkpoint(theirs, export_dir=tmp_path / "theirs")
+    a, b = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert_bitwise_equal(a[name], b[name], name)
+    for config in ("hf_quant_config.json", "config.json"):
+        mine = comparable(json.loads((tmp_path / "ours" / config).read_text()))
+        reference = comparable(json.loads((tmp_path / "theirs" / config).read_text()))
+        assert mine == reference, config
+
+
+def test_unquantized_transformers_export_round_trips(tmp_path):
+    model = tiny_qwen3_moe()
+    moeq_triton.export_hf(model, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "hf_quant_config.json").exists()
+    config, tensors = moeq_triton.load_hf(tmp_path / "plain", dtype=torch.bfloat16)
+    assert "quantization_config" not in config
+    experts = model.model.layers[1].mlp.experts
+    assert_bitwise_equal(tensors["model.layers.1.mlp.experts.3.down_proj.weight"], experts.down_proj[3], "down")
+    assert_bitwise_equal(tensors["model.layers.1.mlp.experts.3.up_proj.weight"], experts.gate_up_proj[3, 32:], "up")
+
+
+def test_destination_rules_and_failure_midway(tmp_path, monkeypatch):
+    """A non-empty destination is refused; an exception midway leaves nothing the loader accepts."""
+    model = tiny_qwen3_moe()
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        moeq_triton.export_hf(model, tmp_path / "taken")
+    from moeq_triton import checkpoint_io
+
+    original = checkpoint_io.AtomicCheckpointDir.write_shard
+    calls = []
+
+    def fails_on_second(self, file, tensors):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, file, tensors)
+
+    monkeypatch.setattr(checkpoint_io.AtomicCheckpointDir, "write_shard", fails_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        moeq_triton.export_hf(model, tmp_path / "out", max_shard_bytes=20_000)
+    assert len(calls) == 2
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(CheckpointError):
+        moeq_triton.load_hf(tmp_path / "out")
