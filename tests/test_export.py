@@ -12,13 +12,11 @@ import pytest
 import torch
 from assertions import assert_bitwise_equal
 from modelopt.torch.export import export_hf_checkpoint
-from moeq_triton.kernels import grouped_amax, quantize_nvfp4_reference
 from safetensors.torch import load_file
 from test_modelopt_backend import tiny_qwen3_moe, without_inputs
 
 import moeq_triton
 from moeq_triton.checkpoint_io import CheckpointError
-from moeq_triton.model_free import dequantize
 
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
 

@@ -1,0 +1,171 @@
+"""export_hf of a real megatron-core GPTModel (Qwen3-MoE layout): names, scales, values, logits, ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+
+import modelopt.torch.quantization as mtq
+import torch
+from assertions import assert_bitwise_equal
+from distributed_harness import run_ranks, values
+from grouped_linear_standin import GroupedLinearStandIn
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from moeq_triton.kernels import grouped_amax, quantize_nvfp4_reference
+from test_export import load_all
+from test_megatron_backend import megatron_world  # noqa: F401 (fixture)
+from transformers import Qwen3MoeConfig
+
+import moeq_triton
+from moeq_triton.checkpoint_format import FORMATS
+from moeq_triton.model_free import dequantize
+
+EXPERTS, LAYERS, HIDDEN, MOE_FFN = 4, 2, 64, 32
+
+
+def hf_config() -> Qwen3MoeConfig:
+    """The transformers config the tiny GPTModel mirrors (conventions of shared/reference/megatron.md)."""
+    return Qwen3MoeConfig(
+        hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
+        num_experts_per_tok=2, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, rms_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
+        tie_word_embeddings=False, max_position_embeddings=32,
+    )  # fmt: skip
+
+
+def gpt_moe(dtype: torch.dtype = torch.bfloat16, ep_rank: int = 0, ep_size: int = 1) -> GPTModel:
+    """Weights are a function of the parameter's *global* name, so an EP rank holds slices of one model."""
+    config = TransformerConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+        ffn_hidden_size=128, moe_ffn_hidden_size=MOE_FFN, num_moe_experts=EXPERTS, moe_router_topk=2,
+        gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True, add_bias_linear=False,
+        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        expert_model_parallel_size=ep_size, layernorm_epsilon=1e-5, activation_func=torch.nn.functional.silu,
+    )  # fmt: skip
+    spec = get_gpt_layer_local_spec(
+        num_experts=EXPERTS, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+    )
+    model = GPTModel(
+        config, spec, vocab_size=128, max_sequence_length=32, share_embeddings_and_output_weights=False,
+        position_embedding_type="rope", rotary_base=10000,
+    ).to(dtype)  # fmt: skip
+    local = EXPERTS // ep_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            glob = re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{ep_rank * local + int(m[1])}.", name)
+            gen = torch.Generator().manual_seed(zlib.crc32(glob.encode()))
+            scale = 0.2 if "layernorm" not in name else 1.0
+            p.copy_((1.0 if "layernorm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_world, tmp_path):  # noqa: F811
+    model = gpt_moe()
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    moeq_triton.export_hf(model, tmp_path / "out", hf_config())
+    stored = load_all(tmp_path / "out")
+    fmt = FORMATS["nvfp4"]
+    for layer in range(LAYERS):
+        for e in range(EXPERTS):
+            prefix = f"model.layers.{layer}.mlp.experts.{e}"
+            fc1 = model.decoder.layers[layer].mlp.experts.local_experts[e].linear_fc1.weight.detach()
+            fc2 = model.decoder.layers[layer].mlp.experts.local_experts[e].linear_fc2.weight.detach()
+            gate, up = fc1.chunk(2)
+            assert stored[f"{prefix}.gate_proj.weight"].shape == (MOE_FFN, HIDDEN // 2)
+            assert stored[f"{prefix}.gate_proj.weight_scale"].dtype == torch.float8_e4m3fn
+            assert stored[f"{prefix}.down_proj.weight"].shape == (HIDDEN, MOE_FFN // 2)
+            assert_bitwise_equal(
+                stored[f"{prefix}.gate_proj.weight_scale_2"], stored[f"{prefix}.up_proj.weight_scale_2"], "gate/up"
+            )
+            shared = grouped_amax([fc1])[0]  # gate and up share the amax of the fused fc1
+            for proj, w, amax in (("gate_proj", gate, shared), ("up_proj", up, shared), ("down_proj", fc2, None)):
+                amax = grouped_amax([w])[0] if amax is None else amax
+                expected = quantize_nvfp4_reference(w, amax)
+                name = f"{prefix}.{proj}.weight"
+                assert_bitwise_equal(dequantize(stored, name, fmt), dequantize_ref(expected), name)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"):
+        assert any(k.startswith(name) for k in stored), name
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays unquantized
+
+
+def dequantize_ref(q) -> torch.Tensor:
+    from moeq_triton.kernels import dequantize_nvfp4_reference
+
+    return dequantize_nvfp4_reference(q)
+
+
+def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):  # noqa: F811
+    """TEGroupedMLP spelling (linear_fc1.weight{e}, the TE-contract stand-in) == SequentialMLP's export."""
+    sequential = gpt_moe()
+    grouped = gpt_moe()
+    for layer in grouped.decoder.layers:
+        experts = layer.mlp.experts.local_experts
+        holder = torch.nn.Module()
+        holder.linear_fc1 = GroupedLinearStandIn(EXPERTS, HIDDEN, 2 * MOE_FFN)
+        holder.linear_fc2 = GroupedLinearStandIn(EXPERTS, MOE_FFN, HIDDEN)
+        with torch.no_grad():
+            for e in range(EXPERTS):
+                getattr(holder.linear_fc1, f"weight{e}").copy_(experts[e].linear_fc1.weight)
+                getattr(holder.linear_fc2, f"weight{e}").copy_(experts[e].linear_fc2.weight)
+        layer.mlp.experts = holder.to(torch.bfloat16)
+    assert any(re.search(r"experts\.linear_fc1\.weight3$", n) for n, _ in grouped.named_parameters())
+    for model, name in ((sequential, "seq"), (grouped, "grouped")):
+        moeq_triton.export_hf(model, tmp_path / name, hf_config(), fmt="nvfp4")
+    a, b = load_all(tmp_path / "seq"), load_all(tmp_path / "grouped")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert_bitwise_equal(b[name], a[name], name)
+
+
+def megatron_cpu_forward_patches(monkeypatch) -> None:
+    """Test-only patches that let Megatron's GPTModel run forward on CPU (shared/reference/megatron.md)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.moe import moe_utils
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def test_unquantized_export_gives_megatron_logits_in_transformers(megatron_world, tmp_path, monkeypatch):  # noqa: F811
+    """The name and layout mapping, proven by logits: export fp32, load Qwen3MoeForCausalLM, same tokens."""
+    from transformers import Qwen3MoeForCausalLM
+
+    megatron_cpu_forward_patches(monkeypatch)
+    model = gpt_moe(torch.float32).eval()
+    moeq_triton.export_hf(model, tmp_path / "plain", hf_config(), fmt=None)
+    hf = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.triu(torch.ones(1, 1, 12, 12, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(12)[None], mask)
+        theirs = hf(tokens).logits
+    assert ours.shape == theirs.shape
+    diff = (ours - theirs).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def _export_with_ranks(rank: int, world: int, out: str) -> list[str]:
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        model = gpt_moe(ep_rank=parallel_state.get_expert_model_parallel_rank(), ep_size=world)
+        mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+        moeq_triton.export_hf(model, out, hf_config(), max_shard_bytes=40_000)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return sorted(os.listdir(out))
+
+
+def test_expert_parallel_export_equals_single_process(tmp_path):
+    """EP=2 on 2 gloo ranks (each holds half the experts) writes the same files, byte for byte, as 1 rank."""
+    reference = tmp_path / "one"
+    values(run_ranks(_export_with_ranks, 1, str(reference), timeout_s=300))
+    files = values(run_ranks(_export_with_ranks, 2, str(tmp_path / "two"), timeout_s=300))
+    assert files[0] == sorted(os.listdir(reference)) and len(files[0]) > 4
+    for name in files[0]:
+        assert (tmp_path / "two" / name).read_bytes() == (reference / name).read_bytes(), name
