@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .grouping import (
     Tiles,
     build_groups,
@@ -69,7 +70,7 @@ def grouped_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     if device is None:
         return torch.empty(0, dtype=torch.float32)
     if not use_triton(device):
-        amax = grouped_amax_reference(weights)
+        amax = native.amax(weights) if native.enabled() else grouped_amax_reference(weights)
     else:
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
         _launch(weights, amax, per_row=False)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .amax import NonFiniteWeightError, report_nonfinite, resolve_amax
 from .formats import (
     E2M1_BOUNDS,
@@ -132,6 +133,12 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     if device is None:
         return []
     amax = resolve_amax(weights, weight_amax, device)
+    if not use_triton(device) and native.enabled():
+        results = [_empty_outputs(w) for w in weights]
+        bad = native.nvfp4(weights, amax, results)  # one fused C pass per weight, a thread per core
+        if bad:
+            raise NonFiniteWeightError(bad[0], describe(bad[0], weights[bad[0]]))
+        return results
     if not use_triton(device):
         results = []
         for i, (w, a) in enumerate(zip(weights, amax)):

@@ -15,6 +15,7 @@ from moeq_triton.kernels import (
     grouped_amax,
     grouped_amax_reference,
     launch_counts,
+    native,
     quantize_fp8,
     quantize_fp8_reference,
     quantize_nvfp4,
@@ -322,6 +323,38 @@ def test_division_by_a_python_number_follows_the_device(monkeypatch):
             assert scale_of(r).item() == expected.item() != (a / divisor).item(), f"amax {a.item()} / {divisor}"
 
 
+# ---------------------------------------------------------------- the CPU fast path (compiled C loop)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_cpu_path_matches_reference_and_modelopt(monkeypatch, dtype):
+    """The C loop the command line uses on CPU: bitwise equal to the references and to ModelOpt, on
+    fresh ragged inputs, views, the crafted edges, an all-zero tensor and a clipped amax."""
+    assert native.library() is not None, "no C compiler here: the fast path would silently be the reference"
+    seed = fresh_seed()
+    stacked = heavy_tailed((3, 17, 64), dtype, torch.Generator().manual_seed(seed))
+    cpu = [
+        *[w.cpu() for w in mixed_list(24, dtype, seed)],
+        *stacked.cpu().unbind(0),
+        stacked[1, :, 16:48].cpu(),
+        crafted_nvfp4_weight(dtype).cpu(),
+        torch.zeros(3, 32, dtype=dtype),
+    ]
+    amax = grouped_amax_reference(cpu)
+    clipped = amax.clone()
+    clipped[0] /= 8  # saturating scales and codes
+    use_engine(monkeypatch, "native")
+    reset_launch_counts()
+    assert_bitwise_equal(grouped_amax(cpu), amax, f"amax seed={seed}")
+    for weight_amax in (amax, clipped):
+        results = quantize_nvfp4(cpu, weight_amax)
+        for i, (w, r) in enumerate(zip(cpu, results)):
+            where = f"seed={seed} weights[{i}] {tuple(w.shape)}"
+            assert_results_equal(r, quantize_nvfp4_reference(w, weight_amax[i]), f"reference {where}")
+            assert_results_equal(r, nvfp4_export(w, weight_amax[i]), f"modelopt {where}")
+    assert launch_counts() == {}
+
+
 # ---------------------------------------------------------------- structure
 
 
@@ -347,8 +380,8 @@ def test_no_stacking_copy_outputs_are_separate():
 
 
 def test_reference_path_without_interpreter(monkeypatch):
-    """On CPU without TRITON_INTERPRET the public functions run the references (no launches)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """On CPU without TRITON_INTERPRET (and the C loop off) the public functions run the references."""
+    use_engine(monkeypatch, "reference")
     weights = [w.cpu() for w in mixed_list(4, torch.bfloat16, 9, max_k=64)]
     reset_launch_counts()
     nv = quantize_nvfp4(weights)
@@ -367,13 +400,19 @@ def test_empty_list():
 
 
 # Triton picks the interpreter when a kernel is decorated, so a GPU session cannot also run it.
-ENGINES = ["reference", "gpu"] if TEST_DEVICE.type == "cuda" else ["reference", "interpreter"]
+ENGINES = ["reference", "native", "gpu"] if TEST_DEVICE.type == "cuda" else ["reference", "native", "interpreter"]
+
+
+def use_engine(monkeypatch, engine: str) -> None:
+    """CPU engines: the Triton interpreter, the compiled C loop (native.py) or the torch references."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")
+    monkeypatch.setenv("MOEQ_TRITON_NATIVE", "1" if engine == "native" else "0")
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
 def test_non_finite_weight_is_named(monkeypatch, engine, bad):
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")
+    use_engine(monkeypatch, engine)
     device = TEST_DEVICE if engine == "gpu" else "cpu"
     weights = [torch.randn(4, 32), torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(2, 16)]
     weights = [w.to(device) for w in weights]

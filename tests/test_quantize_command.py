@@ -65,9 +65,15 @@ def without_producer(config: dict) -> dict:
     return config
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_output_equals_modelopt_export(source, fmt, tmp_path):
-    """Every tensor byte-identical to ModelOpt's export; hf_quant_config and config.json equivalent."""
+@pytest.mark.parametrize(
+    "fmt, engine", [(f, "interpreter") for f in FORMATS] + [("nvfp4", "native"), ("fp8", "reference")]
+)
+def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatch):
+    """Every tensor byte-identical to ModelOpt's export; hf_quant_config and config.json equivalent.
+
+    engine: the Triton kernels (interpreter), or what `--device cpu` runs for users: the compiled C
+    loop for NVFP4, the torch references for FP8."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     assert main(["quantize", "--model", source, "--out", str(ours), "--format", fmt, "--device", "cpu"]) == 0
     modelopt_export(source, fmt, theirs)
