@@ -46,11 +46,16 @@ def enabled() -> bool:
     return os.environ.get("MOEQ_TRITON_NATIVE", "1") != "0" and library() is not None
 
 
+def cache_dir() -> Path:
+    """This project's cache ($MOEQ_TRITON_CACHE or ~/.cache/moeq-triton), shared with the integration layer."""
+    return Path(os.environ.get("MOEQ_TRITON_CACHE", Path.home() / ".cache" / "moeq-triton"))
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled library (built once per source version), or None when it cannot be built."""
     code = SOURCE.read_bytes()
-    cache = Path(os.environ.get("MOEQ_TRITON_CACHE", Path.home() / ".cache" / "moeq-triton")) / "native"
+    cache = cache_dir() / "native"
     key = hashlib.sha256(code + " ".join(_FLAGS).encode() + _cpu_signature()).hexdigest()[:16]
     target = cache / f"nvfp4_cpu-{key}.so"
     if not target.is_file():

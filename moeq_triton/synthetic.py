@@ -7,11 +7,12 @@ it is not a trained model and its outputs mean nothing.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from .kernels.native import cache_dir
 
 NAME = "synthetic-qwen3-moe-4x16"
 SHAPE = dict(
@@ -19,10 +20,6 @@ SHAPE = dict(
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=2048,
     norm_topk_prob=True,
 )  # fmt: skip
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOEQ_TRITON_CACHE", Path.home() / ".cache" / "moeq-triton"))
 
 
 def default_checkpoint(seed: int = 0) -> Path:
