@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import os
+
 import torch
+from safetensors.torch import load_file
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -42,3 +46,21 @@ def assert_results_equal(actual, expected, what: str = "result") -> None:
     assert type(actual) is type(expected), f"{what}: {type(actual).__name__} != {type(expected).__name__}"
     for field in actual._fields:
         assert_bitwise_equal(getattr(actual, field), getattr(expected, field), f"{what}.{field}")
+
+
+def checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in a checkpoint directory."""
+    tensors = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, f)))
+    return tensors
+
+
+def config_without(config: dict, keys: tuple[str, ...] = ("producer",)) -> dict:
+    """A config.json / hf_quant_config.json without fields that name the writer (top level and quantization)."""
+    config = copy.deepcopy(config)
+    for key in keys:
+        config.pop(key, None)
+        config.get("quantization_config", {}).pop(key, None)
+    return config

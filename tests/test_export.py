@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import warnings
 
 import modelopt.torch.quantization as mtq
 import pytest
 import torch
-from assertions import assert_bitwise_equal
+from assertions import assert_bitwise_equal, checkpoint_tensors, config_without
 from modelopt.torch.export import export_hf_checkpoint
-from safetensors.torch import load_file
 from test_modelopt_backend import tiny_qwen3_moe, without_inputs
 
 import moeq_triton
@@ -28,21 +25,7 @@ OURS = {
 THEIRS = {"nvfp4": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG", "fp8-per-channel": "FP8_PER_CHANNEL_PER_TOKEN_CFG"}
 
 
-def load_all(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, f)))
-    return tensors
-
-
-def comparable(config: dict) -> dict:
-    """A config without the fields that name the writer or its library version."""
-    config = copy.deepcopy(config)
-    for key in ("producer", "transformers_version", "dtype", "torch_dtype"):
-        config.pop(key, None)
-        config.get("quantization_config", {}).pop(key, None)
-    return config
+WRITER_FIELDS = ("producer", "transformers_version", "dtype", "torch_dtype")  # name the writer or its library
 
 
 @pytest.mark.parametrize("fmt", list(OURS))
@@ -53,13 +36,13 @@ def test_transformers_export_equals_modelopt_export(fmt, tmp_path):
     mtq.quantize(theirs, without_inputs(getattr(mtq, THEIRS[fmt])))
     moeq_triton.export_hf(ours, tmp_path / "ours")
     export_hf_checkpoint(theirs, export_dir=tmp_path / "theirs")
-    a, b = load_all(tmp_path / "ours"), load_all(tmp_path / "theirs")
+    a, b = checkpoint_tensors(tmp_path / "ours"), checkpoint_tensors(tmp_path / "theirs")
     assert sorted(a) == sorted(b)
     for name in b:
         assert_bitwise_equal(a[name], b[name], name)
     for config in ("hf_quant_config.json", "config.json"):
-        mine = comparable(json.loads((tmp_path / "ours" / config).read_text()))
-        reference = comparable(json.loads((tmp_path / "theirs" / config).read_text()))
+        mine = config_without(json.loads((tmp_path / "ours" / config).read_text()), WRITER_FIELDS)
+        reference = config_without(json.loads((tmp_path / "theirs" / config).read_text()), WRITER_FIELDS)
         assert mine == reference, config
 
 

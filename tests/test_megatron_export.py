@@ -8,14 +8,13 @@ import zlib
 
 import modelopt.torch.quantization as mtq
 import torch
-from assertions import assert_bitwise_equal
+from assertions import assert_bitwise_equal, checkpoint_tensors
 from distributed_harness import run_ranks, values
 from grouped_linear_standin import GroupedLinearStandIn
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from moeq_triton.kernels import grouped_amax, quantize_nvfp4_reference
-from test_export import load_all
 from test_megatron_backend import megatron_world  # noqa: F401 (fixture)
 from transformers import Qwen3MoeConfig
 
@@ -66,7 +65,7 @@ def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_worl
     model = gpt_moe()
     mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     moeq_triton.export_hf(model, tmp_path / "out", hf_config())
-    stored = load_all(tmp_path / "out")
+    stored = checkpoint_tensors(tmp_path / "out")
     fmt = FORMATS["nvfp4"]
     for layer in range(LAYERS):
         for e in range(EXPERTS):
@@ -114,7 +113,7 @@ def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):  # noq
     assert any(re.search(r"experts\.linear_fc1\.weight3$", n) for n, _ in grouped.named_parameters())
     for model, name in ((sequential, "seq"), (grouped, "grouped")):
         moeq_triton.export_hf(model, tmp_path / name, hf_config(), fmt="nvfp4")
-    a, b = load_all(tmp_path / "seq"), load_all(tmp_path / "grouped")
+    a, b = checkpoint_tensors(tmp_path / "seq"), checkpoint_tensors(tmp_path / "grouped")
     assert sorted(a) == sorted(b)
     for name in a:
         assert_bitwise_equal(b[name], a[name], name)

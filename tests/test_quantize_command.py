@@ -12,7 +12,7 @@ import warnings
 import modelopt.torch.quantization as mtq
 import pytest
 import torch
-from assertions import assert_bitwise_equal
+from assertions import assert_bitwise_equal, checkpoint_tensors, config_without
 from distributed_harness import run_ranks, values
 from modelopt.torch.export import export_hf_checkpoint
 from safetensors.torch import load_file, save_file
@@ -50,21 +50,6 @@ def modelopt_export(source: str, fmt: str, out) -> None:
     export_hf_checkpoint(model, export_dir=out)
 
 
-def load_all(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, f)))
-    return tensors
-
-
-def without_producer(config: dict) -> dict:
-    config = copy.deepcopy(config)
-    config.pop("producer", None)
-    config.get("quantization_config", {}).pop("producer", None)
-    return config
-
-
 @pytest.mark.parametrize(
     "fmt, engine", [(f, "interpreter") for f in FORMATS] + [("nvfp4", "native"), ("fp8", "reference")]
 )
@@ -77,13 +62,13 @@ def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatc
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     assert main(["quantize", "--model", source, "--out", str(ours), "--format", fmt, "--device", "cpu"]) == 0
     modelopt_export(source, fmt, theirs)
-    a, b = load_all(ours), load_all(theirs)
+    a, b = checkpoint_tensors(ours), checkpoint_tensors(theirs)
     assert sorted(a) == sorted(b)
     for name in b:
         assert_bitwise_equal(a[name], b[name], name)
     for config in ("hf_quant_config.json", "config.json"):
-        mine = without_producer(json.loads((ours / config).read_text()))
-        reference = without_producer(json.loads((theirs / config).read_text()))
+        mine = config_without(json.loads((ours / config).read_text()))
+        reference = config_without(json.loads((theirs / config).read_text()))
         mine.pop("dtype", None), reference.pop("dtype", None)  # ModelOpt rewrites the loaded dtype
         assert mine == reference, config
     index = json.loads((ours / "model.safetensors.index.json").read_text())
@@ -98,7 +83,7 @@ def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatc
 def test_experts_only_keeps_attention(source, tmp_path):
     out = tmp_path / "experts-only"
     assert main(["quantize", "--model", source, "--out", str(out), "--experts-only", "--device", "cpu"]) == 0
-    tensors = load_all(out)
+    tensors = checkpoint_tensors(out)
     assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert tensors["model.layers.0.mlp.experts.1.down_proj.weight"].dtype == torch.uint8
     excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
