@@ -8,8 +8,9 @@ reverse conversion; for Megatron the mapping below), then the model-free machine
 same plan, the same grouped kernel calls per shard on the model's device, the same files and configs
 (``model_free``, ``naming``, ``checkpoint_format``, ``checkpoint_io``).  The format comes from the
 model's weight quantizers (NVFP4, FP8 per tensor or per channel); a model without them is exported
-unquantized.  Amaxes are the weights' own max per scale group, which is what ModelOpt's ``max``
-calibration (and ``triton_grouped``) gives; models calibrated otherwise are refused.
+unquantized.  Amaxes are recomputed as the weights' own max per scale group, which is exactly what
+ModelOpt's ``max`` calibration (and ``triton_grouped``) gives; a model whose weight quantizers were
+calibrated otherwise (another calibrator, pre-quantization scales from AWQ/SmoothQuant) is refused.
 
 Under torch.distributed each tensor is owned by the lowest rank that holds it (expert parallelism
 gives each rank its own experts); owners quantize their tensors, send the results to rank 0 as raw
@@ -157,12 +158,23 @@ def hf_config_dict(config) -> dict:
 
 def detect_format(model: torch.nn.Module) -> Format | None:
     """The format of the enabled weight quantizers (None: none enabled); mixed formats are refused."""
+    from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     found = set()
     for name, module in model.named_modules():
-        if not isinstance(module, TensorQuantizer) or "weight_quantizer" not in name or module._disabled:
+        if not isinstance(module, TensorQuantizer) or module._disabled:
             continue
+        if getattr(module, "pre_quant_scale", None) is not None:
+            raise CheckpointError(f"{name} has a pre_quant_scale (AWQ/SmoothQuant): use ModelOpt's exporter")
+        if "weight_quantizer" not in name:
+            continue
+        calibrator = getattr(module, "_calibrator", None)
+        if calibrator is not None and not isinstance(calibrator, MaxCalibrator):
+            raise CheckpointError(
+                f"{name} was calibrated with {type(calibrator).__name__}; export_hf recomputes max amaxes "
+                "and would drop that calibration: use ModelOpt's exporter"
+            )
         if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == 16:
             found.add("nvfp4")
         elif module.num_bits == (4, 3) and module.block_sizes is None:
