@@ -282,14 +282,24 @@ def export_hf(
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
     plan = make_plan(source, chosen, experts_only, max_shard_bytes)
-    out = AtomicCheckpointDir(export_dir, overwrite)
-    failure = _agree(lambda: out.create() if source.rank == 0 else None, source)
-    if failure is None:
-        failure = _agree(lambda: _write_shards(plan, source, out, progress), source)
-    if failure is not None:
+    made: list[AtomicCheckpointDir] = []
+
+    def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
+        made.append(AtomicCheckpointDir(export_dir, overwrite))
         if source.rank == 0:
-            out.abort()
+            made[0].create()
+
+    failure = _agree(prepare, source)
+    if failure is None:
+        try:
+            _write_shards(plan, source, made[0], progress)
+        except BaseException as error:  # every rank gets here together (see _write_shards)
+            failure = error
+    if failure is not None:
+        if source.rank == 0 and made:
+            made[0].abort()
         raise failure
+    out = made[0]
     if source.rank == 0:
         write_metadata(plan, source, out)
         out.commit()
@@ -322,24 +332,42 @@ def _barrier(source: ModelTensors) -> None:
 
 
 def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
-    """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes."""
+    """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes.
+
+    Every step that can fail on one rank alone runs ``_together``: a failure never leaves rank 0
+    waiting for bytes that will not come.
+    """
     for s, shard in enumerate(plan.shards):
-        mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
         produced: dict[str, torch.Tensor] = {}
-        for batch in _pack(mine, 1 << 30, lambda u: u.in_bytes):
-            loaded = {n: source.tensor(n) for u in batch for n in u.names}
-            produced.update(_quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source))
-            produced.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
-            progress(sum(u.in_bytes for u in batch))
-        produced = {k: v.detach().cpu() for k, v in produced.items()}
-        if source.world > 1:
-            produced = _gather_to_rank0(shard, source, plan, produced)
-        if source.rank == 0:
-            out.write_shard(shard_name(s, len(plan.shards)), produced)
+        _together(source, _quantize_own, shard, source, plan, produced, progress)
+        _together(source, _gather_to_rank0, shard, source, plan, produced)
+        write = out.write_shard if source.rank == 0 else (lambda *_: None)
+        _together(source, write, shard_name(s, len(plan.shards)), produced)
 
 
-def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]):
-    """Point-to-point transfer of raw bytes in an order every rank derives from the plan."""
+def _together(source: ModelTensors, fn: Callable, *args) -> None:
+    """``fn(*args)`` on every rank; when it fails on any rank, every rank raises."""
+    failure = _agree(lambda: fn(*args), source)
+    if failure is not None:
+        raise failure
+
+
+def _quantize_own(shard, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
+    """This rank's units of a shard: grouped kernel calls per batch, results moved to the CPU."""
+    mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
+    for batch in _pack(mine, 1 << 30, lambda u: u.in_bytes):
+        loaded = {n: source.tensor(n) for u in batch for n in u.names}
+        result = _quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source)
+        result.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
+        produced.update({k: v.detach().cpu() for k, v in result.items()})
+        progress(sum(u.in_bytes for u in batch))
+
+
+def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]) -> None:
+    """Point-to-point transfer of raw bytes, in an order every rank derives from the plan, into rank 0's
+    ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
+    if source.world == 1:
+        return
     import torch.distributed as dist
 
     for unit in shard:
@@ -355,7 +383,6 @@ def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str
                 buffer = torch.empty(int(torch.Size(shape).numel()) * dtype.itemsize, dtype=torch.uint8)
                 dist.recv(buffer, src=owner)
                 produced[name] = buffer.view(dtype).reshape(shape)
-    return produced
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
