@@ -168,3 +168,32 @@ def test_expert_parallel_export_equals_single_process(tmp_path):
     assert files[0] == sorted(os.listdir(reference)) and len(files[0]) > 4
     for name in files[0]:
         assert (tmp_path / "two" / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def _export_failing_on_rank1(rank: int, world: int, out: str) -> str:
+    from megatron.core import parallel_state
+
+    from moeq_triton import exporter
+
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        model = gpt_moe(ep_rank=parallel_state.get_expert_model_parallel_rank(), ep_size=world)
+        if rank == 1:
+
+            def broken(*args, **kwargs):
+                raise MemoryError("injected on rank 1")
+
+            exporter._quantize_units = broken
+        moeq_triton.export_hf(model, out, hf_config(), fmt="nvfp4", max_shard_bytes=40_000)
+    except Exception as error:  # the test wants every rank's outcome
+        return f"{type(error).__name__}: {error}"
+    finally:
+        parallel_state.destroy_model_parallel()
+    return "no error"
+
+
+def test_failure_on_one_rank_fails_every_rank_and_leaves_nothing(tmp_path):
+    results = values(run_ranks(_export_failing_on_rank1, 2, str(tmp_path / "out"), timeout_s=300))
+    assert results[1] == "MemoryError: injected on rank 1"
+    assert results[0].startswith("CheckpointError: another rank failed"), results[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
