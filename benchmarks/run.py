@@ -15,7 +15,8 @@ For each model's expert shapes (separate per-expert views of stacked tensors, as
 A sweep over the number of experts gives GB/s against experts (JSON, and a PNG when matplotlib is there).
 
 GPU: triton.testing.do_bench medians after warm-up; each expert stack is far larger than L2, never zeros.
-CPU: the kernels run as their torch references at small sizes; the figures are CPU figures, not GPU claims.
+CPU: small sizes; amax and NVFP4 run the compiled C loop (kernels/native.py), FP8 the torch references;
+the figures are CPU figures, not GPU claims.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ import torch
 from moeq_triton.kernels import amax as amax_module
 from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import (
+    fp8_layout,
     grouped_amax,
     grouped_amax_reference,
     launch_counts,
+    native,
+    nvfp4_layout,
     quantize_fp8,
     quantize_fp8_reference,
     quantize_nvfp4,
@@ -46,7 +50,6 @@ from moeq_triton.kernels import (
     use_triton,
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
-from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
 from moeq_triton.kernels.grouping import Tiles
 from rich.console import Console
 from rich.table import Table
@@ -69,14 +72,13 @@ def apply_tiles(tiles: dict[str, list[int]]) -> None:
 
 
 def bytes_moved(row: str, weights: list[torch.Tensor]) -> int:
-    """Fewest bytes a row must move: each weight read once, each output written once."""
+    """Fewest bytes a row must move: each weight read once, each output (the format's layout) written once."""
     read = sum(w.numel() * w.element_size() for w in weights)
-    elements = sum(w.numel() for w in weights)
-    if row == "quantize_nvfp4":  # packed E2M1 (1/2 byte) + one E4M3 scale per block + a float32 per tensor
-        return read + elements // 2 + elements // NVFP4_BLOCK_SIZE + 4 * len(weights)
-    if row == "quantize_fp8":  # one E4M3 byte per element + a float32 scale per tensor
-        return read + elements + 4 * len(weights)
-    return read  # amax / calibration: a read pass (the amaxes themselves are negligible)
+    layouts = {"quantize_nvfp4": nvfp4_layout, "quantize_fp8": lambda shape: fp8_layout(shape, False)}
+    if row not in layouts:
+        return read  # amax / calibration: a read pass (the amaxes themselves are negligible)
+    written = sum(torch.Size(s).numel() * d.itemsize for w in weights for s, d in layouts[row](w.shape))
+    return read + written
 
 
 # ---------------------------------------------------------------- workload
@@ -459,7 +461,12 @@ def main(argv: list[str] | None = None) -> dict:
         if gpu:
             torch.cuda.empty_cache()
 
-    engine = "Triton" if use_triton(torch.device(args.device)) else "torch references: CPU figures, not GPU claims"
+    if use_triton(torch.device(args.device)):
+        engine = "Triton"
+    elif native.enabled():
+        engine = "C loop (amax, NVFP4) and torch references (FP8): CPU figures, not GPU claims"
+    else:
+        engine = "torch references: CPU figures, not GPU claims"
     title = (
         f"{device_name(args.device)}, kernels: {engine}; {args.layers} layer(s), bf16 experts; "
         f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; all results checked bitwise before timing"

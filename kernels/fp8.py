@@ -49,6 +49,12 @@ class FP8Weight(NamedTuple):
     weight_scale: torch.Tensor  # float32: 0-dim per tensor, input.shape[:-1] per channel
 
 
+def fp8_layout(shape: Sequence[int], per_channel: bool) -> FP8Weight:
+    """(shape, dtype) of each output for a weight of ``shape``: the format's layout, in one place."""
+    scale_shape = tuple(shape[:-1]) if per_channel else ()
+    return FP8Weight((tuple(shape), torch.float8_e4m3fn), (scale_shape, torch.float32))
+
+
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _INV_E4M3_MAX = tl.constexpr(float32_reciprocal(E4M3_MAX))
 _DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see rounding.round_to_dtype
@@ -146,10 +152,7 @@ def quantize_fp8(
         ]
 
     results = [
-        FP8Weight(
-            torch.empty(w.shape, dtype=torch.uint8, device=device),
-            torch.empty(w.shape[:-1] if per_channel else (), dtype=torch.float32, device=device),
-        )
+        FP8Weight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_layout(w.shape, per_channel)))
         for w in weights
     ]
     outs = [[r.weight for r in results], [r.weight_scale for r in results]]
@@ -181,7 +184,7 @@ def quantize_fp8(
         )
         count_launch("fp8")
     report_nonfinite(weights, nonfinite > 0)
-    return [FP8Weight(r.weight.view(torch.float8_e4m3fn), r.weight_scale) for r in results]
+    return results
 
 
 def _scale_kind(quotient_kind: int, device: torch.device) -> int:

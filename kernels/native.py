@@ -23,13 +23,29 @@ from pathlib import Path
 
 import torch
 
-from .grouping import row_stride
+from .formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, NVFP4_BLOCK_SIZE, NVFP4_SCALE_2_DIVISOR
+from .grouping import num_rows, row_stride
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -march=native vectorizes the loops (2x here); the build is then tied to this CPU, so the cache key
 # holds the CPU's feature flags.  Exactness needs no fast-math and no fused multiply-add contraction.
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+
+
+def _float(value: float) -> str:
+    return f"{float(value).hex()}f"  # exact in C, for any float32 value
+
+
+# The format constants, from formats.py only (the C source names them, never spells them).
+_DEFINES = [
+    f"-DE2M1_BOUNDS_INIT={{{','.join(_float(b) for b in E2M1_BOUNDS)}}}",
+    f"-DE2M1_MAX={_float(E2M1_MAX)}",
+    f"-DE4M3_MAX={_float(E4M3_MAX)}",
+    f"-DE4M3_MIN_SUBNORMAL={_float(E4M3_MIN_SUBNORMAL)}",
+    f"-DNVFP4_SCALE_2_DIVISOR={_float(NVFP4_SCALE_2_DIVISOR)}",
+    f"-DBLOCK={NVFP4_BLOCK_SIZE}",
+]
 
 
 def _cpu_signature() -> bytes:
@@ -56,7 +72,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled library (built once per source version), or None when it cannot be built."""
     code = SOURCE.read_bytes()
     cache = cache_dir() / "native"
-    key = hashlib.sha256(code + " ".join(_FLAGS).encode() + _cpu_signature()).hexdigest()[:16]
+    key = hashlib.sha256(code + " ".join(_FLAGS + _DEFINES).encode() + _cpu_signature()).hexdigest()[:16]
     target = cache / f"nvfp4_cpu-{key}.so"
     if not target.is_file():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -66,7 +82,7 @@ def library() -> ctypes.CDLL | None:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 built = Path(tmp) / target.name
-                command = [compiler, *_FLAGS, "-o", str(built), str(SOURCE), "-lm"]
+                command = [compiler, *_FLAGS, *_DEFINES, "-o", str(built), str(SOURCE), "-lm"]
                 subprocess.run(command, check=True, capture_output=True)
                 os.replace(built, target)  # atomic: concurrent processes never load a half-written file
         except (OSError, subprocess.CalledProcessError):
@@ -82,8 +98,7 @@ def library() -> ctypes.CDLL | None:
 
 def _geometry(index: int, w: torch.Tensor) -> tuple[int, int, int, int]:
     """(dtype code, rows, K, row stride) of a validated weight."""
-    k = w.shape[-1]
-    return _DTYPE_CODES[w.dtype], (w.numel() // k if k else 0), k, row_stride(index, w)
+    return _DTYPE_CODES[w.dtype], num_rows(w), w.shape[-1], row_stride(index, w)
 
 
 def _parallel(fn: Callable[[int], object], count: int) -> list:

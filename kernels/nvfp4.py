@@ -115,13 +115,18 @@ def _nvfp4_kernel(
 TILES = {"cuda": Tiles(16, 8, 4), "cpu": Tiles(32, 16)}  # cols = 16-blocks; benchmarks/tile_sweep.py
 
 
-def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
-    lead, k = w.shape[:-1], w.shape[-1]
+def nvfp4_layout(shape: Sequence[int]) -> NVFP4Weight:
+    """(shape, dtype) of each output for a weight of ``shape``: the format's layout, in one place."""
+    lead, k = tuple(shape[:-1]), shape[-1]
     return NVFP4Weight(
-        torch.empty((*lead, k // 2), dtype=torch.uint8, device=w.device),
-        torch.empty((*lead, k // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=w.device),
-        torch.empty((), dtype=torch.float32, device=w.device),
+        ((*lead, k // 2), torch.uint8),
+        ((*lead, k // NVFP4_BLOCK_SIZE), torch.float8_e4m3fn),
+        ((), torch.float32),
     )
+
+
+def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
+    return NVFP4Weight(*(torch.empty(s, dtype=d, device=w.device) for s, d in nvfp4_layout(w.shape)))
 
 
 def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None) -> list[NVFP4Weight]:

@@ -2,14 +2,16 @@
  *
  * The same numerics as nvfp4.py's reference (float32 arithmetic, IEEE division, round half to even);
  * built without -ffast-math and with -ffp-contract=off so that no operation is fused or reordered.
- * dtype: 0 float32, 1 bfloat16, 2 float16.  Rows are `stride` elements apart; K is a multiple of 16.
+ * dtype: 0 float32, 1 bfloat16, 2 float16.  Rows are `stride` elements apart; K is a multiple of the block.
+ * The format constants come from formats.py as -D flags (native.py), so they live in one place.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static const float E2M1_BOUNDS[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+static const float E2M1_BOUNDS[7] = E2M1_BOUNDS_INIT;
+#define E4M3_MIN_NORMAL (8.0f * E4M3_MIN_SUBNORMAL) /* 3 mantissa bits: 2^3 subnormal steps below it */
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
@@ -34,7 +36,7 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* Nearest float8_e4m3fn of v in [2^-9, 448] or NaN: its byte, and its value in *value. */
+/* Nearest float8_e4m3fn of v in [E4M3_MIN_SUBNORMAL, E4M3_MAX] or NaN: its byte, and its value in *value. */
 static uint8_t e4m3(float v, float *value) {
     if (v != v) { /* keeps the NaN's sign, as torch's cast does (x86's 0/0 is a negative NaN) */
         uint32_t nan_bits;
@@ -42,11 +44,11 @@ static uint8_t e4m3(float v, float *value) {
         *value = v;
         return (uint8_t)(0x7F | ((nan_bits >> 24) & 0x80));
     }
-    if (v < 0.015625f) { /* subnormal: k * 2^-9, k rounded half to even */
-        float t = v * 512.0f;
+    if (v < E4M3_MIN_NORMAL) { /* subnormal: k * E4M3_MIN_SUBNORMAL, k rounded half to even */
+        float t = v / E4M3_MIN_SUBNORMAL;  /* exact: a power of two */
         float k = floorf(t), frac = t - k;
         if (frac > 0.5f || (frac == 0.5f && fmodf(k, 2.0f) == 1.0f)) k += 1.0f;
-        *value = k / 512.0f;
+        *value = k * E4M3_MIN_SUBNORMAL;
         return (uint8_t)k;
     }
     uint32_t bits;
@@ -64,46 +66,59 @@ static inline uint8_t e2m1(float x) {
     return (uint8_t)(code | ((x < 0.0f) << 3));
 }
 
-/* One amax and one NVFP4 function per input dtype (LOAD turns element i of row p into float32). */
-#define DEFINE_KERNELS(NAME, TYPE, LOAD)                                                                      \
-    static float amax_##NAME(const TYPE *w, int64_t rows, int64_t k, int64_t stride) {                      \
-        float best = 0.0f;                                                                                    \
-        int nan = 0;                                                                                          \
+/* max |w| on the raw bits: with the sign cleared, float order is integer order (and NaN's bits lie above
+ * inf's), so an integer max, which vectorizes, gives exactly max |w| and reveals any NaN. */
+#define DEFINE_AMAX(NAME, BITS, MAGNITUDE, TO_FLOAT)                                                         \
+    static float amax_##NAME(const BITS *w, int64_t rows, int64_t k, int64_t stride) {                       \
+        BITS best = 0;                                                                                        \
         for (int64_t r = 0; r < rows; r++) {                                                                  \
-            const TYPE *p = w + r * stride;                                                                   \
+            const BITS *p = w + r * stride;                                                                   \
             for (int64_t c = 0; c < k; c++) {                                                                 \
-                float a = fabsf(LOAD(p, c));                                                                  \
-                nan |= a != a;                                                                                \
+                BITS a = p[c] & MAGNITUDE;                                                                    \
                 best = a > best ? a : best;                                                                   \
             }                                                                                                 \
         }                                                                                                     \
-        return nan ? NAN : best;                                                                              \
-    }                                                                                                         \
+        float result = TO_FLOAT(best);                                                                        \
+        return result != result ? NAN : result;                                                               \
+    }
+
+static inline float bits_to_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+DEFINE_AMAX(f32, uint32_t, 0x7FFFFFFFu, bits_to_float)
+DEFINE_AMAX(bf16, uint16_t, 0x7FFF, bf16_to_float)
+DEFINE_AMAX(f16, uint16_t, 0x7FFF, half_to_float)
+
+/* One NVFP4 function per input dtype (LOAD turns element i of row p into float32). */
+#define DEFINE_KERNELS(NAME, TYPE, LOAD)                                                                      \
     static int nvfp4_##NAME(const TYPE *w, int64_t rows, int64_t k, int64_t stride, float scale_2,          \
                             uint8_t *packed, uint8_t *scales, float *x, float *denom, uint8_t *code) {        \
-        const float unit = 6.0f * scale_2;                                                                    \
+        const float unit = E2M1_MAX * scale_2;                                                                    \
         int nonfinite = 0;                                                                                    \
         for (int64_t r = 0; r < rows; r++) {                                                                  \
             const TYPE *p = w + r * stride;                                                                   \
             for (int64_t c = 0; c < k; c++) x[c] = LOAD(p, c);                                                \
-            for (int64_t b = 0; b < k / 16; b++) {                                                            \
+            for (int64_t b = 0; b < k / BLOCK; b++) {                                                            \
                 float bmax = 0.0f;                                                                            \
                 int nan = 0;                                                                                  \
-                for (int j = 0; j < 16; j++) {                                                                \
-                    float a = fabsf(x[b * 16 + j]);                                                           \
+                for (int j = 0; j < BLOCK; j++) {                                                             \
+                    float a = fabsf(x[b * BLOCK + j]);                                                           \
                     nan |= a != a;                                                                            \
                     bmax = a > bmax ? a : bmax;                                                               \
                 }                                                                                             \
                 if (nan) bmax = NAN;                                                                          \
-                nonfinite |= !(bmax <= 3.4028234663852886e38f);                                               \
+                nonfinite |= !isfinite(bmax);                                                                 \
                 float s = bmax / unit;                                                                        \
                 if (s == 0.0f) s = 1.0f;                                                                      \
-                if (s == s) s = s < 0.001953125f ? 0.001953125f : (s > 448.0f ? 448.0f : s);                  \
+                if (s == s) s = s < E4M3_MIN_SUBNORMAL ? E4M3_MIN_SUBNORMAL : (s > E4M3_MAX ? E4M3_MAX : s);  \
                 float rounded;                                                                                \
-                scales[r * (k / 16) + b] = e4m3(s, &rounded);                                                 \
+                scales[r * (k / BLOCK) + b] = e4m3(s, &rounded);                                                 \
                 denom[b] = rounded * scale_2;                                                                 \
             }                                                                                                 \
-            for (int64_t c = 0; c < k; c++) code[c] = e2m1(x[c] / denom[c >> 4]);                             \
+            for (int64_t c = 0; c < k; c++) code[c] = e2m1(x[c] / denom[c / BLOCK]);                          \
             uint8_t *out = packed + r * (k / 2);                                                              \
             for (int64_t j = 0; j < k / 2; j++) out[j] = (uint8_t)(code[2 * j] | (code[2 * j + 1] << 4));     \
         }                                                                                                     \
@@ -128,9 +143,9 @@ float moeq_amax(const void *w, int dtype, int64_t rows, int64_t k, int64_t strid
  * Returns 1 when the weight holds NaN or Inf (the caller names it), -1 when out of memory, else 0. */
 int moeq_nvfp4(const void *w, int dtype, int64_t rows, int64_t k, int64_t stride, float amax, uint8_t *packed,
                uint8_t *scales, float *scale_2_out) {
-    const float scale_2 = amax / 2688.0f;
+    const float scale_2 = amax / NVFP4_SCALE_2_DIVISOR;
     *scale_2_out = scale_2;
-    float *x = malloc(sizeof(float) * (size_t)(k + k / 16));
+    float *x = malloc(sizeof(float) * (size_t)(k + k / BLOCK));
     uint8_t *code = malloc((size_t)k);
     if (x == NULL || code == NULL) {
         free(x);

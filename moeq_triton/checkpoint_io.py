@@ -31,6 +31,20 @@ EXTRA_FILES = (
 )
 
 
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+"""safetensors' dtype names (as shards and ``get_slice`` spell them) and the torch dtypes they hold."""
+
+
 class CheckpointError(ValueError):
     """An expected failure about the checkpoint itself; the message names the file or tensor."""
 
@@ -86,8 +100,7 @@ class SourceCheckpoint:
 
     def nbytes(self, name: str) -> int:
         shape, dtype = self.shape_dtype(name)
-        size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "U8": 1, "I8": 1, "I32": 4, "I64": 8}[dtype]
-        return size * int(torch.Size(shape).numel())
+        return SAFETENSORS_DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
 
     def tensor(self, name: str) -> torch.Tensor:
         try:

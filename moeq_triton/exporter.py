@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint_format import FORMATS, Format
-from .checkpoint_io import AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
-from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_names, write_metadata
+from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
 
-_TORCH_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
@@ -199,7 +198,8 @@ class ModelTensors:
         self.tensors = tensors
         self.config = config
         self.source_dir = Path(source_dir) if source_dir else None
-        local = {n: (tuple(t.shape), _TORCH_DTYPES.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
+        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+        local = {n: (tuple(t.shape), names.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
         self.rank, self.world = _rank_world()
         per_rank = [local]
         if self.world > 1:
@@ -226,7 +226,7 @@ class ModelTensors:
 
     def nbytes(self, name: str) -> int:
         shape, dtype = self.meta[name]
-        return int(torch.Size(shape).numel()) * {"BF16": 2, "F16": 2, "F32": 4}.get(dtype, 4)
+        return int(torch.Size(shape).numel()) * SAFETENSORS_DTYPES[dtype].itemsize
 
     def where(self, name: str) -> str:
         return f"the model (rank {self.owner.get(name, self.rank)})"
@@ -393,19 +393,10 @@ def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[t
     """Shape and dtype of one output tensor, from the plan alone (the receiver allocates with it)."""
     if not unit.quantize:
         shape, dtype = source.meta[name]
-        return shape, {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
-    base = name.removesuffix("_scale_2").removesuffix("_scale")
-    (rows, k), _ = source.meta[base]
-    if plan.fmt.is_nvfp4:
-        return {
-            base: ((rows, k // 2), torch.uint8),
-            base + "_scale": ((rows, k // 16), torch.float8_e4m3fn),
-            base + "_scale_2": ((), torch.float32),
-        }[name]
-    return {
-        base: ((rows, k), torch.float8_e4m3fn),
-        base + "_scale": (((rows,) if plan.fmt.per_channel else ()), torch.float32),
-    }[name]
+        return shape, SAFETENSORS_DTYPES[dtype]
+    base = next(n for n in unit.names if name in output_names(n, plan.fmt))
+    layouts = output_layout(source.meta[base][0], plan.fmt)
+    return layouts[output_names(base, plan.fmt).index(name)]
 
 
 # ---------------------------------------------------------------- loading back

@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint_format import Format
-from .checkpoint_io import INDEX, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
-from .kernels import NonFiniteWeightError, dequantize_nvfp4_reference, grouped_amax, quantize_fp8, quantize_nvfp4
+from .checkpoint_io import INDEX, SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .kernels import (
+    NonFiniteWeightError,
+    dequantize_nvfp4_reference,
+    fp8_layout,
+    grouped_amax,
+    nvfp4_layout,
+    quantize_fp8,
+    quantize_nvfp4,
+)
 from .naming import module_of, naming_for
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
@@ -47,11 +55,13 @@ class Plan:
         return [u for shard in self.shards for u in shard]
 
 
+def output_layout(shape: tuple[int, ...], fmt: Format):
+    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order."""
+    return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+
+
 def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
-    rows, k = int(torch.Size(shape[:-1]).numel()), shape[-1]
-    if fmt.is_nvfp4:
-        return rows * (k // 2 + k // 16) + 4
-    return rows * k + (4 * rows if fmt.per_channel else 4)
+    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt))
 
 
 def make_plan(source: SourceCheckpoint, fmt: Format | None, experts_only: bool, max_shard_bytes: int) -> Plan:
@@ -243,27 +253,23 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         result = SourceCheckpoint(destination)
     except CheckpointError as error:
         return [str(error)]
-    kinds = {
-        "weight": "U8" if plan.fmt.is_nvfp4 else "F8_E4M3",
-        "weight_scale": "F8_E4M3" if plan.fmt.is_nvfp4 else "F32",
-    }
-    expected: dict[str, str | None] = {}
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    expected: dict[str, tuple[tuple[int, ...], str]] = {}
     for unit in plan.units:
         for name in unit.names:
             if not unit.quantize:
-                expected[name] = source.shape_dtype(name)[1]
+                expected[name] = source.shape_dtype(name)
                 continue
-            expected[name] = kinds["weight"]
-            expected[name + "_scale"] = kinds["weight_scale"]
-            if plan.fmt.is_nvfp4:
-                expected[name + "_scale_2"] = "F32"
+            layouts = output_layout(source.shape_dtype(name)[0], plan.fmt)
+            for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
+                expected[output] = (tuple(shape), names[dtype])
     missing = sorted(set(expected) - set(result.weight_map))
     extra = sorted(set(result.weight_map) - set(expected))
     if missing or extra:
         problems.append(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, dtype in expected.items():
-        if name in result.weight_map and result.shape_dtype(name)[1] != dtype:
-            problems.append(f"{name}: dtype {result.shape_dtype(name)[1]}, expected {dtype}")
+    for name, (shape, dtype) in expected.items():
+        if name in result.weight_map and result.shape_dtype(name) != (shape, dtype):
+            problems.append(f"{name}: {result.shape_dtype(name)}, expected shape {shape} and dtype {dtype}")
     for shard in plan.shards:
         unit = next((u for u in shard if u.quantize), None)
         if unit is None or problems:

@@ -25,12 +25,21 @@ def output_bytes(results) -> int:
     return sum(t.numel() * t.element_size() for r in results for t in r)
 
 
+# Bytes written per element and per tensor, stated here from the formats' definitions (not from the code):
+# NVFP4 = half a byte of code + one E4M3 scale per 16 elements, a float32 weight_scale_2 per tensor;
+# FP8 per tensor = one byte per element, a float32 scale per tensor.
+WRITTEN = {"quantize_nvfp4": (1 / 2 + 1 / 16, 4), "quantize_fp8": (1, 4)}
+
+
 @pytest.mark.parametrize("row, quantize", [("quantize_nvfp4", quantize_nvfp4), ("quantize_fp8", quantize_fp8)])
 def test_bytes_moved_counts_every_input_and_output_byte(row, quantize):
-    """The formula behind GB/s equals the bytes the kernels really read and allocate."""
+    """The formula behind GB/s equals the format's definition and the bytes the kernels really allocate."""
     weights = run.expert_views(TINY, 2, 4, "cpu")
     read = sum(w.numel() * w.element_size() for w in weights)
-    assert run.bytes_moved(row, weights) == read + output_bytes(quantize(weights))
+    per_element, per_tensor = WRITTEN[row]
+    expected = read + int(sum(w.numel() for w in weights) * per_element) + per_tensor * len(weights)
+    assert run.bytes_moved(row, weights) == expected
+    assert output_bytes(quantize(weights)) == expected - read
     assert run.bytes_moved("grouped_amax", weights) == read
 
 
