@@ -14,7 +14,7 @@ from grouped_linear_standin import GroupedLinearStandIn
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from moeq_triton.kernels import grouped_amax, quantize_nvfp4_reference
+from moeq_triton.kernels import dequantize_nvfp4_reference, grouped_amax, quantize_nvfp4_reference
 from test_megatron_backend import megatron_world  # noqa: F401 (fixture)
 from transformers import Qwen3MoeConfig
 
@@ -84,16 +84,10 @@ def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_worl
                 amax = grouped_amax([w])[0] if amax is None else amax
                 expected = quantize_nvfp4_reference(w, amax)
                 name = f"{prefix}.{proj}.weight"
-                assert_bitwise_equal(dequantize(stored, name, fmt), dequantize_ref(expected), name)
+                assert_bitwise_equal(dequantize(stored, name, fmt), dequantize_nvfp4_reference(expected), name)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"):
         assert any(k.startswith(name) for k in stored), name
     assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays unquantized
-
-
-def dequantize_ref(q) -> torch.Tensor:
-    from moeq_triton.kernels import dequantize_nvfp4_reference
-
-    return dequantize_nvfp4_reference(q)
 
 
 def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):  # noqa: F811
