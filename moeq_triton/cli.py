@@ -86,7 +86,9 @@ def _quantize(args, fmt, device: str) -> int:
             if problems:
                 print(f"moeq-triton: verify failed for {out}: {problems[0]}", file=sys.stderr)
                 return 1
-            console.print(f"verify: {out} reloads; every tensor present with its dtype; re-quantization bitwise equal")
+            console.print(
+                f"verify: {out} reloads; every tensor present with its shape and dtype; re-quantization bitwise equal"
+            )
         console.print(f"peak memory (RSS): {peak_memory_bytes() / 2**20:.0f} MiB")
         return 0
     except (CheckpointError, UnsupportedArchitecture) as error:
