@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/moeq-triton quantize --out out/synthetic-qwen3-moe-nvfp4 --overwrite --verify
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  # the default tier: minutes on 2 cores
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)  # the long tier (CI runs it too)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check kernels moeq_triton tests benchmarks
