@@ -27,7 +27,13 @@ def default_checkpoint(seed: int = 0) -> Path:
     path = cache_dir() / NAME
     if (path / "config.json").is_file():
         return path
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    try:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    except ImportError as error:
+        raise ImportError(
+            "the SYNTHETIC default checkpoint is generated with transformers: pip install 'moeq-triton[hf]', "
+            "or pass --model DIR"
+        ) from error
 
     config = Qwen3MoeConfig(**SHAPE)
     config.architectures = ["Qwen3MoeForCausalLM"]
