@@ -150,3 +150,149 @@ def test_bad_input_is_named():
     assert info.value.index == 1
     with pytest.raises(ValueError, match=r"weights\[0\].*2-D"):
         quantize_fp8_block([good.reshape(2, 5, 20)])
+
+
+# ---------------------------------------------------------------- the fp8-block checkpoint
+
+
+def tiny_qwen3_moe_config(moe_intermediate: int, hidden: int = 192):
+    """A Qwen3-MoE whose dims straddle the 128 boundaries: K = 192 (1.5 blocks), q/k/v of 192/96 rows."""
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(
+        hidden_size=hidden, intermediate_size=128, moe_intermediate_size=moe_intermediate, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=96, vocab_size=128,
+    )  # fmt: skip
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    return cfg
+
+
+def saved_source(path, moe_intermediate: int, seed: int = 0) -> str:
+    from test_modelopt_backend import heavy_tailed_
+    from transformers import Qwen3MoeForCausalLM
+
+    model = heavy_tailed_(Qwen3MoeForCausalLM(tiny_qwen3_moe_config(moe_intermediate)).to(torch.bfloat16), seed)
+    model.save_pretrained(path, max_shard_size="200KB")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ragged_source(tmp_path_factory) -> str:
+    """moe_intermediate_size 160: a fused gate_up_proj of 320 rows has a 128-row block straddling gate and up."""
+    return saved_source(tmp_path_factory.mktemp("src") / "qwen3-moe-160", 160)
+
+
+@pytest.mark.parametrize("engine", ["reference", pytest.param("interpreter", marks=pytest.mark.slow)])
+def test_command_writes_what_the_engines_load(ragged_source, engine, tmp_path, monkeypatch):
+    """`quantize --format fp8-block`: every quantized tensor equals ModelOpt's FP8_PB_WO chain applied to that
+    source tensor (codes and block scales; ModelOpt's whole-model export cannot do this model, see
+    test_modelopt_whole_model_export_fails_on_straddling_blocks), kept tensors are the source bytes, gate and
+    up are separate tensors with their own blocks, and the config has the keys the loaders read.
+
+    Loader lines checked (2026-11-29, stored snapshots of each project's main branch):
+    - vLLM model_executor/layers/quantization/fp8.py, Fp8Config.from_config:
+        ``ignored_layers = cls.get_from_keys_or(config, ["ignored_layers"], None)``
+        ``if not ignored_layers: ignored_layers = cls.get_from_keys_or(config, ["modules_to_not_convert"], None)``
+        ``weight_block_size = cls.get_from_keys_or(config, ["weight_block_size"], None)``
+      and Fp8LinearMethod.create_weights: ``layer.register_parameter("weight_scale_inv", scale)`` with
+        ``(output_size_per_partition + block_n - 1) // block_n, (input_size_per_partition + block_k - 1) // block_k``
+    - SGLang srt/layers/quantization/fp8.py, Fp8Config.from_config:
+        ``ignored_layers = cls.get_from_keys_or(config, ["ignored_layers", "modules_to_not_convert"], None)``
+      (an older release reads ``["ignored_layers"]`` only); the same ``weight_scale_inv`` parameter.
+    - TensorRT-LLM tensorrt_llm/_torch/model_config.py: ``if quant_config_file := cached_file(checkpoint_dir,
+      'hf_quant_config.json')`` comes first ("The file is authoritative"), else load_hf_quant_config:
+        ``hf_exclude_modules = hf_quant_config.get('modules_to_not_convert', None)``
+        ``if hf_quant_config.get("quant_method") == "fp8" and hf_quant_config.get("weight_block_size", [])``
+          -> QuantAlgo.FP8_BLOCK_SCALES, ``assert tuple(block_size) == (128, 128)``
+    Hence: kept modules under both keys, and no hf_quant_config.json.
+    """
+    from assertions import checkpoint_tensors
+    from safetensors import safe_open
+
+    from moeq_triton.cli import main
+
+    out = tmp_path / "out"
+    assert (
+        main(["quantize", "--model", ragged_source, "--out", str(out), "--format", "fp8-block", "--device", "cpu"]) == 0
+    )
+    assert not (out / "hf_quant_config.json").exists()
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    kept = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert config == {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        "ignored_layers": kept, "modules_to_not_convert": kept,
+    }  # fmt: skip
+    ours = checkpoint_tensors(out)
+    source = checkpoint_tensors(ragged_source)
+    quantized = [n for n in source if n.endswith("_proj.weight")]
+    assert len(quantized) == 2 * (4 + 4 * 3)
+    assert sorted(ours) == sorted([*source, *(n + "_scale_inv" for n in quantized)])
+    for name, w in source.items():
+        if name not in quantized:
+            assert_bitwise_equal(ours[name], w, name)
+            continue
+        got = FP8BlockWeight(ours[name], ours[name + "_scale_inv"])
+        assert_results_equal(got, modelopt_fp8_block(w), f"{name} vs ModelOpt")
+        back = dequantize_fp8_block_reference(got)
+        assert (back - w.float()).abs().max() <= w.float().abs().max() * 2.0**-4
+    gate = ours["model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv"]
+    assert gate.shape == (2, 2)  # 160 rows of gate alone: blocks [0, 128) and [128, 160)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, file in index.items():
+        with safe_open(str(out / file), "pt") as f:
+            assert name in f.keys()
+
+
+def modelopt_whole_model(source: str, out) -> None:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.config.architectures = ["Qwen3MoeForCausalLM"]
+    mtq.quantize(model, mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG)
+    export_hf_checkpoint(model, export_dir=out)
+
+
+def test_modelopt_whole_model_export_fails_on_straddling_blocks(ragged_source, tmp_path):
+    """Why the test above compares per tensor: ModelOpt 0.47 calibrates transformers' fused gate_up_proj
+    [2*160, 192] as one weight (3 row blocks) and then splits it into gate and up (2 row blocks each)."""
+    with pytest.raises(AssertionError, match="Mismatch in expected scale shape"):
+        modelopt_whole_model(ragged_source, tmp_path / "theirs")
+
+
+@pytest.mark.slow
+def test_command_and_export_hf_equal_modelopt_whole_model_export(tmp_path):
+    """moe_intermediate_size 128 (ModelOpt can export it): the command, export_hf of a model quantized with
+    ModelOpt's FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG, and ModelOpt's export_hf_checkpoint agree tensor for
+    tensor (their ``weight_scale`` (bn, 1, bk, 1) or 0-dim for one block == our ``weight_scale_inv``)."""
+    import modelopt.torch.quantization as mtq
+    from assertions import checkpoint_tensors
+    from transformers import AutoModelForCausalLM
+
+    import moeq_triton
+    from moeq_triton.cli import main
+
+    source = saved_source(tmp_path / "src", 128, seed=1)
+    modelopt_whole_model(source, tmp_path / "theirs")
+    assert main(["quantize", "--model", source, "--out", str(tmp_path / "cmd"), "--format", "fp8-block"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    mtq.quantize(model, mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG)
+    moeq_triton.export_hf(model, tmp_path / "export")
+    theirs = checkpoint_tensors(tmp_path / "theirs")
+    for ours_dir in ("cmd", "export"):
+        ours = checkpoint_tensors(tmp_path / ours_dir)
+        renamed = {n.removesuffix("_scale") + "_scale_inv" if n.endswith("weight_scale") else n: n for n in theirs}
+        assert sorted(ours) == sorted(renamed), ours_dir
+        for name, their_name in renamed.items():
+            expected = theirs[their_name]
+            if name.endswith("_scale_inv"):
+                expected = expected.reshape(ours[name].shape)
+            assert_bitwise_equal(ours[name], expected, f"{ours_dir}: {name}")
+        config = json.loads((tmp_path / ours_dir / "config.json").read_text())["quantization_config"]
+        assert config["weight_block_size"] == [128, 128]
+    config, tensors = moeq_triton.load_hf(tmp_path / "export")
+    w = model.model.layers[0].mlp.experts.down_proj[1].float()
+    back = tensors["model.layers.0.mlp.experts.1.down_proj.weight"]
+    assert (back - w).abs().max() <= w.abs().max() * 2.0**-4
