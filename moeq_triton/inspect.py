@@ -43,6 +43,7 @@ _UP_OF = {"gate_proj": "up_proj", "w1": "w3"}
 class Finding:
     severity: str
     message: str
+    about: str = "checkpoint"  # "checkpoint": its bytes and files; "serving": what the engines do with the format
 
 
 @dataclass
@@ -59,8 +60,8 @@ class Report:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == ERROR]
 
-    def add(self, severity: str, message: str) -> None:
-        self.findings.append(Finding(severity, message))
+    def add(self, severity: str, message: str, about: str = "checkpoint") -> None:
+        self.findings.append(Finding(severity, message, about))
 
 
 def checkpoint_format(path: Path, config: dict) -> tuple[str, str, list[str]]:
@@ -121,7 +122,7 @@ def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes
     _check_block_shapes(meta, fmt, report)
     _nonfinite_pass(source, names, meta, torch.device(device), batch_bytes, report)
     if fmt in serving.UNUSABLE_FOR_MOE and report.moe:
-        report.add(ERROR, f"{fmt} of a MoE model: no engine serves it correctly (see the verdicts)")
+        report.add(ERROR, f"{fmt} of a MoE model: no engine serves it correctly (see the verdicts)", "serving")
     return report
 
 
@@ -165,7 +166,7 @@ def _check_block_shapes(meta: dict, fmt: str, report: Report) -> None:
     rows = re.compile(r"(experts\.\d+\.(gate|up)_proj|experts\.\d+\.w[13]|self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)")
     bad = sorted(n for n, (shape, dtype) in meta.items() if dtype == "F8_E4M3" and rows.search(n) and shape[0] % 128)
     if bad:
-        report.add(WARNING, f"{serving.BLOCK_SHAPE_RULE}: e.g. {bad[0]} has {meta[bad[0]][0][0]} rows")
+        report.add(WARNING, f"{serving.BLOCK_SHAPE_RULE}: e.g. {bad[0]} has {meta[bad[0]][0][0]} rows", "serving")
 
 
 def _nonfinite_pass(

@@ -264,8 +264,9 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
 
 
 def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
-    """Reload the output: every expected tensor with its dtype and shape, and a bitwise re-quantization
-    of one scale group per shard.  Returns the problems found (empty when the checkpoint is sound)."""
+    """Reload the output: every expected tensor with its dtype and shape, a bitwise re-quantization of one
+    scale group per shard, then ``inspect``'s checkpoint checks (missing or unshared scales, NaN/Inf in any
+    tensor).  Returns the problems found (empty when the checkpoint is sound)."""
     problems = []
     try:
         result = SourceCheckpoint(destination)
@@ -297,6 +298,11 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
                 problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    if not problems:  # the bytes as written: scales present and shared, no NaN/Inf anywhere (a full pass)
+        from .inspect import inspect_checkpoint
+
+        report = inspect_checkpoint(destination, device.type)
+        problems += [f.message for f in report.errors if f.about == "checkpoint"]
     return problems
 
 

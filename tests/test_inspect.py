@@ -186,3 +186,26 @@ def test_end_of_run_warning(checkpoints, fmt, tmp_path, capsys):
         assert ("runs but wrong" if fmt == "fp8" else "refused") in err
     else:
         assert "warning" not in err
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8-block"])
+def test_verify_reuses_inspect(checkpoints, fmt, tmp_path, capsys):
+    """`quantize --verify` runs inspect's checkpoint checks: a sound output passes; an all-zero expert weight,
+    which ModelOpt's NVFP4 math turns into NaN block scales (amax 0 -> 0/0), is named and fails the run,
+    while fp8-block gives a zero block scale 1.0 and passes."""
+    zeroed = tmp_path / "source-zero"
+    shutil.copytree(checkpoints["source"], zeroed)
+    name = f"{EXPERT}.down_proj.weight"
+    file = json.loads((zeroed / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(zeroed / file)
+    tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, zeroed / file, {"format": "pt"})
+    args = ["quantize", "--model", str(zeroed), "--out", str(tmp_path / "o"), "--format", fmt, "--verify"]
+    code = main([*args, "--device", "cpu"])
+    captured = capsys.readouterr()
+    if fmt == "nvfp4":
+        assert code == 1
+        assert f"{name}_scale (F8_E4M3) holds NaN or Inf" in captured.err
+    else:
+        assert code == 0, captured.err
+        assert "verify:" in captured.out
