@@ -106,3 +106,21 @@ def end_of_run_warning(quant_algo: str, config: dict) -> str | None:
         "  ModelOpt's own export of this config writes the same files. Use --format fp8-block (FP8 weights in "
         "128x128 blocks, which all three run with dynamic FP8 activations) or --format nvfp4 (weight-only)."
     )
+
+
+FORMAT_NAMES = {
+    "W4A16_NVFP4": "`nvfp4` (W4A16_NVFP4)",
+    "FP8": "`fp8` (FP8)",
+    "FP8_PER_CHANNEL_PER_TOKEN": "`fp8-per-channel`",
+    "FP8_BLOCK_SCALES": "`fp8-block`",
+}
+
+
+def markdown_table() -> str:
+    """The README's format x engine x GPU table (tests/test_inspect.py checks the README holds it)."""
+    header = "| format | " + " | ".join(f"{e} {VERSIONS[e]}: {g}" for e in ENGINES for g in GPUS) + " |"
+    rows = [header, "|" + "---|" * (1 + len(ENGINES) * len(GPUS))]
+    for key, name in FORMAT_NAMES.items():
+        cells = [VERDICTS[key][e][g].outcome for e in ENGINES for g in GPUS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -209,3 +209,11 @@ def test_verify_reuses_inspect(checkpoints, fmt, tmp_path, capsys):
     else:
         assert code == 0, captured.err
         assert "verify:" in captured.out
+
+
+def test_readme_table_is_the_serving_table():
+    """The README's format x engine table is generated from the data inspect and the warning use."""
+    from moeq_triton.serving import markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
