@@ -110,7 +110,7 @@ def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes
                     report.add(ERROR, f"{name} is quantized ({dtype}) but {name + suffix} is missing")
             if fmt not in SCALES and not any(name + s in names for s in ("_scale", "_scale_inv")):
                 report.add(ERROR, f"{name} is quantized ({dtype}) but has no weight_scale / weight_scale_inv")
-        elif fmt != "unquantized" and len(shape) == 2 and dtype in FLOAT_DTYPES:
+        elif fmt in SCALES and len(shape) == 2 and dtype in FLOAT_DTYPES:  # formats whose kept-lists we read
             module = name.removesuffix(".weight")
             if re.search(r"(_proj|\.w[123])$", module) and not _listed(module, kept_patterns):
                 report.add(

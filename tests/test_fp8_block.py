@@ -296,3 +296,29 @@ def test_command_and_export_hf_equal_modelopt_whole_model_export(tmp_path):
     w = model.model.layers[0].mlp.experts.down_proj[1].float()
     back = tensors["model.layers.0.mlp.experts.1.down_proj.weight"]
     assert (back - w).abs().max() <= w.abs().max() * 2.0**-4
+
+
+def test_export_hf_fp8_block_of_a_plain_model_equals_the_command(tmp_path, monkeypatch):
+    """export_hf(fmt="fp8-block") of a model without quantizers, on a 2-layer model with 32-row experts (a
+    single partial block each): the same files as the command on the saved model; load_hf dequantizes."""
+    from assertions import checkpoint_tensors
+    from test_modelopt_backend import tiny_qwen3_moe
+
+    import moeq_triton
+    from moeq_triton.cli import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = tiny_qwen3_moe()
+    model.save_pretrained(tmp_path / "src")
+    moeq_triton.export_hf(model, tmp_path / "export", fmt="fp8-block")
+    args = ["quantize", "--model", str(tmp_path / "src"), "--out", str(tmp_path / "cmd"), "--format", "fp8-block"]
+    assert main([*args, "--device", "cpu"]) == 0
+    a, b = checkpoint_tensors(tmp_path / "export"), checkpoint_tensors(tmp_path / "cmd")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert_bitwise_equal(a[name], b[name], name)
+    assert a["model.layers.0.mlp.experts.1.up_proj.weight_scale_inv"].shape == (1, 1)
+    _, tensors = moeq_triton.load_hf(tmp_path / "export")
+    w = model.model.layers[0].mlp.experts.gate_up_proj[1, 32:].float()
+    back = tensors["model.layers.0.mlp.experts.1.up_proj.weight"]
+    assert (back - w).abs().max() <= w.abs().max() * 2.0**-4
