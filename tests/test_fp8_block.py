@@ -212,10 +212,10 @@ def test_command_writes_what_the_engines_load(ragged_source, engine, tmp_path, m
 
     from moeq_triton.cli import main
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")  # what --device cpu runs
     out = tmp_path / "out"
-    assert (
-        main(["quantize", "--model", ragged_source, "--out", str(out), "--format", "fp8-block", "--device", "cpu"]) == 0
-    )
+    args = ["quantize", "--model", ragged_source, "--out", str(out), "--format", "fp8-block", "--device", "cpu"]
+    assert main(args) == 0
     assert not (out / "hf_quant_config.json").exists()
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     kept = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
