@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint without building the model")
     q.add_argument("--model", help="local HF directory (config.json + safetensors); default: a SYNTHETIC model")
     q.add_argument("--out", help="destination directory (default: ./<model name>-<format>)")
-    q.add_argument("--format", choices=list(FORMATS), default="nvfp4", help="nvfp4 = weight-only W4A16_NVFP4")
+    q.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="nvfp4",
+        help="nvfp4 = weight-only W4A16_NVFP4; fp8-block = FP8 in 128x128 blocks, the layout the engines run for MoE",
+    )
     q.add_argument("--experts-only", action="store_true", help="quantize only the routed MoE experts")
     q.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")

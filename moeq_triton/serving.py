@@ -59,7 +59,14 @@ VERDICTS: dict[str, dict[str, dict[str, Verdict]]] = {
     },
     "FP8_BLOCK_SCALES": {
         "vLLM": _same(Verdict(DYNAMIC_FP8, "Fp8Config with weight_block_size; activations per 1x128 token group")),
-        "SGLang": _same(Verdict(DYNAMIC_FP8, "Fp8Config with weight_block_size; activations per 1x128 token group")),
+        "SGLang": {
+            "Hopper": Verdict(DYNAMIC_FP8, "Fp8Config with weight_block_size; activations per 1x128 token group"),
+            "Blackwell": Verdict(
+                DYNAMIC_FP8,
+                "as on Hopper; where DeepGEMM runs, the block scales are requantized to powers of two (UE8M0) "
+                "at load (requant_weight_ue8m0_inplace)",
+            ),
+        },
         "TensorRT-LLM": _same(Verdict(DYNAMIC_FP8, "FP8_BLOCK_SCALES (the DeepSeek-V3 FP8 path)")),
     },
 }
