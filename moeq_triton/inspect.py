@@ -108,6 +108,12 @@ def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes
             for suffix in scale_suffixes if fmt in SCALES else ():
                 if name + suffix not in names:
                     report.add(ERROR, f"{name} is quantized ({dtype}) but {name + suffix} is missing")
+                elif (expected := scale_numel(fmt, suffix, shape)) != _numel(meta[name + suffix][0]):
+                    report.add(
+                        ERROR,
+                        f"{name + suffix} has shape {list(meta[name + suffix][0])}: {expected} values expected "
+                        f"for {fmt} and weight shape {list(shape)}",
+                    )
             if fmt not in SCALES and not any(name + s in names for s in ("_scale", "_scale_inv")):
                 report.add(ERROR, f"{name} is quantized ({dtype}) but has no weight_scale / weight_scale_inv")
         elif fmt in SCALES and len(shape) == 2 and dtype in FLOAT_DTYPES:  # formats whose kept-lists we read
@@ -124,6 +130,25 @@ def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes
     if fmt in serving.UNUSABLE_FOR_MOE and report.moe:
         report.add(ERROR, f"{fmt} of a MoE model: no engine serves it correctly (see the verdicts)", "serving")
     return report
+
+
+def scale_numel(fmt: str, suffix: str, weight_shape: tuple[int, ...]) -> int:
+    """How many values a scale holds for a stored weight of ``weight_shape`` (NVFP4: packed [N, K/2])."""
+    rows = _numel(weight_shape[:-1])
+    if fmt == "FP8_BLOCK_SCALES":
+        return -(-weight_shape[0] // 128) * -(-weight_shape[-1] // 128)
+    if suffix == "_scale" and fmt in ("W4A16_NVFP4", "NVFP4"):
+        return rows * weight_shape[-1] * 2 // 16
+    if suffix == "_scale" and fmt == "FP8_PER_CHANNEL_PER_TOKEN":
+        return rows
+    return 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _listed(module: str, patterns: list[str]) -> bool:

@@ -142,6 +142,22 @@ def test_missing_weight_scale_is_named(checkpoints, tmp_path, capsys):
     assert f"error: {EXPERT}.down_proj.weight is quantized (U8) but {EXPERT}.down_proj.weight_scale is missing" in out
 
 
+def test_misshapen_block_scale_is_named(checkpoints, tmp_path, capsys):
+    """A weight_scale_inv whose block grid does not fit its weight (1x2 for a 64x32 down_proj, one block):
+    the engines size the scale parameter from the weight and would reject or misread it."""
+    name = f"{EXPERT}.down_proj.weight_scale_inv"
+
+    def edit(tensors):
+        if name in tensors:
+            tensors[name] = torch.ones(1, 2)
+            return True
+        return False
+
+    code, out = run(mutated(checkpoints, "fp8-block", tmp_path, edit), capsys)
+    assert code == 1, out
+    assert f"error: {name} has shape [1, 2]: 1 values expected for FP8_BLOCK_SCALES and weight shape [64, 32]" in out
+
+
 def test_our_fp8_checkpoint_of_a_moe_is_a_problem(checkpoints, capsys):
     code, out = run(checkpoints["fp8"], capsys)
     assert code == 1, out
