@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -27,13 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint without building the model")
     q.add_argument("--model", help="local HF directory (config.json + safetensors); default: a SYNTHETIC model")
     q.add_argument("--out", help="destination directory (default: ./<model name>-<format>)")
-    q.add_argument("--format", choices=list(FORMATS), default="nvfp4", help="nvfp4 = weight-only W4A16_NVFP4")
+    q.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="nvfp4",
+        help="nvfp4 = weight-only W4A16_NVFP4; fp8-block = FP8 in 128x128 blocks, the layout the engines run for MoE",
+    )
     q.add_argument("--experts-only", action="store_true", help="quantize only the routed MoE experts")
     q.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
     q.add_argument("--max-shard-size", type=_size, default=_size("2GB"))
     q.add_argument("--batch-size", type=_size, default=_size("256MB"), help="source bytes held in memory at once")
+    ins = sub.add_parser("inspect", help="check a checkpoint: format, scales, non-finite values, engine verdicts")
+    ins.add_argument("path", metavar="DIR", help="checkpoint directory (ours, ModelOpt's, or a source checkpoint)")
+    ins.add_argument("--device", choices=["cuda", "cpu"], default=None, help="where the non-finite pass runs")
     demo = sub.add_parser("demo", help="quantize one synthetic MoE layer in memory and print a table")
     demo.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -49,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(device)
         return 0
+    if args.command == "inspect":
+        from .inspect import run_inspect
+
+        return run_inspect(args.path, device)
     if args.command is None:
         parser.print_help()
         return 2
@@ -79,6 +92,11 @@ def _quantize(args, fmt, device: str) -> int:
                 progress,
             )  # fmt: skip
         console.print(_table(plan, stats, seconds, out, device))
+        from .serving import end_of_run_warning
+
+        warning = end_of_run_warning(fmt.quant_algo, source_config(source))
+        if warning and rank == 0:
+            print(warning, file=sys.stderr)
         if args.verify and rank == 0:
             from .checkpoint_io import SourceCheckpoint
 
@@ -97,6 +115,13 @@ def _quantize(args, fmt, device: str) -> int:
     except KeyboardInterrupt:
         print("moeq-triton: interrupted; nothing was written to the destination", file=sys.stderr)
         return 130
+
+
+def source_config(source: str) -> dict:
+    """The source's config.json (the warning needs to know whether the model is a MoE)."""
+    import json
+
+    return json.loads((Path(source) / "config.json").read_text())
 
 
 def torch_device(name: str):

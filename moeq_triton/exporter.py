@@ -176,6 +176,8 @@ def detect_format(model: torch.nn.Module) -> Format | None:
             )
         if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == 16:
             found.add("nvfp4")
+        elif module.num_bits == (4, 3) and _is_fp8_2d_block(module.block_sizes):
+            found.add("fp8-block")
         elif module.num_bits == (4, 3) and module.block_sizes is None:
             found.add("fp8-per-channel" if module.axis == 0 else "fp8")
         else:
@@ -183,6 +185,13 @@ def detect_format(model: torch.nn.Module) -> Format | None:
     if len(found) > 1:
         raise CheckpointError(f"the model mixes weight formats {sorted(found)}; export supports one per checkpoint")
     return FORMATS[found.pop()] if found else None
+
+
+def _is_fp8_2d_block(block_sizes: dict | None) -> bool:
+    """FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG's weight quantizer: static 128x128 blocks over the last two dims."""
+    blocks = dict(block_sizes or {})
+    static = blocks.pop("type", "static") == "static" and blocks.pop("scale_bits", None) is None
+    return static and blocks == {-1: 128, -2: 128}
 
 
 # ---------------------------------------------------------------- the source the plan reads
@@ -268,7 +277,7 @@ def export_hf(
     """Write ``model`` as a checkpoint vLLM / TensorRT-LLM / SGLang load; every rank calls it.
 
     hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
-    fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel") or None
+    fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel", "fp8-block") or None
     (unquantized); source_dir: where tokenizer and generation files are copied from.
     """
     if is_megatron(model):
@@ -416,12 +425,15 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tupl
         fmt = next((f for f in FORMATS.values() if f.quant_algo == algo), None)
         if fmt is None:
             raise CheckpointError(f"{quant}: quant_algo {algo} is not one this loader reads")
+    elif source.config.get("quantization_config", {}).get("weight_block_size") == [128, 128]:
+        fmt = FORMATS["fp8-block"]
     stored = {name: source.tensor(name) for name in source.names()}
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in stored.items():
-        if name.endswith(("_scale", "_scale_2")) and name.removesuffix("_2").removesuffix("_scale") in stored:
+        base = name.removesuffix("_inv").removesuffix("_2").removesuffix("_scale")
+        if name.endswith(("_scale", "_scale_2", "_scale_inv")) and base in stored:
             continue
-        if fmt is not None and name + "_scale" in stored:
+        if fmt is not None and output_names(name, fmt)[1] in stored:
             tensors[name] = dequantize(stored, name, fmt).to(dtype)
         else:
             tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor

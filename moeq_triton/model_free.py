@@ -22,11 +22,14 @@ from .checkpoint_format import Format
 from .checkpoint_io import INDEX, SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .kernels import (
     NonFiniteWeightError,
+    dequantize_fp8_block_reference,
     dequantize_nvfp4_reference,
+    fp8_block_layout,
     fp8_layout,
     grouped_amax,
     nvfp4_layout,
     quantize_fp8,
+    quantize_fp8_block,
     quantize_nvfp4,
 )
 from .naming import module_of, naming_for
@@ -57,6 +60,8 @@ class Plan:
 
 def output_layout(shape: tuple[int, ...], fmt: Format):
     """(shape, dtype) of each tensor a quantized weight becomes, in output_names order."""
+    if fmt.is_fp8_block:
+        return fp8_block_layout(shape)
     return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
 
 
@@ -120,6 +125,13 @@ def _quantize_units(
     if not names:
         return {}
     weights = [loaded[n] for n in names]
+    if fmt.is_fp8_block:  # block amaxes are local to each 128x128 tile: no amax pass, no shared scale
+        try:
+            results = quantize_fp8_block(weights)
+        except NonFiniteWeightError as error:
+            name = names[error.index]
+            raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
+        return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
     try:
         amax = grouped_amax(weights)
     except NonFiniteWeightError as error:
@@ -140,13 +152,17 @@ def _quantize_units(
 
 def output_names(name: str, fmt: Format) -> list[str]:
     """The tensors a quantized weight becomes in the checkpoint."""
+    if fmt.is_fp8_block:
+        return [name, name + "_scale_inv"]
     return [name, name + "_scale"] + ([name + "_scale_2"] if fmt.is_nvfp4 else [])
 
 
 def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
     """float32 values of a quantized weight from its output tensors."""
-    from .kernels import NVFP4Weight
+    from .kernels import FP8BlockWeight, NVFP4Weight
 
+    if fmt.is_fp8_block:
+        return dequantize_fp8_block_reference(FP8BlockWeight(tensors[name], tensors[name + "_scale_inv"]))
     if fmt.is_nvfp4:
         q = NVFP4Weight(tensors[name], tensors[name + "_scale"], tensors[name + "_scale_2"])
         return dequantize_nvfp4_reference(q)
@@ -239,15 +255,18 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
     config = dict(source.config)
     if plan.fmt is not None:
         config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
-        out.write_json("hf_quant_config.json", plan.fmt.hf_quant_config(plan.exclude_modules))
+        hf_quant_config = plan.fmt.hf_quant_config(plan.exclude_modules)
+        if hf_quant_config is not None:
+            out.write_json("hf_quant_config.json", hf_quant_config)
     out.write_json("config.json", config)
     for extra in source.extra_files():
         shutil.copy2(extra, out.partial / extra.name)
 
 
 def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
-    """Reload the output: every expected tensor with its dtype and shape, and a bitwise re-quantization
-    of one scale group per shard.  Returns the problems found (empty when the checkpoint is sound)."""
+    """Reload the output: every expected tensor with its dtype and shape, a bitwise re-quantization of one
+    scale group per shard, then ``inspect``'s checkpoint checks (missing or unshared scales, NaN/Inf in any
+    tensor).  Returns the problems found (empty when the checkpoint is sound)."""
     problems = []
     try:
         result = SourceCheckpoint(destination)
@@ -279,6 +298,11 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
                 problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    if not problems:  # the bytes as written: scales present and shared, no NaN/Inf anywhere (a full pass)
+        from .inspect import inspect_checkpoint
+
+        report = inspect_checkpoint(destination, device.type)
+        problems += [f.message for f in report.errors if f.about == "checkpoint"]
     return problems
 
 
