@@ -5,6 +5,7 @@ device table of pointers (``grouping``); a plain-torch reference sits beside eac
 """
 
 from .amax import NonFiniteWeightError, grouped_amax, grouped_amax_reference, grouped_row_amax
+from .dequant import dequantize_fp8_block, dequantize_fp8_block_reference
 from .fp8 import FP8Weight, fp8_layout, quantize_fp8, quantize_fp8_reference
 from .grouping import launch_counts, reset_launch_counts, use_triton
 from .nvfp4 import NVFP4Weight, dequantize_nvfp4_reference, nvfp4_layout, quantize_nvfp4, quantize_nvfp4_reference
@@ -13,6 +14,8 @@ __all__ = [
     "FP8Weight",
     "NonFiniteWeightError",
     "NVFP4Weight",
+    "dequantize_fp8_block",
+    "dequantize_fp8_block_reference",
     "dequantize_nvfp4_reference",
     "fp8_layout",
     "grouped_amax",

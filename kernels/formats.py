@@ -29,3 +29,6 @@ NVFP4_SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
 
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 """Input dtypes the kernels accept."""
+
+FP8_BLOCK_SIZE = 128
+"""Rows and columns of one float32 scale in a block-scaled FP8 checkpoint (DeepSeek-V3, MiniMax-M2)."""

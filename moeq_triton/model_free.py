@@ -29,7 +29,8 @@ from .kernels import (
     quantize_fp8,
     quantize_nvfp4,
 )
-from .naming import module_of, naming_for
+from .naming import PASS, QUANTIZE, Decision, naming_for
+from .reading import fp8_block_scales, read_units
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
 
@@ -40,8 +41,14 @@ class Unit:
 
     names: list[str]
     quantize: bool
-    in_bytes: int
+    in_bytes: int  # source bytes (FP8-block scales included)
     out_bytes: int
+    scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
+    load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return self.load_bytes or self.in_bytes
 
 
 @dataclass
@@ -64,43 +71,70 @@ def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
     return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt))
 
 
-def make_plan(source: SourceCheckpoint, fmt: Format | None, experts_only: bool, max_shard_bytes: int) -> Plan:
+def make_plan(
+    source: SourceCheckpoint,
+    fmt: Format | None,
+    experts_only: bool,
+    max_shard_bytes: int,
+    exclude: tuple[str, ...] = (),
+) -> Plan:
     """Which tensors are quantized, which share an amax, and which output shard holds each.
 
     ``source``: anything with ``config``, ``names()``, ``shape_dtype()``, ``nbytes()`` and ``where()``
-    (a SourceCheckpoint, or the exporter's in-memory model tensors)."""
-    naming = naming_for(source.config)
+    (a SourceCheckpoint, or the exporter's in-memory model tensors). ``exclude``: module-name globs kept
+    in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``)
+    is planned as its bf16 value; the scales themselves are dropped."""
+    naming = naming_for(source.config, exclude)
+    names = source.names()
+    fp8_scales = fp8_block_scales(names)
+    dropped = set(fp8_scales.values())
+    decisions = {n: naming.decide(n, experts_only) for n in names if n not in dropped}
+    if fmt is None:
+        decisions = {n: Decision(PASS) for n in decisions}
+    if naming.unused_excludes and fmt is not None:
+        raise CheckpointError(
+            f"--exclude {sorted(naming.unused_excludes)[0]}: matches no quantized module of this "
+            f"{naming.family.name} checkpoint (patterns are globs over module names, e.g. '*.self_attn.*')"
+        )
+    quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
+    routed = {n for n in quantized if decisions[n].routed}
+    keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
     groups: dict[str, Unit] = {}
     units: list[Unit] = []
-    exclude: list[str] = []
-    for name in source.names():
+    exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
+    for name, decision in decisions.items():
         shape, dtype = source.shape_dtype(name)
-        in_bytes = source.nbytes(name)
-        linear = fmt is not None and bool(naming.quantized.match(name))
-        if linear and experts_only and not naming.experts.match(name):
-            exclude.append(module_of(name))
-            linear = False
-        if fmt is not None and naming.excluded.match(name):
-            exclude.append(module_of(name))
-        if not linear:
-            units.append(Unit([name], False, in_bytes, in_bytes))
+        inv = fp8_scales.get(name)
+        in_bytes = source.nbytes(name) + (source.nbytes(inv) if inv else 0)
+        held = int(torch.Size(shape).numel()) * 2 if inv else 0  # dequantized to bf16
+        scale_inv = {name: inv} if inv else {}
+        if decision.action != QUANTIZE:
+            units.append(Unit([name], False, in_bytes, held or source.nbytes(name), scale_inv, held))
             continue
-        if dtype not in QUANTIZABLE_DTYPES or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
+        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
-                f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 weight"
+                f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 (or block-scaled FP8) weight"
                 + (" with a last dim that is a multiple of 16" if fmt.is_nvfp4 else "")
             )
-        key = naming.scale_group(name, fmt.is_nvfp4)
+        key = keys[name]
         if key not in groups:
             groups[key] = Unit([], True, 0, 0)
             units.append(groups[key])
         unit = groups[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
+        unit.load_bytes += held or source.nbytes(name)
         unit.out_bytes += _out_bytes(shape, fmt)
+        unit.scale_inv.update(scale_inv)
     shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    return Plan(fmt, shards, sorted(set(exclude)))
+    return Plan(fmt, shards, sorted(exclude_modules))
+
+
+def kept_layout(source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
+    shape, dtype = source.shape_dtype(name)
+    return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
 
 
 @dataclass
@@ -175,7 +209,7 @@ def run_shards(
         if s % world != rank:
             continue
         tensors: dict[str, torch.Tensor] = {}
-        for batch, loaded in _prefetched(_pack(shard, batch_bytes, lambda u: u.in_bytes), source, device):
+        for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
             result = _quantize_units(quantized, loaded, plan.fmt, source)
             if quantized:
@@ -194,13 +228,18 @@ def run_shards(
     return stats
 
 
+def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
+    """The batches one shard is read in: at most ``batch_bytes`` held in memory each (dequantized size)."""
+    return _pack(shard, batch_bytes, lambda u: u.held_bytes)
+
+
 def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
     """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
     compute; at most two batches in memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def load(batch: list[Unit]) -> dict[str, torch.Tensor]:
-        return {n: source.tensor(n).to(device) for u in batch for n in u.names}
+        return read_units(batch, source, device)
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load, batches[0]) if batches else None
@@ -258,7 +297,7 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
     for unit in plan.units:
         for name in unit.names:
             if not unit.quantize:
-                expected[name] = source.shape_dtype(name)
+                expected[name] = kept_layout(source, unit, name)
                 continue
             layouts = output_layout(source.shape_dtype(name)[0], plan.fmt)
             for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
@@ -274,7 +313,7 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         unit = next((u for u in shard if u.quantize), None)
         if unit is None or problems:
             continue
-        loaded = {n: source.tensor(n).to(device) for n in unit.names}
+        loaded = read_units([unit], source, device)
         again = _quantize_units([unit], loaded, plan.fmt, source)
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
@@ -303,13 +342,14 @@ def quantize_checkpoint(
     max_shard_bytes: int = 2 << 30,
     batch_bytes: int = 256 << 20,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> tuple[Plan, Stats, float]:
     """The whole job in one process (rank/world from torchrun's environment when present)."""
     import torch.distributed as dist
 
     start = time.perf_counter()
     source = SourceCheckpoint(source_path)
-    plan = make_plan(source, fmt, experts_only, max_shard_bytes)
+    plan = make_plan(source, fmt, experts_only, max_shard_bytes, exclude)
     out = AtomicCheckpointDir(destination, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
