@@ -25,11 +25,11 @@ def heavy_tailed(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def deepseek_v3(seed: int = SEED) -> nn.Module:
+def deepseek_v3(seed: int = SEED, hidden_size: int = 64) -> nn.Module:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     cfg = DeepseekV3Config(
-        **{**_COMMON, "num_key_value_heads": 2}, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4,
+        **{**_COMMON, "num_key_value_heads": 2, "hidden_size": hidden_size}, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4,
         n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
     )  # fmt: skip
@@ -113,3 +113,16 @@ BUILDERS = {
     "minimax_m2": minimax_m2,
     "llama4": llama4,
 }
+
+
+def save(model: nn.Module, path, shard: str = "60KB"):
+    """save_pretrained into several shards; returns the directory."""
+    model.save_pretrained(path, max_shard_size=shard)
+    assert len(list(path.glob("*.safetensors"))) > 2, "expected a multi-shard checkpoint"
+    return path
+
+
+def fp32_kept(model: nn.Module) -> tuple[str, ...]:
+    """Modules transformers keeps in float32 whatever the load dtype (DeepSeek/GLM routers): ModelOpt's
+    export writes them as float32, the command passes the source dtype through."""
+    return tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
