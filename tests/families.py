@@ -29,7 +29,8 @@ def deepseek_v3(seed: int = SEED, hidden_size: int = 64) -> nn.Module:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     cfg = DeepseekV3Config(
-        **{**_COMMON, "num_key_value_heads": 2, "hidden_size": hidden_size}, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=4,
+        **{**_COMMON, "num_key_value_heads": 2, "hidden_size": hidden_size}, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=4,
         n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
     )  # fmt: skip
