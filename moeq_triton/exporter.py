@@ -372,7 +372,7 @@ def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[t
         shape, dtype = source.meta[name]
         return shape, SAFETENSORS_DTYPES[dtype]
     base = next(n for n in unit.names if name in output_names(n, plan.fmt))
-    layouts = output_layout(source.meta[base][0], plan.fmt)
+    layouts = output_layout(source.meta[base][0], plan.fmt, unit.transposed)
     return layouts[output_names(base, plan.fmt).index(name)]
 
 

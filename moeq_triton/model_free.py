@@ -45,6 +45,7 @@ class Unit:
     out_bytes: int
     scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
     load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
+    transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
 
     @property
     def held_bytes(self) -> int:
@@ -62,13 +63,24 @@ class Plan:
         return [u for shard in self.shards for u in shard]
 
 
-def output_layout(shape: tuple[int, ...], fmt: Format):
-    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order."""
-    return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
+    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
+
+    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
+    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
+    if not transposed:
+        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+    swapped = (*shape[:-2], shape[-1], shape[-2])
+    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
 
 
-def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
-    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt))
+def _swap(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
+    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt, transposed))
 
 
 def make_plan(
@@ -111,21 +123,33 @@ def make_plan(
         if decision.action != QUANTIZE:
             units.append(Unit([name], False, in_bytes, held or source.nbytes(name), scale_inv, held))
             continue
-        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
+        transposed = decision.transposed
+        dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
+        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or (fmt.is_nvfp4 and inner % 16):
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
-                f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 (or block-scaled FP8) weight"
-                + (" with a last dim that is a multiple of 16" if fmt.is_nvfp4 else "")
+                f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
+                "(or block-scaled FP8) weight"
+                + (
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of 16"
+                    if fmt.is_nvfp4
+                    else ""
+                )
+            )
+        if transposed and fmt.per_channel:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name}: --format {fmt.name} is not supported for "
+                "stacked experts (use nvfp4 or fp8)"
             )
         key = keys[name]
         if key not in groups:
-            groups[key] = Unit([], True, 0, 0)
+            groups[key] = Unit([], True, 0, 0, transposed=transposed)
             units.append(groups[key])
         unit = groups[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
         unit.load_bytes += held or source.nbytes(name)
-        unit.out_bytes += _out_bytes(shape, fmt)
+        unit.out_bytes += _out_bytes(shape, fmt, transposed)
         unit.scale_inv.update(scale_inv)
     shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
     return Plan(fmt, shards, sorted(exclude_modules))
@@ -153,7 +177,8 @@ def _quantize_units(
     names = [n for u in units for n in u.names]
     if not names:
         return {}
-    weights = [loaded[n] for n in names]
+    transposed = [u.transposed for u in units for _ in u.names]
+    weights = [_stacked_input(loaded[n], fmt) if t else loaded[n] for n, t in zip(names, transposed)]
     try:
         amax = grouped_amax(weights)
     except NonFiniteWeightError as error:
@@ -161,30 +186,40 @@ def _quantize_units(
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
     owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
     group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
-    out: dict[str, torch.Tensor] = {}
     if fmt.is_nvfp4:
-        for name, q in zip(names, quantize_nvfp4(weights, group_max)):
-            out[name], out[name + "_scale"], out[name + "_scale_2"] = q
+        results = quantize_nvfp4(weights, group_max)
     else:
         results = quantize_fp8(weights, None if fmt.per_channel else group_max, per_channel=fmt.per_channel)
-        for name, q in zip(names, results):
-            out[name], out[name + "_scale"] = q
+    out: dict[str, torch.Tensor] = {}
+    for name, t, q in zip(names, transposed, results):
+        for output, tensor in zip(output_names(name, fmt), q):
+            out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
     return out
 
 
+def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """A stacked [E, in, out] expert tensor as the kernels take it: [E, out, in]. For FP8 also in float32:
+    ModelOpt divides a 3-D weight by its scale unsqueezed to 1-D, which promotes the quotient to float32
+    (one rounding, where a 2-D bf16 weight's quotient is rounded to bf16 first)."""
+    weight = weight.transpose(-1, -2)
+    return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
+
+
 def output_names(name: str, fmt: Format) -> list[str]:
-    """The tensors a quantized weight becomes in the checkpoint."""
-    return [name, name + "_scale"] + ([name + "_scale_2"] if fmt.is_nvfp4 else [])
+    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
+    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them)."""
+    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
+    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
 
 
 def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
     """float32 values of a quantized weight from its output tensors."""
     from .kernels import NVFP4Weight
 
+    names = output_names(name, fmt)
     if fmt.is_nvfp4:
-        q = NVFP4Weight(tensors[name], tensors[name + "_scale"], tensors[name + "_scale_2"])
-        return dequantize_nvfp4_reference(q)
-    scale = tensors[name + "_scale"]
+        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
+    scale = tensors[names[1]]
     return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
 
 
@@ -212,8 +247,9 @@ def run_shards(
         for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
             result = _quantize_units(quantized, loaded, plan.fmt, source)
-            if quantized:
-                sample = quantized[0].names[0]
+            sampled = next((u for u in quantized if not u.transposed), None)
+            if sampled:
+                sample = sampled.names[0]
                 stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
             for unit in batch:
                 if not unit.quantize:
@@ -299,7 +335,7 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
             if not unit.quantize:
                 expected[name] = kept_layout(source, unit, name)
                 continue
-            layouts = output_layout(source.shape_dtype(name)[0], plan.fmt)
+            layouts = output_layout(source.shape_dtype(name)[0], plan.fmt, unit.transposed)
             for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
                 expected[output] = (tuple(shape), names[dtype])
     missing = sorted(set(expected) - set(result.weight_map))

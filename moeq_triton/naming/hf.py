@@ -72,7 +72,7 @@ QWEN3_NEXT = Family(
         r"{L}\.linear_attn\.(?:in_proj_qkvz|out_proj)",
     ),
     kept=(LM_HEAD, EMBED, ROUTER, r"{L}\.mlp\.shared_expert_gate", r"{L}\.linear_attn\.(?:conv1d|in_proj_ba)"),
-    mtp_prefixes=("mtp",),
+    kept_prefixes=("mtp",),
     notes="router, `shared_expert_gate`, linear attention `conv1d` / `in_proj_ba` (+ A_log, dt_bias, norms), "
     "`mtp.*`, embeddings, lm_head",
 )
@@ -97,4 +97,17 @@ MINIMAX_M2 = Family(
     notes="router + `e_score_correction_bias`, embeddings, lm_head",
 )
 
-FAMILIES = (QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, MIXTRAL, MINIMAX_M2)
+LLAMA4 = Family(
+    name="Llama-4 Scout / Maverick",
+    architectures=("Llama4ForConditionalGeneration", "Llama4ForCausalLM"),
+    model_types=("llama4", "llama4_text"),
+    routed=(),
+    stacked=(r"{L}\.feed_forward\.experts\.(?:gate_up_proj|down_proj)",),
+    quantized=(ATTENTION, r"{L}\.feed_forward\.(?:shared_expert\.)?(?:gate|up|down)_proj"),
+    kept=(LM_HEAD, EMBED, r"{L}\.feed_forward\.router"),
+    kept_prefixes=("vision_model", "multi_modal_projector"),
+    notes="router, embeddings, lm_head, `vision_model*`, `multi_modal_projector*`; experts stay stacked "
+    "(one weight_scale_2 per layer and projection, as ModelOpt writes them)",
+)
+
+FAMILIES = (QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, MIXTRAL, MINIMAX_M2, LLAMA4)

@@ -42,7 +42,8 @@ class Family:
     quantized: tuple[str, ...]  # every other linear quantized by default
     kept: tuple[str, ...]  # linears / embeddings kept in high precision and listed in exclude_modules
     shared_input: tuple[tuple[str, ...], ...] = SHARED_INPUT
-    mtp_prefixes: tuple[str, ...] = ()  # literal prefixes of multi-token-prediction modules (besides layers >= n)
+    kept_prefixes: tuple[str, ...] = ()  # whole subtrees copied as they are: ``mtp``, vision towers (``prefix*``)
+    stacked: tuple[str, ...] = ()  # routed experts stored as one [E, in, out] tensor per projection (bmm layout)
     notes: str = ""  # what the README says is kept / special
 
 
@@ -60,6 +61,7 @@ class Decision:
     action: str  # QUANTIZE, KEEP or PASS
     routed: bool = False
     exclude: str | None = None  # the exclude_modules entry this tensor adds (KEEP only)
+    transposed: bool = False  # a stacked [E, in, out] tensor: quantized along ``in`` (ModelOpt's bmm experts)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Naming:
         self._routed = _compile(self.family.routed)
         self._quantized = _compile(self.family.quantized)
         self._kept = _compile(self.family.kept)
+        self._stacked = _compile(self.family.stacked)
         self._layer = re.compile(PREFIX + r"?layers\.(\d+)\.")
         self.unused_excludes = set(self.exclude)
 
@@ -82,9 +85,10 @@ class Naming:
     def architectures(self) -> tuple[str, ...]:
         return self.family.architectures
 
-    def mtp_prefix(self, name: str) -> str | None:
-        """``model.layers.61`` / ``mtp``: the multi-token-prediction module a tensor belongs to, if any."""
-        for prefix in self.family.mtp_prefixes:
+    def kept_prefix(self, name: str) -> str | None:
+        """``model.layers.61`` / ``mtp`` / ``vision_model``: the copied subtree a tensor belongs to, if any
+        (multi-token-prediction layers are the decoder layers numbered from ``num_hidden_layers`` on)."""
+        for prefix in self.family.kept_prefixes:
             if name.startswith(prefix + "."):
                 return prefix
         match = self._layer.match(name)
@@ -95,18 +99,21 @@ class Naming:
     def decide(self, name: str, experts_only: bool = False) -> Decision:
         """What happens to one tensor of the checkpoint."""
         module = module_of(name)
-        mtp = self.mtp_prefix(name)
-        if mtp is not None:
-            return Decision(KEEP, exclude=mtp + "*")
-        if not name.endswith(".weight"):
+        prefix = self.kept_prefix(name)
+        if prefix is not None:
+            return Decision(KEEP, exclude=prefix + "*")
+        stacked = bool(self._stacked and self._stacked.fullmatch(name))
+        if stacked:
+            module = name.rpartition(".")[0]  # the experts module holds the stacked parameters
+        elif not name.endswith(".weight"):
             return Decision(PASS)
-        routed = bool(self._routed and self._routed.fullmatch(module))
+        routed = stacked or bool(self._routed and self._routed.fullmatch(module))
         if routed or (self._quantized and self._quantized.fullmatch(module)):
             matched = [g for g in self.exclude if fnmatch.fnmatchcase(module, g)]
             self.unused_excludes.difference_update(matched)
             if matched or (experts_only and not routed):
                 return Decision(KEEP, routed, exclude=module)
-            return Decision(QUANTIZE, routed)
+            return Decision(QUANTIZE, routed, transposed=stacked)
         if self._kept and self._kept.fullmatch(module):
             return Decision(KEEP, exclude=module)
         return Decision(PASS)
