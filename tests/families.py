@@ -105,6 +105,18 @@ def llama4(seed: int = SEED + 6) -> nn.Module:
     return heavy_tailed(Llama4ForConditionalGeneration(cfg).to(torch.bfloat16), seed)
 
 
+def llama4_text(seed: int = SEED + 7) -> nn.Module:
+    """The text model alone (Llama4ForCausalLM, ``model.`` prefix): what ModelOpt can export on CPU."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(
+        **_COMMON, head_dim=32, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=4,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=64,
+    )  # fmt: skip
+    cfg.architectures = ["Llama4ForCausalLM"]
+    return heavy_tailed(Llama4ForCausalLM(cfg).to(torch.bfloat16), seed)
+
+
 BUILDERS = {
     "deepseek_v3": deepseek_v3,
     "glm4_moe": glm4_moe,
@@ -113,6 +125,7 @@ BUILDERS = {
     "mixtral": mixtral,
     "minimax_m2": minimax_m2,
     "llama4": llama4,
+    "llama4_text": llama4_text,
 }
 
 

@@ -34,7 +34,7 @@ from moeq_triton.naming import UnsupportedArchitecture, naming_for
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
 
 THEIRS = {"nvfp4": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG"}
-MODELOPT_CPU = ["deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "mixtral", "minimax_m2"]
+MODELOPT_CPU = ["deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "mixtral", "minimax_m2", "llama4_text"]
 
 
 def quantize(source, out, *args: str) -> None:
@@ -83,6 +83,91 @@ def test_family_equals_modelopt_export(family, fmt, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     modelopt_export(model, fmt, tmp_path / "theirs")
     assert_same_as_modelopt(tmp_path / "ours", tmp_path / "theirs", fp32_kept(model))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="ModelOpt 0.47 cannot export Llama4ForConditionalGeneration on CPU with transformers 5.24: its dummy "
+    "forward (requantize_resmooth_fused_llm_layers) fails with \"'MoeCausalLMOutputWithPast' object has no "
+    "attribute 'image_outputs'\"; the text model is compared above (llama4_text), the multimodal checkpoint "
+    "against the references below. Strict: when ModelOpt can export it, compare tensor for tensor instead.",
+)
+def test_llama4_multimodal_modelopt_export_fails_on_cpu(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    source = save(BUILDERS["llama4"](), tmp_path / "src")
+    modelopt_export(AutoModelForImageTextToText.from_pretrained(source, dtype=torch.bfloat16), "nvfp4", tmp_path / "mo")
+
+
+def test_llama4_multimodal_against_the_references(tmp_path, monkeypatch):
+    """Llama4ForConditionalGeneration (``language_model.model.`` prefix): stacked experts [E, H, 2I]
+    quantized along H with one weight_scale_2 per layer and projection and written back stacked
+    ([E, H/2, 2I] codes, [E, H/16, 2I] scales: ModelOpt's bmm layout, checked on the text model above);
+    vision tower and projector copied bitwise and excluded as prefixes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    source = save(BUILDERS["llama4"](), tmp_path / "src")
+    quantize(source, tmp_path / "out")
+    out, src = checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(source)
+    exclude = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert exclude == [
+        "language_model.lm_head", "language_model.model.embed_tokens",
+        "language_model.model.layers.1.feed_forward.router", "multi_modal_projector*", "vision_model*",
+    ]  # fmt: skip
+    experts = "language_model.model.layers.1.feed_forward.experts."
+    for projection in ("gate_up_proj", "down_proj"):
+        w = src[experts + projection]  # [E, in, out]
+        reference = quantize_nvfp4_reference(w.transpose(-1, -2), w.abs().amax())
+        assert_bitwise_equal(out[experts + projection], reference.weight.transpose(-1, -2), projection)
+        assert_bitwise_equal(out[experts + projection + "_weight_scale"], reference.weight_scale.transpose(-1, -2))
+        assert_bitwise_equal(out[experts + projection + "_weight_scale_2"], reference.weight_scale_2)
+    shared = "language_model.model.layers.1.feed_forward.shared_expert."
+    assert_bitwise_equal(out[shared + "gate_proj.weight_scale_2"], out[shared + "up_proj.weight_scale_2"])
+    vision = [n for n in src if n.startswith(("vision_model.", "multi_modal_projector."))]
+    assert vision and all(torch.equal(out[n], src[n]) for n in vision)
+
+    out_fp8 = tmp_path / "fp8"
+    quantize(source, out_fp8, "--format", "fp8")
+    fp8 = checkpoint_tensors(out_fp8)
+    w = src[experts + "gate_up_proj"].float()
+    scale = w.abs().amax() / 448
+    assert_bitwise_equal(fp8[experts + "gate_up_proj_weight_scale"], scale)
+    assert_bitwise_equal(fp8[experts + "gate_up_proj"], (w / scale).to(torch.float8_e4m3fn))  # float32 quotient
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, calibrator",
+    [(f, "triton_grouped") for f in MODELOPT_CPU if f != "llama4_text"]
+    + [
+        ("llama4_text", "max"),
+        pytest.param(
+            "llama4_text", "triton_grouped",
+            marks=pytest.mark.xfail(
+                strict=True, raises=ValueError,
+                reason="modelopt_backend feeds triton_grouped ModelOpt's transposed (non-contiguous) view of "
+                "Llama-4's stacked experts, which the kernels refuse (last-dim stride != 1): issue 13's file",
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_export_hf_equals_modelopt_export(family, calibrator, tmp_path):
+    """export_hf of each family's transformers model (fused experts in memory, disk names from
+    transformers' reverse conversion) == ModelOpt's export_hf_checkpoint of the same model."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    import moeq_triton
+
+    ours, theirs = BUILDERS[family](), BUILDERS[family]()
+    reference = copy.deepcopy(mtq.W4A16_NVFP4_CFG)
+    reference["quant_cfg"].append({"quantizer_name": "*input_quantizer", "enable": False})
+    mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG if calibrator == "triton_grouped" else reference)
+    mtq.quantize(theirs, reference)
+    moeq_triton.export_hf(ours, tmp_path / "ours")
+    export_hf_checkpoint(theirs, export_dir=tmp_path / "theirs")
+    assert_same_as_modelopt(tmp_path / "ours", tmp_path / "theirs", ())
 
 
 def nvfp4_values(tensors: dict, name: str) -> torch.Tensor:
