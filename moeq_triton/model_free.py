@@ -30,7 +30,7 @@ from .kernels import (
     quantize_nvfp4,
 )
 from .naming import PASS, QUANTIZE, Decision, naming_for
-from .reading import fp8_block_scales, read_units
+from .reading import ExpertSlice, fp8_block_scales, read_units, split_experts
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
 
@@ -46,6 +46,7 @@ class Unit:
     scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
     load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
     transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
+    slices: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names read from a stacked tensor
 
     @property
     def held_bytes(self) -> int:
@@ -57,10 +58,16 @@ class Plan:
     fmt: Format | None  # None: an unquantized export (every tensor kept as it is)
     shards: list[list[Unit]]
     exclude_modules: list[str]
+    split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
 
     @property
     def units(self) -> list[Unit]:
         return [u for shard in self.shards for u in shard]
+
+    def source_layout(self, source: SourceCheckpoint, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
+        piece = self.split.get(name)
+        return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
 
 
 def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
@@ -97,9 +104,18 @@ def make_plan(
     in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``)
     is planned as its bf16 value; the scales themselves are dropped."""
     naming = naming_for(source.config, exclude)
-    names = source.names()
+    split = split_experts(source, naming.is_split)
+    stacked = {piece.stacked for piece in split.values()}
+    names = sorted([n for n in source.names() if n not in stacked] + list(split))
     fp8_scales = fp8_block_scales(names)
     dropped = set(fp8_scales.values())
+
+    def shape_dtype(name: str) -> tuple[tuple[int, ...], str]:
+        return (split[name].shape, split[name].dtype) if name in split else source.shape_dtype(name)
+
+    def nbytes(name: str) -> int:
+        return split[name].nbytes() if name in split else source.nbytes(name)
+
     decisions = {n: naming.decide(n, experts_only) for n in names if n not in dropped}
     if fmt is None:
         decisions = {n: Decision(PASS) for n in decisions}
@@ -115,13 +131,14 @@ def make_plan(
     units: list[Unit] = []
     exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
     for name, decision in decisions.items():
-        shape, dtype = source.shape_dtype(name)
+        shape, dtype = shape_dtype(name)
         inv = fp8_scales.get(name)
-        in_bytes = source.nbytes(name) + (source.nbytes(inv) if inv else 0)
+        in_bytes = nbytes(name) + (source.nbytes(inv) if inv else 0)
         held = int(torch.Size(shape).numel()) * 2 if inv else 0  # dequantized to bf16
         scale_inv = {name: inv} if inv else {}
+        slices = {name: split[name]} if name in split else {}
         if decision.action != QUANTIZE:
-            units.append(Unit([name], False, in_bytes, held or source.nbytes(name), scale_inv, held))
+            units.append(Unit([name], False, in_bytes, held or nbytes(name), scale_inv, held, slices=slices))
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
@@ -148,16 +165,17 @@ def make_plan(
         unit = groups[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
-        unit.load_bytes += held or source.nbytes(name)
+        unit.load_bytes += held or nbytes(name)
         unit.out_bytes += _out_bytes(shape, fmt, transposed)
         unit.scale_inv.update(scale_inv)
+        unit.slices.update(slices)
     shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    return Plan(fmt, shards, sorted(exclude_modules))
+    return Plan(fmt, shards, sorted(exclude_modules), split)
 
 
-def kept_layout(source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
+def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
     """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
-    shape, dtype = source.shape_dtype(name)
+    shape, dtype = plan.source_layout(source, name)
     return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
 
 
@@ -333,9 +351,9 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
     for unit in plan.units:
         for name in unit.names:
             if not unit.quantize:
-                expected[name] = kept_layout(source, unit, name)
+                expected[name] = kept_layout(plan, source, unit, name)
                 continue
-            layouts = output_layout(source.shape_dtype(name)[0], plan.fmt, unit.transposed)
+            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
             for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
                 expected[output] = (tuple(shape), names[dtype])
     missing = sorted(set(expected) - set(result.weight_map))

@@ -7,10 +7,11 @@ weight (sibling ``weight_scale_inv``) becomes bf16 right before its batch is qua
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import SAFETENSORS_DTYPES, CheckpointError
 from .kernels import dequantize_fp8_block
 
 SCALE_INV = "_scale_inv"
@@ -25,10 +26,58 @@ def fp8_block_scales(names: Iterable[str]) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class ExpertSlice:
+    """One expert's 2-D weight inside a stacked [E, out, in] tensor on disk (Qwen3.5's released layout)."""
+
+    stacked: str  # the tensor's name on disk
+    expert: int
+    rows: tuple[int, int]  # [start, end) of the expert's out rows: gate = first half of gate_up_proj
+    shape: tuple[int, int]
+    dtype: str  # safetensors spelling
+
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * SAFETENSORS_DTYPES[self.dtype].itemsize
+
+
+def split_experts(source, is_split) -> dict[str, ExpertSlice]:
+    """Per-expert names (``experts.{e}.gate_proj.weight`` ...) of every stacked tensor ``is_split`` accepts."""
+    out = {}
+    for name in source.names():
+        if not is_split(name):
+            continue
+        shape, dtype = source.shape_dtype(name)
+        if len(shape) != 3:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name} has shape {list(shape)}, expected 3-D"
+            )
+        experts, rows, cols = shape
+        base, _, projection = name.rpartition(".")
+        parts = (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)) if projection == "gate_up_proj" else (
+            (projection, 0, rows),)  # fmt: skip
+        for e in range(experts):
+            for leaf, start, end in parts:
+                out[f"{base}.{e}.{leaf}.weight"] = ExpertSlice(name, e, (start, end), (end - start, cols), dtype)
+    return out
+
+
+def _read_slice(source, piece: ExpertSlice) -> torch.Tensor:
+    """Only the expert's rows are read (safetensors slices lazily)."""
+    from safetensors import safe_open
+
+    path = source.path / source.weight_map[piece.stacked]
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_slice(piece.stacked)[piece.expert, piece.rows[0] : piece.rows[1]]
+
+
 def read_units(units, source, device: torch.device) -> dict[str, torch.Tensor]:
     """Every tensor of ``units`` on ``device``; FP8-block tensors dequantized to bf16 as they arrive (memory:
     the batch, never the model)."""
-    loaded = {n: source.tensor(n).to(device) for unit in units for n in unit.names}
+    loaded = {
+        n: (_read_slice(source, unit.slices[n]) if n in unit.slices else source.tensor(n)).to(device)
+        for unit in units
+        for n in unit.names
+    }
     for unit in units:
         for name, inv in unit.scale_inv.items():
             try:

@@ -117,6 +117,25 @@ def llama4_text(seed: int = SEED + 7) -> nn.Module:
     return heavy_tailed(Llama4ForCausalLM(cfg).to(torch.bfloat16), seed)
 
 
+def qwen3_5_moe(seed: int = SEED + 8) -> nn.Module:
+    """Qwen3.5-MoE with its vision tower (``model.language_model.`` prefix, ``model.visual.*``)."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = dict(
+        **{**_COMMON, "num_hidden_layers": 4}, head_dim=32, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    )  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    cfg = Qwen3_5MoeConfig(text_config=text, vision_config={**vision, "num_position_embeddings": 16})
+    cfg.architectures = ["Qwen3_5MoeForConditionalGeneration"]
+    return heavy_tailed(Qwen3_5MoeForConditionalGeneration(cfg).to(torch.bfloat16), seed)
+
+
+MULTIMODAL = ("llama4", "qwen3_5_moe")
+"""Loaded back with AutoModelForImageTextToText."""
+
 BUILDERS = {
     "deepseek_v3": deepseek_v3,
     "glm4_moe": glm4_moe,
@@ -126,6 +145,7 @@ BUILDERS = {
     "minimax_m2": minimax_m2,
     "llama4": llama4,
     "llama4_text": llama4_text,
+    "qwen3_5_moe": qwen3_5_moe,
 }
 
 

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from assertions import assert_bitwise_equal, checkpoint_tensors
-from families import BUILDERS, SEED, deepseek_v3, fp32_kept, save
+from families import BUILDERS, MULTIMODAL, SEED, deepseek_v3, fp32_kept, save
 from moeq_triton.kernels import (
     NVFP4Weight,
     dequantize_fp8_block,
@@ -34,7 +34,9 @@ from moeq_triton.naming import UnsupportedArchitecture, naming_for
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
 
 THEIRS = {"nvfp4": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG"}
-MODELOPT_CPU = ["deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "mixtral", "minimax_m2", "llama4_text"]
+MODELOPT_CPU = [
+    "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "qwen3_5_moe", "mixtral", "minimax_m2", "llama4_text",
+]  # fmt: skip
 
 
 def quantize(source, out, *args: str) -> None:
@@ -75,12 +77,13 @@ def assert_same_as_modelopt(ours, theirs, fp32_modules: tuple[str, ...]) -> None
 def test_family_equals_modelopt_export(family, fmt, tmp_path, monkeypatch):
     """Naming rules of each family: what is quantized, kept, listed in exclude_modules and shares a scale
     (q/k/v, q_a/kv_a, shared-expert and dense gate/up for NVFP4; routed gate/up always)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the engine users get on CPU; kernels are tested elsewhere
     source = save(BUILDERS[family](), tmp_path / "src")
     quantize(source, tmp_path / "ours", "--format", fmt)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    auto = AutoModelForImageTextToText if family in MULTIMODAL else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=torch.bfloat16)
     modelopt_export(model, fmt, tmp_path / "theirs")
     assert_same_as_modelopt(tmp_path / "ours", tmp_path / "theirs", fp32_kept(model))
 
@@ -168,6 +171,60 @@ def test_export_hf_equals_modelopt_export(family, calibrator, tmp_path):
     moeq_triton.export_hf(ours, tmp_path / "ours")
     export_hf_checkpoint(theirs, export_dir=tmp_path / "theirs")
     assert_same_as_modelopt(tmp_path / "ours", tmp_path / "theirs", ())
+
+
+def stack_experts(source, target) -> None:
+    """Qwen3.5's released layout: per layer ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows first) and
+    ``mlp.experts.down_proj`` [E, H, I], in a shard of their own; everything else as it was."""
+    target.mkdir()
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    per_expert: dict[str, torch.Tensor] = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = load_file(source / file)
+        for name in [n for n in tensors if ".mlp.experts." in n]:
+            per_expert[name] = tensors.pop(name)
+            del index["weight_map"][name]
+        save_file(tensors, target / file, {"format": "pt"})
+    stacked = {}
+    for base in sorted({n.split(".mlp.experts.")[0] + ".mlp.experts" for n in per_expert}):
+        count = len({n for n in per_expert if n.startswith(base + ".")}) // 3
+        rows = [torch.cat([per_expert[f"{base}.{e}.{p}_proj.weight"] for p in ("gate", "up")]) for e in range(count)]
+        stacked[base + ".gate_up_proj"] = torch.stack(rows)
+        stacked[base + ".down_proj"] = torch.stack([per_expert[f"{base}.{e}.down_proj.weight"] for e in range(count)])
+    save_file(stacked, target / "experts.safetensors", {"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(stacked, "experts.safetensors"))
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    for extra in source.glob("*.json"):
+        if not (target / extra.name).exists():
+            (target / extra.name).write_text(extra.read_text())
+
+
+def test_qwen3_5_stacked_experts_on_disk_equal_per_expert(tmp_path, monkeypatch):
+    """Qwen3.5 as released (stacked [E, 2I, H] experts) gives the same files, byte for byte, as the same
+    weights stored per expert (which ModelOpt's export is compared with in the slow tier): each expert
+    is split (gate = first I rows) within the read, and its gate/up share their amax."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    source = save(BUILDERS["qwen3_5_moe"](), tmp_path / "src")
+    stack_experts(source, tmp_path / "stacked")
+    assert "model.language_model.layers.0.mlp.experts.gate_up_proj" in checkpoint_tensors(tmp_path / "stacked")
+    for fmt in ("nvfp4", "fp8"):
+        quantize(source, tmp_path / f"a-{fmt}", "--format", fmt)
+        quantize(tmp_path / "stacked", tmp_path / f"b-{fmt}", "--format", fmt, "--verify")
+        files = sorted(p.name for p in (tmp_path / f"a-{fmt}").iterdir())
+        assert files == sorted(p.name for p in (tmp_path / f"b-{fmt}").iterdir())
+        for file in files:
+            if file.endswith(".safetensors"):
+                a, b = load_file(tmp_path / f"a-{fmt}" / file), load_file(tmp_path / f"b-{fmt}" / file)
+                assert sorted(a) == sorted(b), file
+                for name in a:
+                    assert_bitwise_equal(b[name], a[name], name)
+            else:
+                assert (tmp_path / f"a-{fmt}" / file).read_text() == (tmp_path / f"b-{fmt}" / file).read_text(), file
+    out = checkpoint_tensors(tmp_path / "a-nvfp4")
+    expert = "model.language_model.layers.2.mlp.experts.3."
+    assert_bitwise_equal(out[expert + "gate_proj.weight_scale_2"], out[expert + "up_proj.weight_scale_2"])
+    exclude = json.loads((tmp_path / "a-nvfp4" / "hf_quant_config.json").read_text())["quantization"]
+    assert "model.visual*" in exclude["exclude_modules"]
 
 
 def nvfp4_values(tensors: dict, name: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ with W4A16_NVFP4_CFG / FP8_DEFAULT_CFG (tests/test_families.py checks it family 
 
 from __future__ import annotations
 
-from .rules import Family
+from .rules import SHARED_INPUT, Family
 
 ATTENTION = r"{L}\.self_attn\.[qkvo]_proj"
 LM_HEAD = r"(?:language_model\.)?lm_head"
@@ -77,6 +77,31 @@ QWEN3_NEXT = Family(
     "`mtp.*`, embeddings, lm_head",
 )
 
+QWEN3_5_MOE = Family(
+    name="Qwen3.5-MoE / Qwen3.6",
+    architectures=("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"),
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+    routed=(ROUTED,),
+    quantized=(
+        ATTENTION,
+        DENSE_MLP,
+        r"{L}\.mlp\.shared_expert\.(?:gate|up|down)_proj",
+        r"{L}\.linear_attn\.(?:in_proj_qkv|in_proj_z|out_proj)",
+    ),
+    kept=(
+        LM_HEAD,
+        EMBED,
+        ROUTER,
+        r"{L}\.mlp\.shared_expert_gate",
+        r"{L}\.linear_attn\.(?:conv1d|in_proj_a|in_proj_b)",
+    ),
+    split=(r"{L}\.mlp\.experts\.(?:gate_up_proj|down_proj)",),  # as released; transformers saves per expert
+    shared_input=(*SHARED_INPUT, ("in_proj_qkv", "in_proj_z")),  # in_proj_a/b share the input too, but are kept
+    kept_prefixes=("model.visual", "mtp"),
+    notes="router, `shared_expert_gate`, linear attention `conv1d` / `in_proj_a` / `in_proj_b`, `model.visual*`, "
+    "`mtp*`, embeddings, lm_head",
+)
+
 MIXTRAL = Family(
     name="Mixtral",
     architectures=("MixtralForCausalLM",),
@@ -110,4 +135,4 @@ LLAMA4 = Family(
     "(one weight_scale_2 per layer and projection, as ModelOpt writes them)",
 )
 
-FAMILIES = (QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, MIXTRAL, MINIMAX_M2, LLAMA4)
+FAMILIES = (QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, QWEN3_5_MOE, MIXTRAL, MINIMAX_M2, LLAMA4)

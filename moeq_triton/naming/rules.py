@@ -44,6 +44,9 @@ class Family:
     shared_input: tuple[tuple[str, ...], ...] = SHARED_INPUT
     kept_prefixes: tuple[str, ...] = ()  # whole subtrees copied as they are: ``mtp``, vision towers (``prefix*``)
     stacked: tuple[str, ...] = ()  # routed experts stored as one [E, in, out] tensor per projection (bmm layout)
+    split: tuple[
+        str, ...
+    ] = ()  # stacked [E, out, in] experts on disk, written per expert (``gate_up_proj``: [gate; up])
     notes: str = ""  # what the README says is kept / special
 
 
@@ -78,12 +81,17 @@ class Naming:
         self._quantized = _compile(self.family.quantized)
         self._kept = _compile(self.family.kept)
         self._stacked = _compile(self.family.stacked)
+        self._split = _compile(self.family.split)
         self._layer = re.compile(PREFIX + r"?layers\.(\d+)\.")
         self.unused_excludes = set(self.exclude)
 
     @property
     def architectures(self) -> tuple[str, ...]:
         return self.family.architectures
+
+    def is_split(self, name: str) -> bool:
+        """A stacked [E, out, in] expert tensor on disk that the plan reads as one 2-D tensor per expert."""
+        return bool(self._split and self._split.fullmatch(name))
 
     def kept_prefix(self, name: str) -> str | None:
         """``model.layers.61`` / ``mtp`` / ``vision_model``: the copied subtree a tensor belongs to, if any
