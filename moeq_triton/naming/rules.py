@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PREFIX = r"(?:model\.|model\.language_model\.|language_model\.model\.)"
 """Where a text model's modules live: plain, Qwen3.5-style (``model.language_model.``), Llama-4-style."""
@@ -61,6 +61,8 @@ def _compile(patterns: Iterable[str]) -> re.Pattern | None:
 
 @dataclass
 class Decision:
+    """What happens to one source tensor."""
+
     action: str  # QUANTIZE, KEEP or PASS
     routed: bool = False
     exclude: str | None = None  # the exclude_modules entry this tensor adds (KEEP only)
@@ -74,7 +76,6 @@ class Naming:
     family: Family
     num_hidden_layers: int | None = None
     exclude: tuple[str, ...] = ()
-    _routed: re.Pattern | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._routed = _compile(self.family.routed)
