@@ -319,6 +319,27 @@ def test_exclude_keeps_mla_in_bf16_and_experts_only(deepseek_source, tmp_path, m
     assert run == 1 and not (tmp_path / "x").exists()
 
 
+def test_mtp_and_copied_subtrees_by_rule():
+    """MTP layers: inline (index >= num_hidden_layers, DeepSeek/GLM), ``mtp.*`` (Qwen3-Next/3.5, whose
+    num_hidden_layers sits in text_config for 3.5); vision towers: copied and excluded as ``prefix*``."""
+    glm = naming_for({"architectures": ["Glm4MoeForCausalLM"], "num_hidden_layers": 3})
+    decision = glm.decide("model.layers.3.mlp.experts.0.up_proj.weight")
+    assert (decision.action, decision.exclude) == ("keep", "model.layers.3*")
+    assert glm.decide("model.layers.2.mlp.experts.0.up_proj.weight").action == "quantize"
+    assert glm.decide("model.layers.2.mlp.gate.e_score_correction_bias").action == "pass"
+    nxt = naming_for({"architectures": ["Qwen3NextForCausalLM"], "num_hidden_layers": 4})
+    assert nxt.decide("mtp.layers.0.mlp.experts.1.down_proj.weight").exclude == "mtp*"
+    q35 = naming_for({"architectures": ["Qwen3_5MoeForConditionalGeneration"], "text_config": {"num_hidden_layers": 2}})
+    assert (
+        q35.decide("model.language_model.layers.2.self_attn.q_proj.weight").exclude == "model.language_model.layers.2*"
+    )
+    assert q35.decide("model.visual.blocks.0.attn.qkv.weight").exclude == "model.visual*"
+    assert q35.decide("model.language_model.layers.1.linear_attn.in_proj_b.weight").action == "keep"
+    llama = naming_for({"architectures": ["Llama4ForConditionalGeneration"], "text_config": {"num_hidden_layers": 2}})
+    assert llama.decide("vision_model.model.layers.0.mlp.fc1.weight").exclude == "vision_model*"
+    assert llama.decide("language_model.model.layers.1.feed_forward.experts.gate_up_proj").transposed
+
+
 def test_unknown_architecture_and_model_type_fallback():
     """A config without ``architectures`` is recognized by ``model_type``; an unknown one gets one line."""
     assert naming_for({"model_type": "qwen3_moe"}).architectures == ("Qwen3MoeForCausalLM",)
@@ -430,7 +451,10 @@ def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
     assert len(held) > 4 and sum(held) >= source_bytes  # the model was read in many batches
     assert max(held) <= max(batch, biggest), (max(held), batch, biggest)
     monkeypatch.setattr(model_free, "read_units", read_units)
-    quantize_checkpoint(tmp_path / "cast", tmp_path / "b", FORMATS[fmt])
+    plan, _, _ = quantize_checkpoint(tmp_path / "cast", tmp_path / "b", FORMATS[fmt])
+    fp8_source = model_free.SourceCheckpoint(tmp_path / "fp8")
+    fp8_plan = model_free.make_plan(fp8_source, FORMATS[fmt], False, 2 << 30)
+    assert model_free.verify(tmp_path / "a", fp8_source, fp8_plan, torch.device("cpu")) == []
 
     a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
     assert sorted(a) == sorted(b) and not [n for n in a if n.endswith("_scale_inv")]
