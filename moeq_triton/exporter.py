@@ -237,6 +237,7 @@ def export_hf(
     *,
     fmt: str | None = "auto",
     experts_only: bool = False,
+    exclude: tuple[str, ...] = (),
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
@@ -246,7 +247,8 @@ def export_hf(
 
     hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
     fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel") or None
-    (unquantized); source_dir: where tokenizer and generation files are copied from.
+    (unquantized); exclude: module-name globs kept in high precision (as ``--exclude``); source_dir: where
+    tokenizer and generation files are copied from.
     """
     if is_megatron(model):
         if hf_config is None:
@@ -258,7 +260,7 @@ def export_hf(
         tensors = transformers_tensors(model)
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
-    plan = make_plan(source, chosen, experts_only, max_shard_bytes)
+    plan = make_plan(source, chosen, experts_only, max_shard_bytes, tuple(exclude))
     made: list[AtomicCheckpointDir] = []
 
     def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
