@@ -5,10 +5,10 @@ device table of pointers (``grouping``); a plain-torch reference sits beside eac
 """
 
 from .amax import NonFiniteWeightError, grouped_amax, grouped_amax_reference, grouped_row_amax
+from .dequant import dequantize_fp8_block, dequantize_fp8_block_reference
 from .fp8 import FP8Weight, fp8_layout, quantize_fp8, quantize_fp8_reference
 from .fp8_block import (
     FP8BlockWeight,
-    dequantize_fp8_block_reference,
     fp8_block_layout,
     quantize_fp8_block,
     quantize_fp8_block_reference,
@@ -21,6 +21,7 @@ __all__ = [
     "FP8Weight",
     "NonFiniteWeightError",
     "NVFP4Weight",
+    "dequantize_fp8_block",
     "dequantize_fp8_block_reference",
     "dequantize_nvfp4_reference",
     "fp8_block_layout",

@@ -31,4 +31,4 @@ WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 """Input dtypes the kernels accept."""
 
 FP8_BLOCK_SIZE = 128
-"""Rows and columns of one FP8-block tile (DeepSeek-V3 / Qwen *-FP8 layout): one float32 scale each."""
+"""Rows and columns under one float32 scale in the FP8-block layout (DeepSeek-V3, Qwen *-FP8; source or output)."""

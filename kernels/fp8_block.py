@@ -171,10 +171,3 @@ def quantize_fp8_block_reference(w: torch.Tensor) -> FP8BlockWeight:
     scale = amax.float() / E4M3_MAX
     codes = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
     return FP8BlockWeight(codes.reshape(padded.shape)[:n, :k].contiguous(), scale)
-
-
-def dequantize_fp8_block_reference(q: FP8BlockWeight) -> torch.Tensor:
-    """float32 values: each code times the scale of its 128x128 block (partial edge blocks included)."""
-    n, k = q.weight.shape
-    scale = q.weight_scale_inv.repeat_interleave(FP8_BLOCK_SIZE, 0).repeat_interleave(FP8_BLOCK_SIZE, 1)
-    return q.weight.float() * scale[:n, :k]

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         help="nvfp4 = weight-only W4A16_NVFP4; fp8-block = FP8 in 128x128 blocks, the layout the engines run for MoE",
     )
     q.add_argument("--experts-only", action="store_true", help="quantize only the routed MoE experts")
+    q.add_argument(
+        "--exclude", action="append", default=[], metavar="PATTERN",
+        help="keep modules matching this glob in high precision (repeatable), e.g. '*.self_attn.*'",
+    )  # fmt: skip
     q.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
@@ -89,7 +93,7 @@ def _quantize(args, fmt, device: str) -> int:
         with _progress(console) as progress:
             plan, stats, seconds = quantize_checkpoint(
                 source, out, fmt, args.experts_only, device, args.overwrite, args.max_shard_size, args.batch_size,
-                progress,
+                progress, tuple(args.exclude),
             )  # fmt: skip
         console.print(_table(plan, stats, seconds, out, device))
         from .serving import end_of_run_warning

@@ -31,9 +31,8 @@ import torch
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
-
-_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM"}
-
+from .naming import FAMILIES
+from .naming.megatron import hf_name
 
 # ---------------------------------------------------------------- the model's tensors under HF names
 
@@ -59,7 +58,7 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch
     for name, param in model.named_parameters():
         name = name.removeprefix("module.")
         tensor = param.detach()
-        target = _rename(name)
+        target = hf_name(name)
         if target is not None:
             out[target] = tensor
             continue
@@ -88,30 +87,6 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch
             continue
         raise CheckpointError(f"Megatron parameter {name} (shape {list(tensor.shape)}) has no Qwen3-MoE counterpart")
     return out
-
-
-_RENAMES = [
-    (r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
-    (r"decoder\.final_layernorm\.weight", "model.norm.weight"),
-    (r"output_layer\.weight", "lm_head.weight"),
-    (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (
-        r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight",
-        r"model.layers.\1.input_layernorm.weight",
-    ),
-    (r"decoder\.layers\.(\d+)\.self_attention\.q_layernorm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"decoder\.layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.mlp.gate.weight"),
-]
-
-
-def _rename(name: str) -> str | None:
-    for pattern, replacement in _RENAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
-    return None
 
 
 def _first_local_expert(model: torch.nn.Module) -> int:
@@ -147,8 +122,10 @@ def hf_config_dict(config) -> dict:
     if not isinstance(config, dict):
         config = json.loads(config.to_json_string(use_diff=True))
     config = dict(config)
-    if not config.get("architectures") and config.get("model_type") in _ARCHITECTURES:
-        config["architectures"] = [_ARCHITECTURES[config["model_type"]]]
+    if not config.get("architectures"):
+        family = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
+        if family is not None:
+            config["architectures"] = [family.architectures[0]]
     return config
 
 
@@ -269,6 +246,7 @@ def export_hf(
     *,
     fmt: str | None = "auto",
     experts_only: bool = False,
+    exclude: tuple[str, ...] = (),
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
@@ -278,7 +256,8 @@ def export_hf(
 
     hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
     fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel", "fp8-block") or None
-    (unquantized); source_dir: where tokenizer and generation files are copied from.
+    (unquantized); exclude: module-name globs kept in high precision (as ``--exclude``); source_dir: where
+    tokenizer and generation files are copied from.
     """
     if is_megatron(model):
         if hf_config is None:
@@ -290,7 +269,7 @@ def export_hf(
         tensors = transformers_tensors(model)
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
-    plan = make_plan(source, chosen, experts_only, max_shard_bytes)
+    plan = make_plan(source, chosen, experts_only, max_shard_bytes, tuple(exclude))
     made: list[AtomicCheckpointDir] = []
 
     def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
@@ -404,7 +383,7 @@ def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[t
         shape, dtype = source.meta[name]
         return shape, SAFETENSORS_DTYPES[dtype]
     base = next(n for n in unit.names if name in output_names(n, plan.fmt))
-    layouts = output_layout(source.meta[base][0], plan.fmt)
+    layouts = output_layout(source.meta[base][0], plan.fmt, unit.transposed)
     return layouts[output_names(base, plan.fmt).index(name)]
 
 

@@ -32,7 +32,8 @@ from .kernels import (
     quantize_fp8_block,
     quantize_nvfp4,
 )
-from .naming import module_of, naming_for
+from .naming import PASS, QUANTIZE, Decision, naming_for
+from .reading import ExpertSlice, fp8_block_scales, read_units, split_experts
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
 
@@ -43,8 +44,16 @@ class Unit:
 
     names: list[str]
     quantize: bool
-    in_bytes: int
+    in_bytes: int  # source bytes (FP8-block scales included)
     out_bytes: int
+    scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
+    load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
+    transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
+    slices: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names read from a stacked tensor
+
+    @property
+    def held_bytes(self) -> int:
+        return self.load_bytes or self.in_bytes
 
 
 @dataclass
@@ -52,60 +61,127 @@ class Plan:
     fmt: Format | None  # None: an unquantized export (every tensor kept as it is)
     shards: list[list[Unit]]
     exclude_modules: list[str]
+    split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
 
     @property
     def units(self) -> list[Unit]:
         return [u for shard in self.shards for u in shard]
 
-
-def output_layout(shape: tuple[int, ...], fmt: Format):
-    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order."""
-    if fmt.is_fp8_block:
-        return fp8_block_layout(shape)
-    return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+    def source_layout(self, source: SourceCheckpoint, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
+        piece = self.split.get(name)
+        return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
 
 
-def _out_bytes(shape: tuple[int, ...], fmt: Format) -> int:
-    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt))
+def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
+    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
+
+    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
+    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
+    if not transposed:
+        if fmt.is_fp8_block:
+            return fp8_block_layout(shape)
+        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+    swapped = (*shape[:-2], shape[-1], shape[-2])
+    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
 
 
-def make_plan(source: SourceCheckpoint, fmt: Format | None, experts_only: bool, max_shard_bytes: int) -> Plan:
+def _swap(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
+    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt, transposed))
+
+
+def make_plan(
+    source: SourceCheckpoint,
+    fmt: Format | None,
+    experts_only: bool,
+    max_shard_bytes: int,
+    exclude: tuple[str, ...] = (),
+) -> Plan:
     """Which tensors are quantized, which share an amax, and which output shard holds each.
 
     ``source``: anything with ``config``, ``names()``, ``shape_dtype()``, ``nbytes()`` and ``where()``
-    (a SourceCheckpoint, or the exporter's in-memory model tensors)."""
-    naming = naming_for(source.config)
+    (a SourceCheckpoint, or the exporter's in-memory model tensors). ``exclude``: module-name globs kept
+    in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``)
+    is planned as its bf16 value; the scales themselves are dropped."""
+    naming = naming_for(source.config, exclude)
+    split = split_experts(source, naming.is_split)
+    stacked = {piece.stacked for piece in split.values()}
+    names = sorted([n for n in source.names() if n not in stacked] + list(split))
+    fp8_scales = fp8_block_scales(names)
+    dropped = set(fp8_scales.values())
+
+    def shape_dtype(name: str) -> tuple[tuple[int, ...], str]:
+        return (split[name].shape, split[name].dtype) if name in split else source.shape_dtype(name)
+
+    def nbytes(name: str) -> int:
+        return split[name].nbytes() if name in split else source.nbytes(name)
+
+    decisions = {n: naming.decide(n, experts_only) for n in names if n not in dropped}
+    if fmt is None:
+        decisions = {n: Decision(PASS) for n in decisions}
+    if naming.unused_excludes and fmt is not None:
+        raise CheckpointError(
+            f"--exclude {sorted(naming.unused_excludes)[0]}: matches no quantized module of this "
+            f"{naming.family.name} checkpoint (patterns are globs over module names, e.g. '*.self_attn.*')"
+        )
+    quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
+    routed = {n for n in quantized if decisions[n].routed}
+    keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
     groups: dict[str, Unit] = {}
     units: list[Unit] = []
-    exclude: list[str] = []
-    for name in source.names():
-        shape, dtype = source.shape_dtype(name)
-        in_bytes = source.nbytes(name)
-        linear = fmt is not None and bool(naming.quantized.match(name))
-        if linear and experts_only and not naming.experts.match(name):
-            exclude.append(module_of(name))
-            linear = False
-        if fmt is not None and naming.excluded.match(name):
-            exclude.append(module_of(name))
-        if not linear:
-            units.append(Unit([name], False, in_bytes, in_bytes))
+    exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
+    for name, decision in decisions.items():
+        shape, dtype = shape_dtype(name)
+        inv = fp8_scales.get(name)
+        in_bytes = nbytes(name) + (source.nbytes(inv) if inv else 0)
+        held = int(torch.Size(shape).numel()) * 2 if inv else 0  # dequantized to bf16
+        scale_inv = {name: inv} if inv else {}
+        slices = {name: split[name]} if name in split else {}
+        if decision.action != QUANTIZE:
+            units.append(Unit([name], False, in_bytes, held or nbytes(name), scale_inv, held, slices=slices))
             continue
-        if dtype not in QUANTIZABLE_DTYPES or len(shape) != 2 or (fmt.is_nvfp4 and shape[-1] % 16):
+        transposed = decision.transposed
+        dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
+        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or (fmt.is_nvfp4 and inner % 16):
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
-                f"quantized to {fmt.name}: expected a 2-D bf16/fp16/fp32 weight"
-                + (" with a last dim that is a multiple of 16" if fmt.is_nvfp4 else "")
+                f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
+                "(or block-scaled FP8) weight"
+                + (
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of 16"
+                    if fmt.is_nvfp4
+                    else ""
+                )
             )
-        key = naming.scale_group(name, fmt.is_nvfp4)
+        if transposed and fmt.per_channel:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name}: --format {fmt.name} is not supported for "
+                "stacked experts (use nvfp4 or fp8)"
+            )
+        key = keys[name]
         if key not in groups:
-            groups[key] = Unit([], True, 0, 0)
+            groups[key] = Unit([], True, 0, 0, transposed=transposed)
             units.append(groups[key])
         unit = groups[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
-        unit.out_bytes += _out_bytes(shape, fmt)
+        unit.load_bytes += held or nbytes(name)
+        unit.out_bytes += _out_bytes(shape, fmt, transposed)
+        unit.scale_inv.update(scale_inv)
+        unit.slices.update(slices)
     shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    return Plan(fmt, shards, sorted(set(exclude)))
+    return Plan(fmt, shards, sorted(exclude_modules), split)
+
+
+def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
+    shape, dtype = plan.source_layout(source, name)
+    return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
 
 
 @dataclass
@@ -124,8 +200,13 @@ def _quantize_units(
     names = [n for u in units for n in u.names]
     if not names:
         return {}
-    weights = [loaded[n] for n in names]
+    transposed = [u.transposed for u in units for _ in u.names]
+    weights = [_stacked_input(loaded[n], fmt) if t else loaded[n] for n, t in zip(names, transposed)]
     if fmt.is_fp8_block:  # block amaxes are local to each 128x128 tile: no amax pass, no shared scale
+        if any(transposed):
+            name = names[transposed.index(True)]
+            where = source.where(name)
+            raise CheckpointError(f"{where}: {name} is a stacked expert tensor; fp8-block takes 2-D weights")
         try:
             results = quantize_fp8_block(weights)
         except NonFiniteWeightError as error:
@@ -139,34 +220,45 @@ def _quantize_units(
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
     owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
     group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
-    out: dict[str, torch.Tensor] = {}
     if fmt.is_nvfp4:
-        for name, q in zip(names, quantize_nvfp4(weights, group_max)):
-            out[name], out[name + "_scale"], out[name + "_scale_2"] = q
+        results = quantize_nvfp4(weights, group_max)
     else:
         results = quantize_fp8(weights, None if fmt.per_channel else group_max, per_channel=fmt.per_channel)
-        for name, q in zip(names, results):
-            out[name], out[name + "_scale"] = q
+    out: dict[str, torch.Tensor] = {}
+    for name, t, q in zip(names, transposed, results):
+        for output, tensor in zip(output_names(name, fmt), q):
+            out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
     return out
 
 
+def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """A stacked [E, in, out] expert tensor as the kernels take it: [E, out, in]. For FP8 also in float32:
+    ModelOpt divides a 3-D weight by its scale unsqueezed to 1-D, which promotes the quotient to float32
+    (one rounding, where a 2-D bf16 weight's quotient is rounded to bf16 first)."""
+    weight = weight.transpose(-1, -2)
+    return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
+
+
 def output_names(name: str, fmt: Format) -> list[str]:
-    """The tensors a quantized weight becomes in the checkpoint."""
+    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
+    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them; fp8-block:
+    ``X.weight_scale_inv``, as the engines name it)."""
     if fmt.is_fp8_block:
         return [name, name + "_scale_inv"]
-    return [name, name + "_scale"] + ([name + "_scale_2"] if fmt.is_nvfp4 else [])
+    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
+    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
 
 
 def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
     """float32 values of a quantized weight from its output tensors."""
-    from .kernels import FP8BlockWeight, NVFP4Weight
+    from .kernels import NVFP4Weight
 
+    names = output_names(name, fmt)
     if fmt.is_fp8_block:
-        return dequantize_fp8_block_reference(FP8BlockWeight(tensors[name], tensors[name + "_scale_inv"]))
+        return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
     if fmt.is_nvfp4:
-        q = NVFP4Weight(tensors[name], tensors[name + "_scale"], tensors[name + "_scale_2"])
-        return dequantize_nvfp4_reference(q)
-    scale = tensors[name + "_scale"]
+        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
+    scale = tensors[names[1]]
     return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
 
 
@@ -191,11 +283,12 @@ def run_shards(
         if s % world != rank:
             continue
         tensors: dict[str, torch.Tensor] = {}
-        for batch, loaded in _prefetched(_pack(shard, batch_bytes, lambda u: u.in_bytes), source, device):
+        for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
             result = _quantize_units(quantized, loaded, plan.fmt, source)
-            if quantized:
-                sample = quantized[0].names[0]
+            sampled = next((u for u in quantized if not u.transposed), None)
+            if sampled:
+                sample = sampled.names[0]
                 stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
             for unit in batch:
                 if not unit.quantize:
@@ -210,13 +303,18 @@ def run_shards(
     return stats
 
 
+def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
+    """The batches one shard is read in: at most ``batch_bytes`` held in memory each (dequantized size)."""
+    return _pack(shard, batch_bytes, lambda u: u.held_bytes)
+
+
 def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
     """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
     compute; at most two batches in memory)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def load(batch: list[Unit]) -> dict[str, torch.Tensor]:
-        return {n: source.tensor(n).to(device) for u in batch for n in u.names}
+        return read_units(batch, source, device)
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load, batches[0]) if batches else None
@@ -277,9 +375,9 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
     for unit in plan.units:
         for name in unit.names:
             if not unit.quantize:
-                expected[name] = source.shape_dtype(name)
+                expected[name] = kept_layout(plan, source, unit, name)
                 continue
-            layouts = output_layout(source.shape_dtype(name)[0], plan.fmt)
+            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
             for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
                 expected[output] = (tuple(shape), names[dtype])
     missing = sorted(set(expected) - set(result.weight_map))
@@ -293,7 +391,7 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         unit = next((u for u in shard if u.quantize), None)
         if unit is None or problems:
             continue
-        loaded = {n: source.tensor(n).to(device) for n in unit.names}
+        loaded = read_units([unit], source, device)
         again = _quantize_units([unit], loaded, plan.fmt, source)
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
@@ -327,13 +425,14 @@ def quantize_checkpoint(
     max_shard_bytes: int = 2 << 30,
     batch_bytes: int = 256 << 20,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> tuple[Plan, Stats, float]:
     """The whole job in one process (rank/world from torchrun's environment when present)."""
     import torch.distributed as dist
 
     start = time.perf_counter()
     source = SourceCheckpoint(source_path)
-    plan = make_plan(source, fmt, experts_only, max_shard_bytes)
+    plan = make_plan(source, fmt, experts_only, max_shard_bytes, exclude)
     out = AtomicCheckpointDir(destination, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -130,7 +130,7 @@ def test_dequantized_within_the_format_error():
     gen = torch.Generator().manual_seed(11)
     w = heavy_tailed((200, 300), torch.bfloat16, gen)
     q = quantize_fp8_block([w])[0]
-    back = dequantize_fp8_block_reference(q).cpu()
+    back = dequantize_fp8_block_reference(q.weight, q.weight_scale_inv, dtype=torch.float32).cpu()
     src = w.float().cpu()
     for i in range(q.weight_scale_inv.shape[0]):
         for j in range(q.weight_scale_inv.shape[1]):
@@ -234,7 +234,7 @@ def test_command_writes_what_the_engines_load(ragged_source, engine, tmp_path, m
             continue
         got = FP8BlockWeight(ours[name], ours[name + "_scale_inv"])
         assert_results_equal(got, modelopt_fp8_block(w), f"{name} vs ModelOpt")
-        back = dequantize_fp8_block_reference(got)
+        back = dequantize_fp8_block_reference(got.weight, got.weight_scale_inv, dtype=torch.float32)
         assert (back - w.float()).abs().max() <= w.float().abs().max() * 2.0**-4
     gate = ours["model.layers.1.mlp.experts.2.gate_proj.weight_scale_inv"]
     assert gate.shape == (2, 2)  # 160 rows of gate alone: blocks [0, 128) and [128, 160)
