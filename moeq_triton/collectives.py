@@ -97,8 +97,9 @@ def agree(step: Callable[[], object], what: str) -> BaseException | None:
         failure = error
     rank, world = rank_world()
     if world > 1:
-        flags = torch.zeros(world, dtype=torch.int32, device=device_for())
+        flags = torch.zeros(world, dtype=torch.int32)
         flags[rank] = 1 if failure else 0
+        flags = flags.to(device_for())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         failed = flags.cpu().nonzero().flatten().tolist()
         if failed and failure is None:
