@@ -174,8 +174,8 @@ def _os_reason(error: BaseException) -> str:
     """'No space left on device' from an OSError or from safetensors' wrapped IoError."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    found = re.search(r'message: "([^"]+)"', str(error))
-    return found.group(1) if found else str(error)
+    found = re.search(r'I/O error: (.+?) \(os error \d+\)|message: "([^"]+)"', str(error))
+    return (found.group(1) or found.group(2)) if found else str(error)
 
 
 @contextmanager
