@@ -212,6 +212,7 @@ class AtomicCheckpointDir:
         self.overwrite = overwrite
         self.partial = self.destination.parent / f".{self.destination.name}.moeq-triton-partial"
         self.old = self.destination.parent / f".{self.destination.name}.moeq-triton-old"
+        self.created = False  # abort removes the partial directory only if this object made it
         self.check_destination()
 
     def check_destination(self) -> None:
@@ -247,6 +248,7 @@ class AtomicCheckpointDir:
                 if stale.exists():
                     shutil.rmtree(stale)
             self.partial.mkdir()
+            self.created = True
             (self.partial / PARTIAL_MARK).touch()
         except OSError as error:
             self.abort()
@@ -296,4 +298,6 @@ class AtomicCheckpointDir:
             then()
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        """Remove the partial directory this object made (nothing else)."""
+        if self.created:
+            shutil.rmtree(self.partial, ignore_errors=True)

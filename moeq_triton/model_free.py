@@ -340,11 +340,22 @@ def quantize_checkpoint(
     from . import collectives
 
     start = time.perf_counter()
-    source = SourceCheckpoint(source_path)
-    plan = make_plan(source, fmt, experts_only, max_shard_bytes)
-    out = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
     rank, world = collectives.init_from_environment(device)
-    collectives.together(lambda: out.create() if rank == 0 else None, "creating the output directory")
+    made: dict = {}
+
+    def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
+        made["source"] = SourceCheckpoint(source_path)
+        made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes)
+        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
+        if rank == 0:
+            made["out"].create()
+
+    failure = collectives.agree(prepare, "reading the source and preparing the destination")
+    if failure is not None:
+        if rank == 0 and "out" in made:
+            made["out"].abort()
+        raise failure
+    source, plan, out = made["source"], made["plan"], made["out"]
     advance = (
         progress(rank, sum(u.in_bytes for s, sh in enumerate(plan.shards) if s % world == rank for u in sh))
         if progress
