@@ -20,17 +20,20 @@ class MemoryPeak:
 
 
 def resident() -> tuple[int, int] | None:
-    """(RssAnon, RssFile) of this process in bytes; None where /proc does not report them."""
+    """(anonymous, file-backed) resident bytes of this process: RssAnon, and RssFile + RssShmem (a source
+    on tmpfs maps as shared memory); None where /proc does not report them."""
     values = {}
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile"):
+                if key in ("RssAnon", "RssFile", "RssShmem"):
                     values[key] = int(rest.split()[0]) * 1024  # reported in kB
     except OSError:
         return None
-    return (values["RssAnon"], values["RssFile"]) if len(values) == 2 else None
+    if len(values) != 3:
+        return None
+    return values["RssAnon"], values["RssFile"] + values["RssShmem"]
 
 
 class MemorySampler:

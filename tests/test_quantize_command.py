@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import warnings
 
 import modelopt.torch.quantization as mtq
@@ -228,3 +230,37 @@ def test_size_arguments_and_missing_cuda(capsys):
     if not torch.cuda.is_available():
         assert main(["quantize", "--device", "cuda", "--out", "unused"]) == 1
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_memory_sampler_separates_heap_from_mapped_files(tmp_path):
+    """The heap figure (what --batch-size bounds) must not count a mapped source file, and must count
+    the heap: map and touch a 64 MiB file, then allocate and touch 64 MiB."""
+    import mmap
+
+    from moeq_triton.memory import MemorySampler, resident
+
+    size = 64 << 20
+    path = tmp_path / "mapped.bin"
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    anonymous, mapped = resident()
+    with MemorySampler() as peak, open(path, "rb") as file:
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            touched = sum(view[i] for i in range(0, size, 4096))
+            time.sleep(0.2)  # the sampler reads /proc every 10 ms
+    assert touched == 0  # byte 0 of every page
+    assert peak.file_backed - mapped >= size * 0.9, (peak, mapped)
+    assert peak.anonymous - anonymous < size * 0.25, (peak, anonymous)
+    anonymous = resident()[0]
+    with MemorySampler() as peak:
+        heap = torch.ones(size // 4)
+        time.sleep(0.2)
+        del heap
+    assert peak.anonymous - anonymous >= size * 0.9, (peak, anonymous)
+
+
+def test_memory_figure_printed_apart_from_mapped_files(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["quantize", "--model", source, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"peak memory: \d+ MiB heap \(anonymous; what --batch-size bounds\); mapped source files up to "
+                     r"\d+ MiB resident", printed), printed[-600:]  # fmt: skip
