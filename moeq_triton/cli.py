@@ -105,15 +105,18 @@ def fast_path_note(device: str) -> str | None:
 
 
 def memory_line(peak) -> str:
-    """The memory figure: the heap peak (what --batch-size bounds) apart from mapped source files."""
+    """The memory figure: the heap peak (what --max-shard-size and --batch-size bound) apart from file-backed
+    pages (on CPU the source tensors are read zero-copy from the mapped shards)."""
     if not peak.samples:
         import resource
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return f"peak memory (RSS, includes mapped source files): {rss:.0f} MiB"
     return (
-        f"peak memory: {peak.anonymous / 2**20:.0f} MiB heap (anonymous; what --batch-size bounds); "
-        f"mapped source files up to {peak.file_backed / 2**20:.0f} MiB resident (page cache the kernel can drop)"
+        f"peak memory: {peak.anonymous / 2**20:.0f} MiB heap (anonymous: the output shard being assembled, "
+        "bounded by --max-shard-size, and the batch in work, bounded by --batch-size); "
+        f"file-backed pages (mapped source shards, libraries) up to {peak.file_backed / 2**20:.0f} MiB, "
+        "which the kernel can drop"
     )
 
 
