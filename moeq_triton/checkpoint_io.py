@@ -190,7 +190,7 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         for number in dict.fromkeys(received):
             signal.raise_signal(number)
 

@@ -72,8 +72,8 @@ class _terminate_as_interrupt:
     """Within the block (main thread only), SIGTERM raises Terminated; the previous handler comes back."""
 
     def __enter__(self) -> None:
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
             self.previous = signal.signal(signal.SIGTERM, self._raise)
 
     @staticmethod
@@ -81,8 +81,8 @@ class _terminate_as_interrupt:
         raise Terminated
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.installed:  # None: a handler set outside Python; the default is the closest restorable one
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
 
 
 def fast_path_note(device: str) -> str | None:
