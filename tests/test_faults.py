@@ -151,6 +151,19 @@ def to_dev_full(method: str, when: Callable[[str], bool]) -> Callable:
     return install
 
 
+def sigint_between_renames(monkeypatch) -> None:
+    """A real SIGINT to this process right after the commit's first rename (old output moved aside)."""
+    original = Path.rename
+
+    def rename(self, target):
+        result = original(self, target)
+        if str(target).endswith(".moeq-triton-old"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
 MOUNTS: list[Path] = []  # unmounted after each test
 
 
@@ -425,6 +438,14 @@ FAULTS = [
         "as before",
         signal_at="writing:TERM",
         marks=[SLOW],
+    ),
+    Fault(
+        "sigint-committing",
+        lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1],
+        130,
+        "out had already been written completely",
+        "complete",
+        inject=sigint_between_renames,
     ),
     # a rank failing in a 2-process run; item 13: every collective on the device NCCL requires
     Fault(
