@@ -407,6 +407,8 @@ FAULTS = [
     ),
     # item 8: the fast CPU path cannot be built
     Fault("no-c-compiler", N, 0, "could not be compiled, no working C compiler", "complete", inject=no_c_compiler),
+    # item 9: the memory figure separates the heap from mapped files
+    Fault("memory-figure", N, 0, "MiB heap (anonymous: the output shard being assembled", "complete"),
     # item 5: real signals (subprocess): the message says what is on disk
     Fault("sigint-reading", N, 130, "is as it was before the run", "as before", signal_at="reading", marks=[SLOW]),
     Fault(
@@ -469,7 +471,8 @@ def run_inline(argv: list[str], capsys) -> tuple[int, str]:
         code = cli.main(argv)
     except SystemExit as exit:  # argparse's own usage errors
         code = exit.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.err + " ".join(captured.out.split())  # rich wraps stdout lines: unwrapped here
 
 
 PHASE_HOOKS = textwrap.dedent(
