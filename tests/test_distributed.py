@@ -271,6 +271,7 @@ def _agreement_steps(rank: int, world: int, rules: str) -> dict:
     return result
 
 
+@pytest.mark.slow  # two spawned ranks: about 25 s on 2 busy cores
 @pytest.mark.parametrize("rules", ["gloo", "nccl"])
 def test_agreement_helper_on_gloo_and_under_nccl_rules(rules):
     """Each rank-agreement step gives the same answer under gloo and under NCCL's rule that collectives take
