@@ -1,11 +1,16 @@
-"""The ``moeq-triton`` command line.  Expected failures print one line and exit non-zero."""
+"""The ``moeq-triton`` command line.  Expected failures print one line and exit non-zero.
+
+Interrupts (SIGINT, SIGTERM) are expected too: the message says truthfully what is on disk.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -44,12 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
     q.add_argument("--max-shard-size", type=_size, default=_size("2GB"))
     q.add_argument("--batch-size", type=_size, default=_size("256MB"), help="source bytes held in memory at once")
+    q.add_argument(
+        "--allow-nonfinite-kept", action="store_true", help="carry kept (unquantized) tensors holding NaN/Inf through"
+    )
     ins = sub.add_parser("inspect", help="check a checkpoint: format, scales, non-finite values, engine verdicts")
     ins.add_argument("path", metavar="DIR", help="checkpoint directory (ours, ModelOpt's, or a source checkpoint)")
     ins.add_argument("--device", choices=["cuda", "cpu"], default=None, help="where the non-finite pass runs")
     demo = sub.add_parser("demo", help="quantize one synthetic MoE layer in memory and print a table")
-    demo.add_argument("--device", default=None)
+    demo.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
 
     import torch
 
@@ -66,21 +77,84 @@ def main(argv: list[str] | None = None) -> int:
         from .inspect import run_inspect
 
         return run_inspect(args.path, device)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return _quantize(args, FORMATS[args.format], device)
+    with _terminate_as_interrupt():
+        return _quantize(args, FORMATS[args.format], device)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+class _terminate_as_interrupt:
+    """Within the block (main thread only), SIGTERM raises Terminated; the previous handler comes back."""
+
+    def __enter__(self) -> None:
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(number, frame) -> None:
+        raise Terminated
+
+    def __exit__(self, *exc) -> None:
+        if self.installed:  # None: a handler set outside Python; the default is the closest restorable one
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def fast_path_note(device: str) -> str | None:
+    """A note when the CPU run lacks the compiled C loop (the torch references are much slower)."""
+    import torch
+
+    from . import kernels
+
+    if device != "cpu" or kernels.use_triton(torch.device("cpu")):
+        return None
+    slower = "quantization runs the torch references instead, several times slower (4.5x to 37x measured)"
+    if os.environ.get("MOEQ_TRITON_NATIVE", "1") == "0":
+        return f"note: MOEQ_TRITON_NATIVE=0 turns the fast CPU path off: {slower}"
+    if kernels.native.library() is None:
+        return (
+            f"note: the fast CPU path (kernels/nvfp4_cpu.c) could not be compiled, no working C compiler "
+            f"(cc, gcc or $CC): {slower}; install one (e.g. apt install gcc) to enable it"
+        )
+    return None
+
+
+def memory_line(peak) -> str:
+    """The memory figure: the heap peak (what --max-shard-size and --batch-size bound) apart from file-backed
+    pages (on CPU the source tensors are read zero-copy from the mapped shards)."""
+    if not peak.samples:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return f"peak memory (RSS, includes mapped source files): {rss:.0f} MiB"
+    return (
+        f"peak memory: {peak.anonymous / 2**20:.0f} MiB heap (anonymous: the output shard being assembled, "
+        "bounded by --max-shard-size, and the batch in work, bounded by --batch-size); "
+        f"file-backed pages (mapped source shards, libraries) up to {peak.file_backed / 2**20:.0f} MiB, "
+        "which the kernel can drop"
+    )
 
 
 def _quantize(args, fmt, device: str) -> int:
     from rich.console import Console
 
     from .checkpoint_io import CheckpointError
-    from .model_free import peak_memory_bytes, quantize_checkpoint, verify
+    from .collectives import PeerFailure
+    from .memory import MemorySampler
+    from .model_free import quantize_checkpoint, verify
     from .naming import UnsupportedArchitecture
 
     rank = int(os.environ.get("RANK", "0"))
     console = Console(stderr=False, quiet=rank != 0)
+    out = args.out or "the destination"
+    phase = "running"  # "committed" once the output is in place, then "verifying"
+
+    def committed() -> None:
+        nonlocal phase
+        phase = "committed"
+
     try:
         if args.model:
             source = args.model
@@ -90,12 +164,17 @@ def _quantize(args, fmt, device: str) -> int:
             source = str(default_checkpoint())
             console.print(f"No --model given: using the embedded SYNTHETIC Qwen3-MoE checkpoint at {source}")
         out = args.out or f"{os.path.basename(os.path.normpath(source))}-{fmt.name}"
-        with _progress(console) as progress:
+        note = fast_path_note(device)
+        if note and rank == 0:
+            print(f"moeq-triton: {note}", file=sys.stderr)
+        with MemorySampler() as peak, _progress(console) as progress:
             plan, stats, seconds = quantize_checkpoint(
                 source, out, fmt, args.experts_only, device, args.overwrite, args.max_shard_size, args.batch_size,
-                progress, tuple(args.exclude),
+                progress, tuple(args.exclude), args.allow_nonfinite_kept, committed,
             )  # fmt: skip
         console.print(_table(plan, stats, seconds, out, device))
+        for name in stats.nonfinite_kept:
+            print(f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr)
         from .serving import end_of_run_warning
 
         warning = end_of_run_warning(fmt.quant_algo, source_config(source))
@@ -104,6 +183,7 @@ def _quantize(args, fmt, device: str) -> int:
         if args.verify and rank == 0:
             from .checkpoint_io import SourceCheckpoint
 
+            phase = "verifying"
             problems = verify(out, SourceCheckpoint(source), plan, torch_device(device))
             if problems:
                 print(f"moeq-triton: verify failed for {out}: {problems[0]}", file=sys.stderr)
@@ -111,14 +191,21 @@ def _quantize(args, fmt, device: str) -> int:
             console.print(
                 f"verify: {out} reloads; every tensor present with its shape and dtype; re-quantization bitwise equal"
             )
-        console.print(f"peak memory (RSS): {peak_memory_bytes() / 2**20:.0f} MiB")
+        console.print(memory_line(peak))
         return 0
-    except (CheckpointError, UnsupportedArchitecture) as error:
+    except (CheckpointError, UnsupportedArchitecture, PeerFailure) as error:
         print(f"moeq-triton: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("moeq-triton: interrupted; nothing was written to the destination", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        if phase == "verifying":
+            said = f"{what} during --verify; {out} had been written completely, but it is not verified"
+        elif phase == "committed":
+            said = f"{what}; {out} had already been written completely"
+        else:
+            said = f"{what} before the output was complete; {out} is as it was before the run (nothing left behind)"
+        print(f"moeq-triton: {said}", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
 
 
 def source_config(source: str) -> dict:

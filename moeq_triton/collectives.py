@@ -6,6 +6,11 @@ that must agree over a group travels in one flat float32 buffer per group, and b
 moves, one all_reduce over the world exchanges a short signature of every rank's buffer layouts.
 All ranks evaluate the same table, so either all proceed or all raise the same clear error.
 
+The same module carries every other multi-rank step of the project (``rank_world``, ``agree``,
+``together``, ``barrier``, ``send_bytes``/``recv_bytes``, ``gather_objects``): the tensors of each
+collective live on the device its backend requires (CUDA for NCCL), chosen once in ``device_for``,
+and "agree on failure across ranks, rank 0 commits" is written once.
+
 Order: groups are reduced stage by stage (data parallel, then expert parallel, then tensor parallel,
 as ModelOpt does), and within a stage by member ranks.  Every rank thus follows one global order:
 no two ranks wait on each other in opposite orders (no deadlock), and a value replicated over a
@@ -17,7 +22,8 @@ torch.distributed only, not ModelOpt.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,10 +60,85 @@ def _hash(payload: str) -> int:
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=7).digest(), "little")
 
 
-def _device(group: dist.ProcessGroup | None) -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    )
+def device_for(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device for NCCL, else the CPU."""
+    return torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+class PeerFailure(RuntimeError):
+    """Raised on the ranks that did not fail themselves when another rank failed a step."""
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_environment(device_type: str) -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), NCCL for CUDA and gloo for the CPU;
+    a CUDA rank takes its LOCAL_RANK's device.  Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return rank_world()
+
+
+def agree(step: Callable[[], object], what: str) -> BaseException | None:
+    """Run ``step`` on every rank; if it fails on any rank, every rank returns an error (none hangs):
+    its own, or a PeerFailure naming the ranks that failed ``what``."""
+    failure: BaseException | None = None
+    try:
+        step()
+    except BaseException as error:  # returned to the caller on every rank, which re-raises
+        failure = error
+    rank, world = rank_world()
+    if world > 1:
+        flags = torch.zeros(world, dtype=torch.int32)
+        flags[rank] = 1 if failure else 0
+        flags = flags.to(device_for())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed = flags.cpu().nonzero().flatten().tolist()
+        if failed and failure is None:
+            failure = PeerFailure(f"rank {', '.join(map(str, failed))} failed while {what}")
+    return failure
+
+
+def together(step: Callable[[], object], what: str) -> None:
+    """``step()`` on every rank; when it fails on any rank, every rank raises."""
+    failure = agree(step, what)
+    if failure is not None:
+        raise failure
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def send_bytes(tensor: torch.Tensor, dst: int) -> None:
+    """A tensor's raw bytes to rank ``dst`` (no pickling), through the backend's device."""
+    dist.send(tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(device_for()), dst=dst)
+
+
+def recv_bytes(nbytes: int, src: int) -> torch.Tensor:
+    """``nbytes`` raw bytes from rank ``src``, returned as a CPU uint8 tensor."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device_for())
+    dist.recv(buffer, src=src)
+    return buffer.cpu()
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (small, picklable: names and shapes, never tensors), by rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def max_reduce(items: Sequence[SyncItem], member_of: Iterable[Group] = ()) -> int:
@@ -92,7 +173,7 @@ def max_reduce(items: Sequence[SyncItem], member_of: Iterable[Group] = ()) -> in
         chosen = members[key]
         if not chosen:
             continue  # the layout check proved every member of this group holds nothing for it
-        device = _device(groups[key])
+        device = device_for(groups[key])
         buffer = torch.cat([item.value.detach().reshape(-1).float().to(device) for item in chosen])
         dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=groups[key])
         collectives += 1
@@ -111,7 +192,7 @@ def _check_layouts(layout: dict[tuple[int, tuple[int, ...]], list[SyncItem]]) ->
         for slot, (key, chosen) in enumerate(layout.items()):
             signature = "|".join(f"{item.key}:{item.value.numel()}" for item in chosen)
             table[rank, slot] = torch.tensor([_hash(repr(key)), len(key[1]), _hash(signature), len(chosen)])
-    device = _device(None)
+    device = device_for(None)
     table = table.to(device)
     dist.all_reduce(table, op=dist.ReduceOp.SUM)
     problem = _judge(table.cpu())

@@ -24,10 +24,12 @@ import json
 import os
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from . import collectives
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
@@ -186,13 +188,8 @@ class ModelTensors:
         self.source_dir = Path(source_dir) if source_dir else None
         names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
         local = {n: (tuple(t.shape), names.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
-        self.rank, self.world = _rank_world()
-        per_rank = [local]
-        if self.world > 1:
-            import torch.distributed as dist
-
-            per_rank = [None] * self.world
-            dist.all_gather_object(per_rank, local)  # names and shapes only; tensors never pickle
+        self.rank, self.world = collectives.rank_world()
+        per_rank = collectives.gather_objects(local)  # names and shapes only; tensors never pickle
         self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self.owner: dict[str, int] = {}
         for rank, entries in enumerate(per_rank):
@@ -226,14 +223,6 @@ class ModelTensors:
         for file in EXTRA_FILES if self.source_dir else ():
             if (self.source_dir / file).is_file():
                 yield self.source_dir / file
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 # ---------------------------------------------------------------- export
@@ -273,71 +262,42 @@ def export_hf(
     made: list[AtomicCheckpointDir] = []
 
     def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
-        made.append(AtomicCheckpointDir(export_dir, overwrite))
+        made.append(AtomicCheckpointDir(export_dir, overwrite, protect=[source_dir] if source_dir else []))
         if source.rank == 0:
             made[0].create()
 
-    failure = _agree(prepare, source)
-    if failure is None:
-        try:
-            _write_shards(plan, source, made[0], progress)
-        except BaseException as error:  # every rank gets here together (see _write_shards)
-            failure = error
-    if failure is not None:
-        if source.rank == 0 and made:
-            made[0].abort()
-        raise failure
-    out = made[0]
-    if source.rank == 0:
-        write_metadata(plan, source, out)
-        out.commit()
-    _barrier(source)
+    def finish() -> None:
+        if source.rank == 0:
+            write_metadata(plan, source, made[0])
+            made[0].commit()
+
+    steps = (
+        (prepare, "checking the export directory"),
+        (lambda: _write_shards(plan, source, made[0], progress), "exporting shards"),  # agrees per step inside
+        (finish, "writing metadata"),
+    )
+    for step, what in steps:
+        failure = collectives.agree(step, what)
+        if failure is not None:
+            if source.rank == 0 and made:
+                made[0].abort()
+            raise failure
+    collectives.barrier()
     return Path(export_dir)
-
-
-def _agree(step: Callable[[], object], source: ModelTensors) -> BaseException | None:
-    """Run a step on every rank; if any rank fails, every rank returns an error (none hangs)."""
-    failure: BaseException | None = None
-    try:
-        step()
-    except BaseException as error:  # re-raised by the caller on every rank
-        failure = error
-    if source.world > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if failure else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and failure is None:
-            failure = CheckpointError("another rank failed during export; no checkpoint was written")
-    return failure
-
-
-def _barrier(source: ModelTensors) -> None:
-    if source.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
     """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes.
 
-    Every step that can fail on one rank alone runs ``_together``: a failure never leaves rank 0
-    waiting for bytes that will not come.
+    Every step that can fail on one rank alone runs through ``collectives.together``: a failure never
+    leaves rank 0 waiting for bytes that will not come.
     """
     for s, shard in enumerate(plan.shards):
         produced: dict[str, torch.Tensor] = {}
-        _together(source, _quantize_own, shard, source, plan, produced, progress)
-        _together(source, _gather_to_rank0, shard, source, plan, produced)
+        collectives.together(partial(_quantize_own, shard, source, plan, produced, progress), "quantizing")
+        collectives.together(partial(_gather_to_rank0, shard, source, plan, produced), "sending to rank 0")
         write = out.write_shard if source.rank == 0 else (lambda *_: None)
-        _together(source, write, shard_name(s, len(plan.shards)), produced)
-
-
-def _together(source: ModelTensors, fn: Callable, *args) -> None:
-    """``fn(*args)`` on every rank; when it fails on any rank, every rank raises."""
-    failure = _agree(lambda: fn(*args), source)
-    if failure is not None:
-        raise failure
+        collectives.together(partial(write, shard_name(s, len(plan.shards)), produced), "writing a shard")
 
 
 def _quantize_own(shard, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
@@ -356,8 +316,6 @@ def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str
     ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
     if source.world == 1:
         return
-    import torch.distributed as dist
-
     for unit in shard:
         owner = source.owner[unit.names[0]]
         if owner == 0:
@@ -365,16 +323,11 @@ def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str
         names = [o for n in unit.names for o in output_names(n, plan.fmt)] if unit.quantize else unit.names
         for name in names:
             if source.rank == owner:
-                dist.send(_raw(produced.pop(name)), dst=0)
+                collectives.send_bytes(produced.pop(name), dst=0)
             elif source.rank == 0:
                 shape, dtype = _output_layout(name, unit, source, plan)
-                buffer = torch.empty(int(torch.Size(shape).numel()) * dtype.itemsize, dtype=torch.uint8)
-                dist.recv(buffer, src=owner)
+                buffer = collectives.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=owner)
                 produced[name] = buffer.view(dtype).reshape(shape)
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[tuple[int, ...], torch.dtype]:

@@ -11,7 +11,6 @@ a single process writes.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint_format import Format
-from .checkpoint_io import INDEX, SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .kernels import (
     NonFiniteWeightError,
     dequantize_fp8_block_reference,
@@ -191,6 +190,32 @@ class Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
+    nonfinite_kept: list[str] = field(default_factory=list)  # kept tensors carried through with NaN/Inf
+
+
+def nonfinite_kept(
+    names: list[str], loaded: dict[str, torch.Tensor], source: SourceCheckpoint, allow: bool
+) -> list[str]:
+    """Kept floating-point tensors holding NaN/Inf, found by one grouped amax call; an error naming the
+    first (and how many) unless ``allow``."""
+    checked = [n for n in names if loaded[n].dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    checked = [n for n in checked if loaded[n].numel()]
+    bad: list[str] = []
+    while checked:  # one call when all are finite; a failure re-checks only the tensors after it
+        try:
+            grouped_amax([loaded[n].reshape(1, -1) if loaded[n].dim() < 2 else loaded[n] for n in checked])
+            break
+        except NonFiniteWeightError as error:
+            bad.append(checked[error.index])
+            checked = checked[error.index + 1 :]
+    bad += [n for n in names if loaded[n].dtype == torch.float64 and not bool(loaded[n].isfinite().all())]
+    if bad and not allow:
+        more = f" (and {len(bad) - 1} more kept tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{source.where(bad[0])}: kept tensor {bad[0]} contains NaN or Inf{more}; "
+            "pass --allow-nonfinite-kept to carry such tensors through"
+        )
+    return bad
 
 
 def _quantize_units(
@@ -276,8 +301,13 @@ def run_shards(
     world: int = 1,
     batch_bytes: int = 256 << 20,
     advance: Callable[[int], None] = lambda n: None,
+    allow_nonfinite_kept: bool = False,
 ) -> Stats:
-    """Produce this rank's shards (shard s belongs to rank s % world)."""
+    """Produce this rank's shards (shard s belongs to rank s % world).
+
+    Kept floating-point tensors are checked for NaN/Inf in one grouped amax call per batch (quantized
+    ones are checked by their own amax, no extra pass); with ``allow_nonfinite_kept`` they are carried
+    through and listed in ``Stats.nonfinite_kept``."""
     stats = Stats()
     for s, shard in enumerate(plan.shards):
         if s % world != rank:
@@ -290,6 +320,8 @@ def run_shards(
             if sampled:
                 sample = sampled.names[0]
                 stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+            kept = [u.names[0] for u in batch if not u.quantize]
+            stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
             for unit in batch:
                 if not unit.quantize:
                     result[unit.names[0]] = loaded[unit.names[0]]
@@ -338,9 +370,8 @@ def _pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> lis
 
 
 def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:
-    """Index, config.json with quantization_config, hf_quant_config.json, tokenizer/generation files."""
-    import shutil
-
+    """config.json with quantization_config, hf_quant_config.json, tokenizer/generation files, and
+    last the index (its metadata records every file written: the ownership record)."""
     weight_map: dict[str, str] = {}
     total = 0
     for s, shard in enumerate(plan.shards):
@@ -349,7 +380,6 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
                 for output in output_names(name, plan.fmt) if unit.quantize else [name]:
                     weight_map[output] = shard_name(s, len(plan.shards))
             total += unit.out_bytes
-    out.write_json(INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     config = dict(source.config)
     if plan.fmt is not None:
         config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
@@ -358,7 +388,8 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
             out.write_json("hf_quant_config.json", hf_quant_config)
     out.write_json("config.json", config)
     for extra in source.extra_files():
-        shutil.copy2(extra, out.partial / extra.name)
+        out.copy_file(extra)
+    out.write_index({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
@@ -411,10 +442,6 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def peak_memory_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def quantize_checkpoint(
     source_path: str | os.PathLike,
     destination: str | os.PathLike,
@@ -426,45 +453,55 @@ def quantize_checkpoint(
     batch_bytes: int = 256 << 20,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     exclude: tuple[str, ...] = (),
+    allow_nonfinite_kept: bool = False,
+    on_commit: Callable[[], None] = lambda: None,
 ) -> tuple[Plan, Stats, float]:
-    """The whole job in one process (rank/world from torchrun's environment when present)."""
-    import torch.distributed as dist
+    """The whole job in one process (rank/world from torchrun's environment when present).
+
+    Any failure on any rank (an error, an interrupt) leaves the destination as it was on every rank;
+    ``on_commit`` runs as soon as the complete output is in place."""
+    from . import collectives
 
     start = time.perf_counter()
-    source = SourceCheckpoint(source_path)
-    plan = make_plan(source, fmt, experts_only, max_shard_bytes, exclude)
-    out = AtomicCheckpointDir(destination, overwrite)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    if rank == 0:
-        out.create()
-    if distributed:
-        dist.barrier()
+    rank, world = collectives.init_from_environment(device)
+    made: dict = {}
+
+    def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
+        made["source"] = SourceCheckpoint(source_path)
+        made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
+        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
+        if rank == 0:
+            made["out"].create()
+
+    failure = collectives.agree(prepare, "reading the source and preparing the destination")
+    if failure is not None:
+        if rank == 0 and "out" in made:
+            made["out"].abort()
+        raise failure
+    source, plan, out = made["source"], made["plan"], made["out"]
     advance = (
         progress(rank, sum(u.in_bytes for s, sh in enumerate(plan.shards) if s % world == rank for u in sh))
         if progress
         else (lambda n: None)
     )
-    failure: BaseException | None = None
-    try:
-        stats = run_shards(plan, source, out, torch.device(device), rank, world, batch_bytes, advance)
-    except BaseException as error:  # agreed on by all ranks below, then re-raised
-        failure, stats = error, Stats()
-    if distributed:
-        flag = torch.tensor([1 if failure else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and failure is None:
-            failure = CheckpointError("another rank failed; no checkpoint was written")
-    if failure is not None:
+    stats = Stats()
+
+    def shards() -> None:
+        nonlocal stats
+        stats = run_shards(
+            plan, source, out, torch.device(device), rank, world, batch_bytes, advance, allow_nonfinite_kept
+        )
+
+    def finish() -> None:
         if rank == 0:
-            out.abort()
-        raise failure
-    if rank == 0:
-        write_metadata(plan, source, out)
-        out.commit()
-    if distributed:
-        dist.barrier()
+            write_metadata(plan, source, out)
+            out.commit(on_commit)
+
+    for step, what in ((shards, "quantizing and writing shards"), (finish, "writing metadata")):
+        failure = collectives.agree(step, what)
+        if failure is not None:
+            if rank == 0:
+                out.abort()
+            raise failure
+    collectives.barrier()
     return plan, stats, time.perf_counter() - start

@@ -8,7 +8,9 @@ test fails: a hang becomes a failure, never a stuck CI run.
 from __future__ import annotations
 
 import os
+import queue as queues
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -48,8 +50,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, t
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0) -> list[tuple[str, object]]:
-    """[(status, value)] by rank; status "ok" with fn's return value, or "error" with its message."""
+def run_ranks(
+    fn: Callable, world: int, *args, timeout_s: float = 240.0, env: dict[str, str] | None = None
+) -> list[tuple[str, object]]:
+    """[(status, value)] by rank; status "ok" with fn's return value, or "error" with its message.
+
+    env: variables set in every worker before it starts (and restored here afterwards).  A worker
+    that dies without answering fails the run at once instead of at the deadline."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -57,15 +64,32 @@ def run_ranks(fn: Callable, world: int, *args, timeout_s: float = 240.0) -> list
         ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, timeout_s / 2), daemon=True)
         for r in range(world)
     ]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, object]] = {}
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout_s)
-            results[rank] = (status, value)
-    except Exception as error:
-        raise WorkerError(f"only ranks {sorted(results)} answered within {timeout_s} s (hang?)") from error
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    results: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+                results[rank] = (status, value)
+                continue
+            except queues.Empty:
+                pass
+            dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+            if dead and queue.empty():
+                time.sleep(1.0)  # a last answer may still be in flight
+                if queue.empty():
+                    raise WorkerError(f"ranks {dead} died without answering (exit codes "
+                                      f"{[procs[r].exitcode for r in dead]})")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise WorkerError(f"only ranks {sorted(results)} answered within {timeout_s} s (hang?)")
     finally:
         for p in procs:
             p.join(timeout=10)

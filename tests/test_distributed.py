@@ -6,6 +6,8 @@ a hang fails the test instead of stalling CI.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from distributed_harness import run_ranks, values
 
@@ -223,3 +225,100 @@ def test_real_megatron_tensor_and_expert_parallel():
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["ours"] < result["theirs"], result
     print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
+
+
+# ---------------------------------------------------------------- the one rank-agreement helper
+
+
+def _agreement_steps(rank: int, world: int, rules: str) -> dict:
+    """Every step of collectives' helper, under gloo or under NCCL's rule (CPU tensors rejected)."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+    from pretend_nccl import NCCLRejectsCPUTensor, pretend_nccl
+
+    from moeq_triton import collectives
+
+    result: dict = {}
+    with pretend_nccl() if rules == "nccl" else contextlib.nullcontext():
+        try:  # the stand-in is really in force: a CPU tensor handed to a collective fails
+            dist.all_reduce(torch.ones(1))
+            result["cpu_tensor_accepted"] = True
+        except NCCLRejectsCPUTensor:
+            result["cpu_tensor_accepted"] = False
+        result["device"] = collectives.device_for().type
+
+        def fail_on_rank_1() -> None:
+            if rank == 1:
+                raise ValueError("injected on rank 1")
+
+        failure = collectives.agree(fail_on_rank_1, "testing agreement")
+        result["failure"] = f"{type(failure).__name__}: {failure}"
+        result["success"] = collectives.agree(lambda: None, "testing agreement")
+        payload = torch.tensor([1.5, float("nan"), -0.0, float("inf")]) * (rank + 1)
+        if rank == 1:
+            collectives.send_bytes(payload, dst=0)
+        else:
+            received = collectives.recv_bytes(payload.numel() * 4, src=1)
+            result["received"] = received.view(torch.float32).view(torch.int32).tolist()
+            result["received_on"] = received.device.type
+        result["objects"] = collectives.gather_objects({"rank": rank})
+        item = collectives.SyncItem("x", torch.tensor([float(rank), 1.0 - rank]), [(collectives.DATA, None)])
+        result["collectives"] = collectives.max_reduce([item])
+        result["reduced"] = item.value.tolist()
+        collectives.barrier()
+    return result
+
+
+@pytest.mark.slow  # two spawned ranks: about 25 s on 2 busy cores
+@pytest.mark.parametrize("rules", ["gloo", "nccl"])
+def test_agreement_helper_on_gloo_and_under_nccl_rules(rules):
+    """Each rank-agreement step gives the same answer under gloo and under NCCL's rule that collectives take
+    CUDA tensors only (tests/pretend_nccl.py): the device comes from the backend, every time."""
+    import torch
+
+    results = values(run_ranks(_agreement_steps, 2, rules, timeout_s=180))
+    two = torch.tensor([1.5, float("nan"), -0.0, float("inf")]) * 2
+    for result in results:
+        assert result["cpu_tensor_accepted"] == (rules == "gloo")
+        assert result["device"] == ("cuda" if rules == "nccl" else "cpu")
+        assert result["success"] is None
+        assert result["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert result["collectives"] == 2 and result["reduced"] == [1.0, 1.0]
+    assert results[0]["failure"] == "PeerFailure: rank 1 failed while testing agreement"
+    assert results[1]["failure"] == "ValueError: injected on rank 1"
+    assert results[0]["received"] == two.view(torch.int32).tolist() and results[0]["received_on"] == "cpu"
+
+
+def _expert_parallel_export(rank: int, world: int, out: str, rules: str) -> list[str]:
+    import contextlib
+    import os
+
+    from megatron.core import parallel_state
+    from pretend_nccl import pretend_nccl
+    from test_megatron_export import gpt_moe, hf_config
+
+    import moeq_triton
+
+    os.environ["TRITON_INTERPRET"] = "0"
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    try:
+        model = gpt_moe(ep_rank=parallel_state.get_expert_model_parallel_rank(), ep_size=world)
+        with pretend_nccl() if rules == "nccl" else contextlib.nullcontext():
+            moeq_triton.export_hf(model, out, hf_config(), fmt="nvfp4", max_shard_bytes=40_000)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return sorted(os.listdir(out))
+
+
+@pytest.mark.slow
+def test_expert_parallel_export_under_nccl_rules(tmp_path):
+    """EP=2 export (gather of names, per-shard agreement, send/recv of bytes to rank 0) under NCCL's rule
+    writes the same files, byte for byte, as one process."""
+    reference, two = tmp_path / "one", tmp_path / "two"
+    values(run_ranks(_expert_parallel_export, 1, str(reference), "gloo", timeout_s=300))
+    files = values(run_ranks(_expert_parallel_export, 2, str(two), "nccl", timeout_s=300))
+    assert files[0] == sorted(os.listdir(reference)) and len(files[0]) > 4
+    for name in files[0]:
+        assert (two / name).read_bytes() == (reference / name).read_bytes(), name
