@@ -23,6 +23,7 @@ from .kernels import (
     reset_launch_counts,
     use_triton,
 )
+from .synthetic import heavy_tailed
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,12 @@ class SyntheticMoELayer:
     def weights(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked fc1 [E, 2I, H] and fc2 [E, H, I]: cubed normals, a few 30x outlier input channels."""
         gen = torch.Generator().manual_seed(self.seed)
-        fc1 = torch.randn(self.experts, 2 * self.moe_intermediate, self.hidden, generator=gen) ** 3
-        fc2 = torch.randn(self.experts, self.hidden, self.moe_intermediate, generator=gen) ** 3
-        fc1[..., torch.randint(0, self.hidden, (4,), generator=gen)] *= 30.0
-        fc2[..., torch.randint(0, self.moe_intermediate, (4,), generator=gen)] *= 30.0
-        return (fc1 * 0.02).to(dtype), (fc2 * 0.02).to(dtype)
+        shapes = (
+            (self.experts, 2 * self.moe_intermediate, self.hidden),
+            (self.experts, self.hidden, self.moe_intermediate),
+        )
+        fc1, fc2 = (heavy_tailed(s, gen, dtype, scale=0.02, outlier_columns=4) for s in shapes)
+        return fc1, fc2
 
 
 def run_demo(device: str = "cpu", console: Console | None = None) -> dict[str, float]:
