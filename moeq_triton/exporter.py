@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .kernels.formats import NVFP4_BLOCK_SIZE
 from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
 from .naming import FAMILIES
 from .naming.megatron import hf_name
@@ -151,7 +152,7 @@ def detect_format(model: torch.nn.Module) -> Format | None:
                 f"{name} was calibrated with {type(calibrator).__name__}; export_hf recomputes max amaxes "
                 "and would drop that calibration: use ModelOpt's exporter"
             )
-        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == 16:
+        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == NVFP4_BLOCK_SIZE:
             found.add("nvfp4")
         elif module.num_bits == (4, 3) and _is_fp8_2d_block(module.block_sizes):
             found.add("fp8-block")

@@ -32,6 +32,7 @@ from .kernels import (
     quantize_fp8_block,
     quantize_nvfp4,
 )
+from .kernels.formats import NVFP4_BLOCK_SIZE
 from .naming import PASS, QUANTIZE, Decision, naming_for
 from .reading import ExpertSlice, fp8_block_scales, read_units, split_experts
 
@@ -147,13 +148,17 @@ def make_plan(
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
-        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or (fmt.is_nvfp4 and inner % 16):
+        if (
+            (dtype not in QUANTIZABLE_DTYPES and not inv)
+            or len(shape) != dims
+            or (fmt.is_nvfp4 and inner % NVFP4_BLOCK_SIZE)
+        ):
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
                 f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
                 "(or block-scaled FP8) weight"
                 + (
-                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of 16"
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {NVFP4_BLOCK_SIZE}"
                     if fmt.is_nvfp4
                     else ""
                 )
@@ -262,7 +267,8 @@ def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torc
     return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
 
 
-def _relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    """Max and mean of |values - original| / max|original| (the figures the command and the demo report)."""
     err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
     return float(err.max()), float(err.mean())
 
@@ -289,7 +295,7 @@ def run_shards(
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]
-                stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+                stats.errors.append(relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
             for unit in batch:
                 if not unit.quantize:
                     result[unit.names[0]] = loaded[unit.names[0]]
