@@ -12,11 +12,10 @@ import pytest
 import torch
 from moeq_triton.kernels import quantize_fp8, quantize_nvfp4
 
-from moeq_triton.model_shapes import MoEShape
+from benchmarks import run
+from benchmarks.common import MoEShape
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import run  # noqa: E402
 
 TINY = MoEShape("tiny", hidden=64, moe_intermediate=32, experts=4, moe_layers=2)
 

@@ -25,8 +25,8 @@ from moeq_triton.kernels import (
 )
 from moeq_triton.kernels.formats import E4M3_MAX, FP8_BLOCK_SIZE
 
+from benchmarks.common import MODEL_SHAPES
 from moeq_triton import synthetic
-from moeq_triton.model_shapes import MODEL_SHAPES
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BLOCKS = {-1: FP8_BLOCK_SIZE, -2: FP8_BLOCK_SIZE}
