@@ -168,7 +168,7 @@ def tiny_qwen3_moe_config(moe_intermediate: int, hidden: int = 192):
 
 
 def saved_source(path, moe_intermediate: int, seed: int = 0) -> str:
-    from test_modelopt_backend import heavy_tailed_
+    from models import heavy_tailed_
     from transformers import Qwen3MoeForCausalLM
 
     model = heavy_tailed_(Qwen3MoeForCausalLM(tiny_qwen3_moe_config(moe_intermediate)).to(torch.bfloat16), seed)
@@ -301,7 +301,7 @@ def test_export_hf_fp8_block_of_a_plain_model_equals_the_command(tmp_path, monke
     """export_hf(fmt="fp8-block") of a model without quantizers, on a 2-layer model with 32-row experts (a
     single partial block each): the same files as the command on the saved model; load_hf dequantizes."""
     from assertions import checkpoint_tensors
-    from test_modelopt_backend import tiny_qwen3_moe
+    from models import tiny_qwen3_moe
 
     import moeq_triton
     from moeq_triton.cli import main
