@@ -49,10 +49,10 @@ def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch.Tensor]:
     """A Megatron-Core GPTModel (Qwen3-MoE layout) under Hugging Face names; experts under global indices.
 
-    Fused QKV rows are grouped per query group [q heads of the group, k, v]; fused fc1 rows are
+    Fused QKV rows come per KV head [the q heads that share it, k, v]; fused fc1 rows are
     [gate; up].  Local spec (SequentialMLP) and TE spec (TEGroupedMLP: ``linear_fc1.weight{e}``) alike.
     """
-    heads, groups = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
     first_expert = _first_local_expert(model)
     out: dict[str, torch.Tensor] = {}
@@ -66,8 +66,8 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch
         match = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", name)
         if match:
             prefix = f"model.layers.{match.group(1)}.self_attn"
-            per_group = tensor.view(groups, (heads // groups + 2) * head_dim, -1)
-            q, k, v = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+            per_kv_head = tensor.view(kv_heads, (heads // kv_heads + 2) * head_dim, -1)
+            q, k, v = per_kv_head.split([heads // kv_heads * head_dim, head_dim, head_dim], dim=1)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 out[f"{prefix}.{proj}.weight"] = part.reshape(-1, tensor.shape[-1])
             continue

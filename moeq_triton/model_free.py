@@ -133,7 +133,7 @@ def make_plan(
     quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
     routed = {n for n in quantized if decisions[n].routed}
     keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
-    groups: dict[str, Unit] = {}
+    unit_of_key: dict[str, Unit] = {}
     units: list[Unit] = []
     exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
     for name, decision in decisions.items():
@@ -169,10 +169,10 @@ def make_plan(
                 "stacked experts (use nvfp4 or fp8)"
             )
         key = keys[name]
-        if key not in groups:
-            groups[key] = Unit([], True, 0, 0, transposed=transposed)
-            units.append(groups[key])
-        unit = groups[key]
+        if key not in unit_of_key:
+            unit_of_key[key] = Unit([], True, 0, 0, transposed=transposed)
+            units.append(unit_of_key[key])
+        unit = unit_of_key[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
         unit.load_bytes += held or nbytes(name)
@@ -223,12 +223,12 @@ def _quantize_units(
     except NonFiniteWeightError as error:
         name = names[error.index]
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-    owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
-    group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
+    unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
+    scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
     if fmt.is_nvfp4:
-        results = quantize_nvfp4(weights, group_max)
+        results = quantize_nvfp4(weights, scale_group_amax)
     else:
-        results = quantize_fp8(weights, None if fmt.per_channel else group_max, per_channel=fmt.per_channel)
+        results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
     out: dict[str, torch.Tensor] = {}
     for name, t, q in zip(names, transposed, results):
         for output, tensor in zip(output_names(name, fmt), q):
@@ -331,7 +331,7 @@ def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: tor
 
 
 def _pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
-    """Consecutive units in groups of at most ``budget`` bytes (a larger unit stands alone)."""
+    """Consecutive units in packs of at most ``budget`` bytes (a larger unit stands alone)."""
     packs: list[list[Unit]] = [[]]
     size = 0
     for unit in units:
