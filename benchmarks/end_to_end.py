@@ -60,13 +60,15 @@ def medium_checkpoint(root: Path) -> Path:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from moeq_triton.synthetic import heavy_tailed
+
     config = Qwen3MoeConfig(**MEDIUM)
     config.architectures = ["Qwen3MoeForCausalLM"]
     model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(((torch.randn(p.shape, generator=gen) ** 3) * 0.02).to(p.dtype))
+            p.copy_(heavy_tailed(p.shape, gen, p.dtype, scale=0.02))
     model.save_pretrained(path, max_shard_size="400MB")
     return path
 

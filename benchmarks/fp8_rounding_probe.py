@@ -16,6 +16,8 @@ import torch
 from modelopt.torch.export.model_config import QUANTIZATION_FP8
 from modelopt.torch.export.quant_utils import to_quantized_weight
 
+from moeq_triton.synthetic import heavy_tailed
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -23,7 +25,7 @@ def main() -> None:
     device = parser.parse_args().device
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
-        w = ((torch.randn(512, 512, generator=gen) ** 3) * 7).to(dtype).to(device)
+        w = heavy_tailed((512, 512), gen, dtype, scale=7.0).to(device)
         scale = (w.abs().amax().float() / 448.0).to(device)  # as the exporter computes it: float32, 0-dim
         modelopt = to_quantized_weight(w, scale, QUANTIZATION_FP8).view(torch.uint8)
         candidates = {

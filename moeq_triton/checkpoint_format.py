@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import __version__  # noqa: F401 (the package init is light)
+from .kernels.formats import NVFP4_BLOCK_SIZE
 
 PRODUCER = {"name": "moeq-triton", "version": __version__}
 
@@ -32,11 +33,6 @@ class Format:
     def is_nvfp4(self) -> bool:
         return self.quant_algo == "W4A16_NVFP4"
 
-    @property
-    def shares_qkv_scale(self) -> bool:
-        """ModelOpt unifies q/k/v global amax for NVFP4 only; FP8 keeps one scale per projection."""
-        return self.is_nvfp4
-
     def hf_quant_config(self, exclude_modules: list[str]) -> dict | None:
         """hf_quant_config.json, or None where the file must be absent (fp8-block: TensorRT-LLM treats the
         file as authoritative and would read a modelopt quant_algo from it instead of config.json)."""
@@ -44,7 +40,7 @@ class Format:
             return None
         quantization = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": None}
         if self.is_nvfp4:
-            quantization["group_size"] = 16
+            quantization["group_size"] = NVFP4_BLOCK_SIZE
         quantization["exclude_modules"] = sorted(exclude_modules)
         return {"producer": dict(PRODUCER), "quantization": quantization}
 
@@ -55,7 +51,7 @@ class Format:
             return {**FP8_BLOCK_CONFIG, "ignored_layers": kept, "modules_to_not_convert": list(kept)}
         config: dict = {}
         if self.is_nvfp4:
-            weights = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+            weights = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK_SIZE}
             config["config_groups"] = {"group_0": {"weights": weights, "targets": ["Linear"]}}
         elif not self.per_channel:
             eight_bit = {"dynamic": False, "num_bits": 8, "type": "float"}

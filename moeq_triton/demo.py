@@ -23,6 +23,8 @@ from .kernels import (
     reset_launch_counts,
     use_triton,
 )
+from .model_free import relative_error
+from .synthetic import heavy_tailed
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,12 @@ class SyntheticMoELayer:
     def weights(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked fc1 [E, 2I, H] and fc2 [E, H, I]: cubed normals, a few 30x outlier input channels."""
         gen = torch.Generator().manual_seed(self.seed)
-        fc1 = torch.randn(self.experts, 2 * self.moe_intermediate, self.hidden, generator=gen) ** 3
-        fc2 = torch.randn(self.experts, self.hidden, self.moe_intermediate, generator=gen) ** 3
-        fc1[..., torch.randint(0, self.hidden, (4,), generator=gen)] *= 30.0
-        fc2[..., torch.randint(0, self.moe_intermediate, (4,), generator=gen)] *= 30.0
-        return (fc1 * 0.02).to(dtype), (fc2 * 0.02).to(dtype)
+        shapes = (
+            (self.experts, 2 * self.moe_intermediate, self.hidden),
+            (self.experts, self.hidden, self.moe_intermediate),
+        )
+        fc1, fc2 = (heavy_tailed(s, gen, dtype, scale=0.02, outlier_columns=4) for s in shapes)
+        return fc1, fc2
 
 
 def run_demo(device: str = "cpu", console: Console | None = None) -> dict[str, float]:
@@ -64,13 +67,13 @@ def run_demo(device: str = "cpu", console: Console | None = None) -> dict[str, f
     nvfp4 = quantize_nvfp4(weights, amax)
     nvfp4_seconds = time.perf_counter() - start
     deq = [dequantize_nvfp4_reference(q) for q in nvfp4]
-    rows.append(("NVFP4 (W4A16)", nvfp4, nvfp4_seconds, _relative_error(weights, deq)))
+    rows.append(("NVFP4 (W4A16)", nvfp4, nvfp4_seconds, _relative_errors(weights, deq)))
 
     start = time.perf_counter()
     fp8 = quantize_fp8(weights, amax)
     fp8_seconds = time.perf_counter() - start
     deq = [q.weight.float() * q.weight_scale for q in fp8]
-    rows.append(("FP8 per tensor", fp8, fp8_seconds, _relative_error(weights, deq)))
+    rows.append(("FP8 per tensor", fp8, fp8_seconds, _relative_errors(weights, deq)))
 
     table = Table(title=f"{len(weights)} expert weights, {bytes_in / 1e6:.1f} MB in (bf16)")
     for column in ("format", "tensors", "MB out", "seconds", "MB/s", "max rel. err", "mean rel. err"):
@@ -95,6 +98,8 @@ def run_demo(device: str = "cpu", console: Console | None = None) -> dict[str, f
     return summary
 
 
-def _relative_error(weights: list[torch.Tensor], dequantized: list[torch.Tensor]) -> tuple[float, float]:
-    errors = [((d.float() - w.float()).abs() / w.float().abs().amax()) for w, d in zip(weights, dequantized)]
-    return max(float(e.max()) for e in errors), float(torch.cat([e.flatten() for e in errors]).mean())
+def _relative_errors(weights: list[torch.Tensor], dequantized: list[torch.Tensor]) -> tuple[float, float]:
+    """Max and mean (over all elements of all tensors) of ``relative_error``'s per-tensor figures."""
+    errors = [relative_error(w, d) for w, d in zip(weights, dequantized)]
+    sizes = [w.numel() for w in weights]
+    return max(e[0] for e in errors), sum(e[1] * n for e, n in zip(errors, sizes)) / sum(sizes)

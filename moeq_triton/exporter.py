@@ -32,6 +32,7 @@ import torch
 from . import collectives
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from .kernels.formats import NVFP4_BLOCK_SIZE
 from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
 from .naming import FAMILIES
 from .naming.megatron import hf_name
@@ -50,10 +51,10 @@ def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch.Tensor]:
     """A Megatron-Core GPTModel (Qwen3-MoE layout) under Hugging Face names; experts under global indices.
 
-    Fused QKV rows are grouped per query group [q heads of the group, k, v]; fused fc1 rows are
+    Fused QKV rows come per KV head [the q heads that share it, k, v]; fused fc1 rows are
     [gate; up].  Local spec (SequentialMLP) and TE spec (TEGroupedMLP: ``linear_fc1.weight{e}``) alike.
     """
-    heads, groups = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
     first_expert = _first_local_expert(model)
     out: dict[str, torch.Tensor] = {}
@@ -67,8 +68,8 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch
         match = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", name)
         if match:
             prefix = f"model.layers.{match.group(1)}.self_attn"
-            per_group = tensor.view(groups, (heads // groups + 2) * head_dim, -1)
-            q, k, v = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+            per_kv_head = tensor.view(kv_heads, (heads // kv_heads + 2) * head_dim, -1)
+            q, k, v = per_kv_head.split([heads // kv_heads * head_dim, head_dim, head_dim], dim=1)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 out[f"{prefix}.{proj}.weight"] = part.reshape(-1, tensor.shape[-1])
             continue
@@ -153,7 +154,7 @@ def detect_format(model: torch.nn.Module) -> Format | None:
                 f"{name} was calibrated with {type(calibrator).__name__}; export_hf recomputes max amaxes "
                 "and would drop that calibration: use ModelOpt's exporter"
             )
-        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == 16:
+        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == NVFP4_BLOCK_SIZE:
             found.add("nvfp4")
         elif module.num_bits == (4, 3) and _is_fp8_2d_block(module.block_sizes):
             found.add("fp8-block")

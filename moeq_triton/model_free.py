@@ -31,6 +31,7 @@ from .kernels import (
     quantize_fp8_block,
     quantize_nvfp4,
 )
+from .kernels.formats import NVFP4_BLOCK_SIZE
 from .naming import PASS, QUANTIZE, Decision, naming_for
 from .reading import ExpertSlice, fp8_block_scales, read_units, split_experts
 
@@ -131,7 +132,7 @@ def make_plan(
     quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
     routed = {n for n in quantized if decisions[n].routed}
     keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
-    groups: dict[str, Unit] = {}
+    unit_of_key: dict[str, Unit] = {}
     units: list[Unit] = []
     exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
     for name, decision in decisions.items():
@@ -146,13 +147,17 @@ def make_plan(
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
-        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or (fmt.is_nvfp4 and inner % 16):
+        if (
+            (dtype not in QUANTIZABLE_DTYPES and not inv)
+            or len(shape) != dims
+            or (fmt.is_nvfp4 and inner % NVFP4_BLOCK_SIZE)
+        ):
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
                 f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
                 "(or block-scaled FP8) weight"
                 + (
-                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of 16"
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {NVFP4_BLOCK_SIZE}"
                     if fmt.is_nvfp4
                     else ""
                 )
@@ -163,10 +168,10 @@ def make_plan(
                 "stacked experts (use nvfp4 or fp8)"
             )
         key = keys[name]
-        if key not in groups:
-            groups[key] = Unit([], True, 0, 0, transposed=transposed)
-            units.append(groups[key])
-        unit = groups[key]
+        if key not in unit_of_key:
+            unit_of_key[key] = Unit([], True, 0, 0, transposed=transposed)
+            units.append(unit_of_key[key])
+        unit = unit_of_key[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
         unit.load_bytes += held or nbytes(name)
@@ -243,12 +248,12 @@ def _quantize_units(
     except NonFiniteWeightError as error:
         name = names[error.index]
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-    owner = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
-    group_max = torch.zeros(len(units), device=amax.device).scatter_reduce(0, owner, amax, "amax")[owner]
+    unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
+    scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
     if fmt.is_nvfp4:
-        results = quantize_nvfp4(weights, group_max)
+        results = quantize_nvfp4(weights, scale_group_amax)
     else:
-        results = quantize_fp8(weights, None if fmt.per_channel else group_max, per_channel=fmt.per_channel)
+        results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
     out: dict[str, torch.Tensor] = {}
     for name, t, q in zip(names, transposed, results):
         for output, tensor in zip(output_names(name, fmt), q):
@@ -287,7 +292,8 @@ def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torc
     return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
 
 
-def _relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    """Max and mean of |values - original| / max|original| (the figures the command and the demo report)."""
     err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
     return float(err.max()), float(err.mean())
 
@@ -319,7 +325,7 @@ def run_shards(
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]
-                stats.errors.append(_relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+                stats.errors.append(relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
             kept = [u.names[0] for u in batch if not u.quantize]
             stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
             for unit in batch:
@@ -357,7 +363,7 @@ def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: tor
 
 
 def _pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
-    """Consecutive units in groups of at most ``budget`` bytes (a larger unit stands alone)."""
+    """Consecutive units in packs of at most ``budget`` bytes (a larger unit stands alone)."""
     packs: list[list[Unit]] = [[]]
     size = 0
     for unit in units:

@@ -1,37 +1,7 @@
-"""Expert weight shapes of real MoE models, shared by tests (shrunk) and benchmarks (full size).
+"""Moved to ``benchmarks/common.py`` (not shipped in the wheel); this re-export remains until
+benchmarks/run.py, tile_sweep.py, test_throughput.py and tests/test_kernels.py import from there."""
 
-Taken from the models' Hugging Face configs: fc1 is the fused gate+up projection [2 * moe_intermediate,
-hidden] (Megatron's linear_fc1), fc2 the down projection [hidden, moe_intermediate].
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class MoEShape:
-    name: str
-    hidden: int
-    moe_intermediate: int
-    experts: int
-    moe_layers: int
-
-    @property
-    def fc1(self) -> tuple[int, int]:
-        return (2 * self.moe_intermediate, self.hidden)
-
-    @property
-    def fc2(self) -> tuple[int, int]:
-        return (self.hidden, self.moe_intermediate)
-
-    def expert_bytes_per_layer(self, bytes_per_element: int = 2) -> int:
-        (a, b), (c, d) = self.fc1, self.fc2
-        return self.experts * (a * b + c * d) * bytes_per_element
-
-
-QWEN3_30B_A3B = MoEShape("Qwen3-30B-A3B", hidden=2048, moe_intermediate=768, experts=128, moe_layers=48)
-QWEN3_235B_A22B = MoEShape("Qwen3-235B-A22B", hidden=4096, moe_intermediate=1536, experts=128, moe_layers=94)
-DEEPSEEK_V3 = MoEShape("DeepSeek-V3", hidden=7168, moe_intermediate=2048, experts=256, moe_layers=58)
-
-MODEL_SHAPES = (QWEN3_30B_A3B, QWEN3_235B_A22B, DEEPSEEK_V3)
+try:
+    from benchmarks.common import DEEPSEEK_V3, MODEL_SHAPES, QWEN3_30B_A3B, QWEN3_235B_A22B, MoEShape  # noqa: F401
+except ImportError:  # a script run from benchmarks/ has that folder, not the repository root, on sys.path
+    from common import DEEPSEEK_V3, MODEL_SHAPES, QWEN3_30B_A3B, QWEN3_235B_A22B, MoEShape  # noqa: F401

@@ -22,6 +22,29 @@ SHAPE = dict(
 )  # fmt: skip
 
 
+def heavy_tailed(
+    shape: tuple[int, ...] | torch.Size,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    *,
+    scale: float = 1.0,
+    outlier_columns: int = 0,
+    outlier_gain: float = 30.0,
+) -> torch.Tensor:
+    """Cubed standard normals times ``scale``, with ``outlier_columns`` random input channels (last axis)
+    multiplied by ``outlier_gain``: block scales then span many binades, as real weights' do.
+
+    The one generator of heavy-tailed weights (default checkpoint, demo, tests, benchmarks); drawn on the
+    CPU from ``generator`` so a seed gives the same tensor everywhere.
+    """
+    w = torch.randn(shape, generator=generator) ** 3
+    if scale != 1.0:
+        w = w * scale
+    if outlier_columns:
+        w[..., torch.randint(0, shape[-1], (outlier_columns,), generator=generator)] *= outlier_gain
+    return w.to(dtype)
+
+
 def default_checkpoint(seed: int = 0) -> Path:
     """Path of the default checkpoint, generated (atomically) if it is not there yet."""
     path = cache_dir() / NAME
@@ -45,9 +68,7 @@ def default_checkpoint(seed: int = 0) -> Path:
             if "norm" in name:
                 p.fill_(1.0)
                 continue
-            w = (torch.randn(p.shape, generator=gen) ** 3) * 0.02
-            w[..., torch.randint(0, p.shape[-1], (max(1, p.shape[-1] // 64),), generator=gen)] *= 30.0
-            p.copy_(w.to(p.dtype))
+            p.copy_(heavy_tailed(p.shape, gen, p.dtype, scale=0.02, outlier_columns=max(1, p.shape[-1] // 64)))
     partial = path.parent / f".{NAME}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, max_shard_size="20MB")

@@ -12,11 +12,10 @@ import pytest
 import torch
 from moeq_triton.kernels import quantize_fp8, quantize_nvfp4
 
-from moeq_triton.model_shapes import MoEShape
+from benchmarks import run
+from benchmarks.common import MoEShape
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import run  # noqa: E402
 
 TINY = MoEShape("tiny", hidden=64, moe_intermediate=32, experts=4, moe_layers=2)
 
@@ -66,9 +65,12 @@ def test_quick_run_writes_a_complete_table(tmp_path):
     rows = {r["row"]: r for r in result["rows"]}
     assert set(rows) == {"grouped_amax", "quantize_nvfp4", "quantize_fp8", "mtq.calibrate weights (triton_grouped)"}
     weights = run.expert_views(run.MODEL_SHAPES[0], 1, 4, "cpu")
-    for name, r in rows.items():
-        expected = run.bytes_moved("calibration" if name.startswith("mtq") else name, weights)
-        assert r["bytes"] == expected and r["seconds"] > 0 and r["speed_of_light_s"] > 0
+    read = sum(w.numel() * w.element_size() for w in weights)
+    for name, r in rows.items():  # stated from the formats (WRITTEN), not from run.bytes_moved that wrote them
+        per_element, per_tensor = WRITTEN.get(name, (0, 0))
+        expected = read + int(sum(w.numel() for w in weights) * per_element) + per_tensor * len(weights)
+        assert r["bytes"] == expected, (name, r["bytes"], expected)
+        assert r["seconds"] > 0 and r["speed_of_light_s"] > 0, (name, r)
     assert rows["quantize_nvfp4"]["modelopt_s"] and rows["quantize_nvfp4"]["loop_s"]
     assert result["sweep"] and result["copy_bandwidth_bytes_per_s"] > 0
     assert torch.__version__.split("+")[0] in json.dumps(result["versions"])

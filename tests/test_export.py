@@ -10,7 +10,7 @@ import pytest
 import torch
 from assertions import assert_bitwise_equal, checkpoint_tensors, config_without
 from modelopt.torch.export import export_hf_checkpoint
-from test_modelopt_backend import tiny_qwen3_moe, without_inputs
+from models import tiny_qwen3_moe, without_inputs
 
 import moeq_triton
 from moeq_triton.checkpoint_io import CheckpointError

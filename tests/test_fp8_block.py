@@ -25,7 +25,8 @@ from moeq_triton.kernels import (
 )
 from moeq_triton.kernels.formats import E4M3_MAX, FP8_BLOCK_SIZE
 
-from moeq_triton.model_shapes import MODEL_SHAPES
+from benchmarks.common import MODEL_SHAPES
+from moeq_triton import synthetic
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BLOCKS = {-1: FP8_BLOCK_SIZE, -2: FP8_BLOCK_SIZE}
@@ -49,11 +50,9 @@ def modelopt_fp8_block(w: torch.Tensor) -> FP8BlockWeight:
     return FP8BlockWeight(codes, scale.reshape(bn, bk))
 
 
-def heavy_tailed(shape, dtype, gen: torch.Generator) -> torch.Tensor:
+def heavy_tailed_blocks(shape, dtype, gen: torch.Generator) -> torch.Tensor:
     """Cubed normals with outlier columns and one quiet block row, so block scales span many binades."""
-    w = torch.randn(shape, generator=gen) ** 3
-    cols = torch.randint(0, shape[-1], (max(1, shape[-1] // 32),), generator=gen)
-    w[..., cols] *= 40.0
+    w = synthetic.heavy_tailed(shape, gen, outlier_columns=max(1, shape[-1] // 32), outlier_gain=40.0)
     if shape[0] > FP8_BLOCK_SIZE:
         w[FP8_BLOCK_SIZE:] *= 1e-3
     return w.to(dtype).to(TEST_DEVICE)
@@ -68,7 +67,7 @@ def ragged_list(seed: int, dtype) -> list[torch.Tensor]:
     for m in MODEL_SHAPES:  # an expert's gate_proj [moe_intermediate, hidden], shrunk, off the boundary
         shapes.append((min(m.moe_intermediate // 8 + 3, 264), min(m.hidden // 16 + 5, 200)))
     rng.shuffle(shapes)
-    return [heavy_tailed(s, dtype, gen) for s in shapes]
+    return [heavy_tailed_blocks(s, dtype, gen) for s in shapes]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,8 +86,8 @@ def test_kernel_equals_reference_and_modelopt(dtype):
 
 def test_one_launch_per_dtype_for_all_tensors():
     gen = torch.Generator().manual_seed(7)
-    weights = [heavy_tailed((130, 40), torch.bfloat16, gen) for _ in range(3)]
-    weights += [heavy_tailed((20, 140), torch.float16, gen) for _ in range(2)]
+    weights = [heavy_tailed_blocks((130, 40), torch.bfloat16, gen) for _ in range(3)]
+    weights += [heavy_tailed_blocks((20, 140), torch.float16, gen) for _ in range(2)]
     reset_launch_counts()
     quantize_fp8_block(weights)
     expected = {"fp8_block": 2} if TEST_DEVICE.type == "cuda" or _interpreting() else {}
@@ -128,7 +127,7 @@ def test_dequantized_within_the_format_error():
     """|dequant - w| <= half an E4M3 step of the block's largest binade: 2^-4 of the block amax (3 mantissa
     bits), measured per block; a wrong scale layout (transposed, shifted) breaks this bound."""
     gen = torch.Generator().manual_seed(11)
-    w = heavy_tailed((200, 300), torch.bfloat16, gen)
+    w = heavy_tailed_blocks((200, 300), torch.bfloat16, gen)
     q = quantize_fp8_block([w])[0]
     back = dequantize_fp8_block_reference(q.weight, q.weight_scale_inv, dtype=torch.float32).cpu()
     src = w.float().cpu()
@@ -142,7 +141,7 @@ def test_dequantized_within_the_format_error():
 
 def test_bad_input_is_named():
     gen = torch.Generator().manual_seed(3)
-    good = heavy_tailed((10, 20), torch.bfloat16, gen)
+    good = heavy_tailed_blocks((10, 20), torch.bfloat16, gen)
     bad = good.clone()
     bad[3, 4] = float("nan")
     with pytest.raises(NonFiniteWeightError, match=r"weights\[1\]") as info:
@@ -169,7 +168,7 @@ def tiny_qwen3_moe_config(moe_intermediate: int, hidden: int = 192):
 
 
 def saved_source(path, moe_intermediate: int, seed: int = 0) -> str:
-    from test_modelopt_backend import heavy_tailed_
+    from models import heavy_tailed_
     from transformers import Qwen3MoeForCausalLM
 
     model = heavy_tailed_(Qwen3MoeForCausalLM(tiny_qwen3_moe_config(moe_intermediate)).to(torch.bfloat16), seed)
@@ -302,7 +301,7 @@ def test_export_hf_fp8_block_of_a_plain_model_equals_the_command(tmp_path, monke
     """export_hf(fmt="fp8-block") of a model without quantizers, on a 2-layer model with 32-row experts (a
     single partial block each): the same files as the command on the saved model; load_hf dequantizes."""
     from assertions import checkpoint_tensors
-    from test_modelopt_backend import tiny_qwen3_moe
+    from models import tiny_qwen3_moe
 
     import moeq_triton
     from moeq_triton.cli import main

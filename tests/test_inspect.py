@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import tiny_qwen3_moe
 from safetensors.torch import load_file, save_file
-from test_modelopt_backend import tiny_qwen3_moe
 
 from moeq_triton.cli import main
 from moeq_triton.inspect import inspect_checkpoint

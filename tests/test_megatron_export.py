@@ -15,7 +15,6 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from moeq_triton.kernels import dequantize_nvfp4_reference, grouped_amax, quantize_nvfp4_reference
-from test_megatron_backend import megatron_world  # noqa: F401 (fixture)
 from transformers import Qwen3MoeConfig
 
 import moeq_triton
@@ -61,7 +60,7 @@ def gpt_moe(dtype: torch.dtype = torch.bfloat16, ep_rank: int = 0, ep_size: int 
     return model
 
 
-def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_world, tmp_path):  # noqa: F811
+def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_world, tmp_path):
     model = gpt_moe()
     mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     moeq_triton.export_hf(model, tmp_path / "out", hf_config())
@@ -90,7 +89,7 @@ def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_worl
     assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays unquantized
 
 
-def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):  # noqa: F811
+def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):
     """TEGroupedMLP spelling (linear_fc1.weight{e}, the TE-contract stand-in) == SequentialMLP's export."""
     sequential = gpt_moe()
     grouped = gpt_moe()
@@ -123,7 +122,7 @@ def megatron_cpu_forward_patches(monkeypatch) -> None:
     tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def test_unquantized_export_gives_megatron_logits_in_transformers(megatron_world, tmp_path, monkeypatch):  # noqa: F811
+def test_unquantized_export_gives_megatron_logits_in_transformers(megatron_world, tmp_path, monkeypatch):
     """The name and layout mapping, proven by logits: export fp32, load Qwen3MoeForCausalLM, same tokens."""
     from transformers import Qwen3MoeForCausalLM
 

@@ -20,7 +20,7 @@ import torch
 from assertions import assert_bitwise_equal, checkpoint_tensors, config_without
 from distributed_harness import run_ranks, values
 from modelopt.torch.export import export_hf_checkpoint
-from test_modelopt_backend import tiny_qwen3_moe
+from models import tiny_qwen3_moe
 from transformers import AutoModelForCausalLM
 
 from moeq_triton.checkpoint_format import FORMATS

@@ -6,6 +6,8 @@ with W4A16_NVFP4_CFG / FP8_DEFAULT_CFG (tests/test_families.py checks it family 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .rules import SHARED_INPUT, Family
 
 ATTENTION = r"{L}\.self_attn\.[qkvo]_proj"
@@ -112,13 +114,11 @@ MIXTRAL = Family(
     notes="router (`block_sparse_moe.gate`), embeddings, lm_head",
 )
 
-MINIMAX_M2 = Family(
+MINIMAX_M2 = replace(  # Mixtral's tensor names and rules
+    MIXTRAL,
     name="MiniMax-M2",
     architectures=("MiniMaxM2ForCausalLM",),
     model_types=("minimax_m2",),
-    routed=(r"{L}\.block_sparse_moe\.experts\.{E}\.w[123]",),
-    quantized=(ATTENTION,),
-    kept=(LM_HEAD, EMBED, r"{L}\.block_sparse_moe\.gate"),
     notes="router + `e_score_correction_bias`, embeddings, lm_head",
 )
 

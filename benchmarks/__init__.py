@@ -1,0 +1,1 @@
+"""The throughput suite and its scripts; ``benchmarks.common`` is what they share."""
