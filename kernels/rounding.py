@@ -49,13 +49,18 @@ def round_mantissa(a, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_ST
 
 
 @triton.jit
-def round_to_dtype(x, KIND: tl.constexpr):
+def round_to_dtype(x, KIND: tl.constexpr, HW: tl.constexpr):
     """Round float32 ``x`` onto the grid of KIND (0: float32, 1: bfloat16, 2: float16), keeping it float32.
 
-    This reproduces torch keeping a quotient in the weight's dtype before a second cast.
+    This reproduces torch keeping a quotient in the weight's dtype before a second cast.  HW: the GPU's
+    round-to-nearest-even conversions (cvt.rn.bf16.f32 / cvt.rn.f16.f32) and back.
     """
     if KIND == 0:
         return x
+    if HW:
+        if KIND == 1:
+            return x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+        return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
     a = tl.abs(x)
     special = (a != a) | (a == float("inf"))  # NaN and inf pass through unchanged
     a = tl.where(special, 0.0, a)
