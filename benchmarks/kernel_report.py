@@ -121,12 +121,12 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
                 Launch(label, kernel, signature, constexprs_by_name, attrs, tiles.warps, g.dtype.itemsize * 8)
             )
 
-    cuda = grouping.Tiles  # noqa: F841 - keeps the import explicit for readers
     patched = {
         "launch": recorder,
         "tiles_for": lambda table, device: table["cuda"],
         "hardware_math": lambda device: True,
         "divides_by_reciprocal": lambda device: True,
+        "use_triton": lambda device: True,
     }
     saved = []
     for module in (*KERNEL_MODULES, grouping):
@@ -134,8 +134,6 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
             if hasattr(module, attr):
                 saved.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, value)
-    saved.append((grouping, "use_triton", grouping.use_triton))
-    grouping.use_triton = lambda device: True
     try:
         gen = torch.Generator().manual_seed(0)
         stacked = (torch.randn(3, 64, 256, generator=gen) * 0.02).to(dtype)
@@ -176,7 +174,11 @@ def compile_sass(launch: Launch, arch: int) -> tuple[str, int]:
         sass = subprocess.run(
             [knobs.nvidia.nvdisasm.path, "-c", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
-    return sass, compiled.n_regs
+        usage = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    m = re.search(r"REG:(\d+)", usage)
+    return sass, int(m.group(1)) if m else -1
 
 
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")

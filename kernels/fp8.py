@@ -115,7 +115,7 @@ def _fp8_kernel(
         scale = _export_scale(tl.load(amax + index), TINY, RECIPROCAL)
         if tile == 0:
             tl.store(s_ptr, scale)
-            divisor = round_to_dtype(scale, SCALE_KIND, False)
+        divisor = round_to_dtype(scale, SCALE_KIND, False)
 
     seen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):

@@ -160,6 +160,8 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
         bad = native.nvfp4(weights, amax, results)  # one fused C pass per weight, a thread per core
         problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
     elif engine == "reference":
+        if weight_amax is not None:  # otherwise the amax pass has checked
+            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
         problems.raise_first()
         results = []
         for w, a in zip(weights, amax):
@@ -167,8 +169,6 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
             # (one tensor at a time on purpose: batching same-shape experts measured 1.5x slower on CPU,
             # the per-expert temporaries stay in cache)
             results.append(_nvfp4_from_blocks(blocks, blocks.abs().amax(-1), a))
-        if weight_amax is not None:  # NaN/Inf survive in the block amaxes: a cheap check of the weights
-            problems.add_nonfinite(torch.stack([~torch.isfinite(r.weight_scale.float()).all() for r in results]))
     else:
         results = [_empty_outputs(w) for w in weights]
         nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
