@@ -215,6 +215,11 @@ def table_cache_stats() -> dict[str, int]:
     return dict(_STATS)
 
 
+def clear_table_cache() -> None:
+    """Forget every cached table (tests that change MAX_ENTRY_ELEMENTS call this)."""
+    _CACHE.clear()
+
+
 def _to_device(rows: list[list[int]], dtype: torch.dtype, cols: int, device: torch.device) -> torch.Tensor:
     """A host-built table copied without a synchronization (pinned memory, non_blocking) on CUDA."""
     host = torch.tensor(rows, dtype=dtype) if rows else torch.zeros((0, cols), dtype=dtype)
