@@ -37,9 +37,11 @@ from .grouping import (
 from .rounding import (
     divide_by_constant,
     divides_by_reciprocal,
+    divisor_parts,
     e4m3_bits,
     e4m3_round,
     float32_reciprocal,
+    quotient,
     round_to_dtype,
 )
 
@@ -72,6 +74,18 @@ def _e4m3_byte(q, HW: tl.constexpr):
     if HW:  # cvt.rn.satfinite.e4m3x2.f32
         return q.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
     return e4m3_bits(e4m3_round(q))
+
+
+@triton.jit
+def _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
+    """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
+    if HW:
+        q = quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse)
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        q = tl.div_rn(x, divisor)
+    return _e4m3_byte(round_to_dtype(q, QUOTIENT_KIND, HW), HW)
 
 
 @triton.jit
@@ -116,15 +130,26 @@ def _fp8_kernel(
         if tile == 0:
             tl.store(s_ptr, scale)
         divisor = round_to_dtype(scale, SCALE_KIND, False)
+    minus_S, D, minus_inverse = divisor_parts(divisor)  # HW: |x| / divisor without a division
+    minus_top = -512.0 * D  # quotients above 512 saturate to 448 either way; the clamp keeps them finite
 
+    # Loads need no mask: rows past the end re-read the last row (their stores are masked), and the
+    # columns past the last whole BLOCK_K are one masked step after the loop.
+    r_in = tl.minimum(r, rows - 1)
+    k_full = K // BLOCK_K * BLOCK_K
     seen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_full, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)[None, :]
-        mask = row_mask & (c < K)
-        x = tl.load(x_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = round_to_dtype(tl.div_rn(x, divisor), QUOTIENT_KIND, HW)
-        tl.store(q_ptr + r * K + c, _e4m3_byte(q, HW), mask=mask)
+        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        tl.store(q_ptr + r * K + c, q, mask=row_mask)
+    if k_full < K:
+        c = k_full + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
+        seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
 
