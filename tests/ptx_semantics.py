@@ -62,10 +62,22 @@ def use_ptx_semantics(monkeypatch) -> None:
         out = _to_torch(src.data, a).to(b)
         return interpreter.TensorHandle(_to_numpy(out, interpreter._get_np_dtype(dst_type)), dst_type.scalar)
 
+    def convert(original_cast):
+        def cast(self, src, dst_type):
+            a, b = TORCH_OF.get(src.dtype.scalar), TORCH_OF.get(dst_type.scalar)
+            if a is None or b is None:
+                return original_cast(self, src, dst_type)
+            out = _to_torch(src.data, a).to(b)  # round to nearest even (cvt.rn), subnormals kept
+            return interpreter.TensorHandle(_to_numpy(out, interpreter._get_np_dtype(dst_type)), dst_type.scalar)
+
+        return cast
+
     def fma(self, x, y, z):
         return interpreter.TensorHandle(fma32(x.data, y.data, z.data), z.dtype.scalar)
 
     monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
     monkeypatch.setattr(builder, "create_fma", fma)
+    monkeypatch.setattr(builder, "create_fp_trunc", convert(builder.create_fp_trunc))
+    monkeypatch.setattr(builder, "create_fp_ext", convert(builder.create_fp_ext))
     monkeypatch.setattr(builder, "create_minnumf", lambda self, a, b: self.binary_op(a, b, np.fmin))
     monkeypatch.setattr(builder, "create_maxnumf", lambda self, a, b: self.binary_op(a, b, np.fmax))

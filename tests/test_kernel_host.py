@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from assertions import assert_bitwise_equal, assert_results_equal
+from device import TEST_DEVICE
 from moeq_triton.kernels import (
     grouped_amax,
     grouped_amax_reference,
@@ -27,7 +28,7 @@ SYNCING = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__
 def small_weights(seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     stacked = torch.randn(3, 5, 32, generator=gen).bfloat16()
-    return [*stacked.unbind(0), torch.randn(4, 48, generator=gen).bfloat16()]
+    return [w.to(TEST_DEVICE) for w in (*stacked.unbind(0), torch.randn(4, 48, generator=gen).bfloat16())]
 
 
 @pytest.fixture
@@ -92,7 +93,8 @@ def test_tensors_beyond_int32_offsets_are_split_into_row_chunks(monkeypatch):
     grouping.clear_table_cache()
     gen = torch.Generator().manual_seed(2)
     stacked = torch.randn(2, 70, 32, generator=gen).bfloat16()
-    weights = [stacked[0], stacked[1, :, :16], torch.randn(33, 48, generator=gen).bfloat16()]
+    stacked = stacked.to(TEST_DEVICE)
+    weights = [stacked[0], stacked[1, :, :16], torch.randn(33, 48, generator=gen).bfloat16().to(TEST_DEVICE)]
     groups = grouping.groups_for(weights, 4)
     assert len(groups[0].entries) > len(weights), "test lost its edge: nothing was split"
     amax = grouped_amax_reference(weights)
@@ -110,7 +112,7 @@ def test_unaligned_views_take_the_plain_path():
     """A view whose base is not 16-byte aligned (or K, row stride not a multiple of 8 elements) must not
     get alignment facts; its group is launched with ALIGNED=False and still gives exact bytes."""
     gen = torch.Generator().manual_seed(3)
-    base = torch.randn(9, 40, generator=gen).bfloat16()
+    base = torch.randn(9, 40, generator=gen).bfloat16().to(TEST_DEVICE)
     weights = [base[:, 1:33], base[:, 8:24]]  # 2-byte offset: unaligned; K 32 and 16
     assert not grouping.groups_for(weights, 4)[0].aligned
     amax = grouped_amax_reference(weights)

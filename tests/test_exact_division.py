@@ -1,0 +1,199 @@
+"""The GPU formulation (HW=True) of the kernels, exhaustively: no IEEE division per element, same bits.
+
+The kernels replace ``x / d`` by a power-of-two prescale, a reciprocal and two FMAs
+(rounding.divisor_parts / rounding.quotient) and round to E2M1 with one float add
+(rounding.e2m1_magnitude_code).  Both are pure functions of float32 bit patterns, so they are checked
+here by running the very jit functions under the interpreter with the PTX semantics of their
+instructions (tests/ptx_semantics.py) over:
+- every fp16 mantissa (bf16's are a subset) against every divisor mantissa the kernels can form from
+  a bf16 / fp16 amax (FP8 scales rounded to the weight dtype, amax * fl32(1/448), amax / 448, and
+  NVFP4's E4M3 block scale * weight_scale_2 for both divisions by 2688), plus random float32 ones;
+  the computation is scale-invariant while its intermediates are normal, so one binade of each
+  covers every normal quotient;
+- every finite bf16 and fp16 magnitude against divisors at the extreme exponents (subnormal, 2^-127,
+  2^127, the largest float), where the prescale matters;
+- the E2M1 encoder on every float32 in [2^-4, 8) whose low mantissa bits are 0, 1 or all ones (every
+  rounding position, tie and sticky case), plus random values, NaN and beyond 6.
+Then the kernels themselves run with HW=True against the references and ModelOpt.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from assertions import assert_bitwise_equal, assert_results_equal
+from modelopt_oracle import fp8_channel_export, fp8_export
+from moeq_triton.kernels import fp8 as fp8_module
+from moeq_triton.kernels import (
+    grouped_amax_reference,
+    quantize_fp8,
+    quantize_fp8_reference,
+)
+from moeq_triton.kernels import nvfp4 as nvfp4_module
+from moeq_triton.kernels.formats import E4M3_MAX, NVFP4_SCALE_2_DIVISOR
+from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
+from moeq_triton.kernels.rounding import divisor_parts, e2m1_magnitude_code, float32_reciprocal, quotient
+from ptx_semantics import use_ptx_semantics
+
+BLOCK = 1 << 14
+TINY = 2.0**-126
+
+
+@triton.jit
+def _quotient_probe(a_ptr, d_ptr, q_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + i, mask=i < N, other=1.0)
+    minus_S, D, minus_I = divisor_parts(tl.load(d_ptr + i, mask=i < N, other=1.0))
+    tl.store(q_ptr + i, quotient(a * minus_S, D, minus_I), mask=i < N)
+
+
+@triton.jit
+def _code_probe(q_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(c_ptr + i, e2m1_magnitude_code(tl.load(q_ptr + i, mask=i < N, other=0.0)), mask=i < N)
+
+
+def run_quotient(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    q = torch.empty_like(a)
+    _quotient_probe[(triton.cdiv(a.numel(), BLOCK),)](a, d, q, a.numel(), BLOCK)
+    return q
+
+
+def check_quotients(a: torch.Tensor, d: torch.Tensor, what: str) -> None:
+    """Normal quotients bit-exact; subnormal ones tiny; overflowing ones huge or NaN."""
+    q = run_quotient(a, d)
+    exact = a / d  # IEEE float32 division (torch on CPU)
+    normal = (exact >= TINY) & (exact <= 2.0**100)
+    assert_bitwise_equal(q[normal], exact[normal], f"{what}: quotient where IEEE's is normal")
+    small = exact < TINY
+    assert bool((q[small] < 2.0**-125).all()), f"{what}: a subnormal quotient came out large"
+    big = exact > 2.0**100
+    assert bool(((q[big] > 2.0**99) | q[big].isnan()).all()), f"{what}: an overflowing quotient came out small"
+
+
+def mantissas(dtype: torch.dtype) -> torch.Tensor:
+    """Every value of ``dtype`` in [1, 2), as float32."""
+    bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    return (1 + torch.arange(1 << bits, dtype=torch.float64) / (1 << bits)).float()
+
+
+def to_unit_binade(x: torch.Tensor) -> torch.Tensor:
+    """x * 2^-floor(log2 x): the same mantissa in [1, 2) (exact power-of-two scaling)."""
+    m, e = torch.frexp(x)
+    return m * 2.0
+
+
+def divisor_mantissas(seed: int) -> torch.Tensor:
+    """Divisor mantissas the kernels form from a bf16 / fp16 amax, plus random float32 ones."""
+    amax = mantissas(torch.float16)  # bf16 mantissas are a subset
+    e4m3 = torch.arange(8, 16, dtype=torch.float32) / 8  # E4M3 mantissas (subnormals repeat them)
+    parts = [amax, amax * float32_reciprocal(E4M3_MAX), amax / E4M3_MAX]
+    for s2 in (amax * float32_reciprocal(NVFP4_SCALE_2_DIVISOR), amax / NVFP4_SCALE_2_DIVISOR):
+        parts.append((e4m3[:, None] * s2[None, :]).reshape(-1))
+    gen = torch.Generator().manual_seed(seed)
+    parts.append(1 + torch.rand(4096, generator=gen))
+    return to_unit_binade(torch.cat(parts)).unique()
+
+
+@pytest.fixture
+def ptx(monkeypatch):
+    use_ptx_semantics(monkeypatch)
+
+
+@pytest.mark.slow
+def test_quotient_every_mantissa_pair(ptx):
+    seed = 12
+    d = divisor_mantissas(seed)
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.cat([mantissas(torch.float16), 1 + torch.rand(128, generator=gen)])
+    for lo in range(0, len(a), 64):
+        chunk = a[lo:lo + 64]
+        pairs_a = chunk[:, None].expand(-1, len(d)).reshape(-1).contiguous()
+        pairs_d = d[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        check_quotients(pairs_a, pairs_d, f"mantissas (seed {seed}, dividends {lo}..)")
+
+
+@pytest.mark.slow
+def test_quotient_extreme_exponents(ptx):
+    finite = []
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
+        every = torch.arange(0, 1 << 15, dtype=torch.int32).to(bits).view(dtype).float()
+        finite.append(every[torch.isfinite(every)])
+    a = torch.cat(finite).unique()
+    m = torch.tensor([1.0, 1 + 2.0**-7, 1.25, 1.5, 1.75, 1 + 2.0**-23, 2 - 2.0**-23, 4 / 3])
+    exps = torch.tensor([-149, -140, -133, -128, -127, -126, -125, -64, -10, 0, 10, 64, 120, 126, 127])
+    d = (m[:, None].double() * torch.pow(2.0, exps[None, :].double())).reshape(-1).float()
+    d = torch.cat([d, torch.tensor([2.0**-149, torch.finfo(torch.float32).max])])
+    d = d[d > 0].unique()
+    for lo in range(0, len(d), 8):
+        chunk = d[lo:lo + 8]
+        pairs_a = a[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        pairs_d = chunk[:, None].expand(-1, len(a)).reshape(-1).contiguous()
+        check_quotients(pairs_a, pairs_d, f"extremes (divisors {chunk.tolist()})")
+
+
+def test_e2m1_encoder_every_rounding_case(ptx):
+    seed = 7
+    exps = torch.arange(-4, 3)
+    high = torch.arange(1 << 12, dtype=torch.int64) << 11  # the top 12 mantissa bits
+    low = torch.tensor([0, 1, (1 << 11) - 1])
+    bits = ((exps[:, None, None] + 127) << 23) | high[None, :, None] | low[None, None, :]
+    structured = bits.reshape(-1).to(torch.int32).view(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    extra = torch.tensor([0.0, 2.0**-149, 1e-30, 6.0, 7.0, 8.0, 1e30, float("inf"), float("nan")])
+    q = torch.cat([structured, torch.rand(1 << 18, generator=gen) * 8, extra])
+    codes = torch.empty(q.shape, dtype=torch.int32)
+    _code_probe[(triton.cdiv(q.numel(), BLOCK),)](q, codes, q.numel(), BLOCK)
+    expected = e2m1_codes_reference(q).to(torch.int32)
+    expected[q.isinf()] = 7
+    assert_bitwise_equal(codes, expected, f"E2M1 codes (seed {seed})")
+
+
+# ---------------------------------------------------------------- the kernels on their GPU path
+
+
+@pytest.fixture
+def gpu_path(monkeypatch, ptx):
+    """HW=True in every launch, as on CUDA (the device's other decisions stay CPU's, like the references)."""
+    monkeypatch.setattr(fp8_module, "hardware_math", lambda device: True)
+    monkeypatch.setattr(nvfp4_module, "hardware_math", lambda device: True)
+
+
+def heavy(shape, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) ** 3
+    w[..., :: max(1, shape[-1] // 5)] *= 40
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
+    seed = 21
+    weights = [heavy((5, 48), dtype, seed), heavy((3, 272), dtype, seed + 1), heavy((2, 3, 32), dtype, seed + 2)]
+    amax = grouped_amax_reference(weights)
+    clipped = amax / 16  # saturation
+    for given in (amax, clipped):
+        for w, a, r in zip(weights, given, quantize_fp8(weights, given)):
+            assert_results_equal(r, quantize_fp8_reference(w, a), f"per tensor, seed {seed}")
+            flat = fp8_export(w.reshape(-1, w.shape[-1]), a)
+            assert_bitwise_equal(r.weight.reshape(flat.weight.shape), flat.weight, "modelopt per tensor")
+    rows = [w.abs().amax(-1).float() for w in weights]
+    for w, a, r in zip(weights, rows, quantize_fp8(weights, per_channel=True)):
+        assert_results_equal(r, quantize_fp8_reference(w, a, True), f"per channel, seed {seed}")
+        if w.dim() == 2:
+            assert_results_equal(r, fp8_channel_export(w, a), "modelopt per channel")
+
+
+def test_fp8_gpu_path_every_e4m3_value_and_midpoint(gpu_path):
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[torch.isfinite(finite)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    values = torch.cat([finite, mids, mids.nextafter(torch.tensor(-1e9)), mids.nextafter(torch.tensor(1e9)),
+                        torch.tensor([-0.0, 449.0, 464.0, 500.0, 1e4, 2.0**-10, 2.0**-11, 1e-30])])
+    values = torch.cat([values, -values, torch.zeros((-2 * len(values)) % 16)]).reshape(-1, 16)
+    amax = torch.tensor([448.0])
+    (r,) = quantize_fp8([values], weight_amax=amax)
+    assert_results_equal(r, quantize_fp8_reference(values, amax[0]), "reference")
+    assert_results_equal(r, fp8_export(values, amax[0]), "modelopt")
