@@ -37,7 +37,17 @@ from .grouping import (
     validate,
     weight_rows,
 )
-from .rounding import divide_by_constant, divides_by_reciprocal, e2m1_code, e4m3_bits, e4m3_round, float32_reciprocal
+from .rounding import (
+    divide_by_constant,
+    divides_by_reciprocal,
+    divisor_parts,
+    e2m1_code,
+    e2m1_magnitude_code,
+    e4m3_bits,
+    e4m3_round,
+    float32_reciprocal,
+    quotient,
+)
 
 
 class NVFP4Weight(NamedTuple):
@@ -52,6 +62,7 @@ _DIVISOR = tl.constexpr(NVFP4_SCALE_2_DIVISOR)
 _INV_DIVISOR = tl.constexpr(float32_reciprocal(NVFP4_SCALE_2_DIVISOR))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
+_MIN_SUBNORMAL = tl.constexpr(2.0**-149)  # the smallest positive float32
 
 
 @triton.jit
@@ -79,48 +90,92 @@ def _nvfp4_kernel(
         tl.store(output_ptr(out_table, t, 2, tl.float32, False), scale_2)
     scale_unit = _E2M1_MAX * scale_2
 
+    if HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
+        minus_S_u, D_u, minus_I_u = divisor_parts(scale_unit)
+    else:
+        minus_S_u, D_u, minus_I_u = scale_unit, scale_unit, scale_unit
+
     # A tile is [BLOCK_R rows, BLOCKS blocks, 8]: the first and the second half of each 16-block are
     # two 128-bit loads of the same thread, so the block amax, its scale and the packing of 8 codes
-    # into one 32-bit word stay in registers (no shuffle, no barrier).
+    # into one 32-bit word stay in registers (no shuffle, no barrier).  Loads need no mask: rows past
+    # the end re-read the last row (their stores are masked), and the blocks past the last whole
+    # BLOCKS are one masked step after the loop.
     r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    r3 = r[:, None, None]
-    b3 = tl.arange(0, BLOCKS)[None, :, None]
+    r2 = r[:, None]
+    r_in = tl.minimum(r2, rows - 1)[:, :, None] * stride
+    blk2 = tl.arange(0, BLOCKS)[None, :]
     j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
     nibble = (4 * j3).to(tl.int32)
     num_blocks = K // _BLOCK
-    seen = tl.zeros([BLOCK_R, BLOCKS, _HALF_BLOCK], dtype=tl.float32)
-    for b0 in range(0, num_blocks, BLOCKS):
-        blk = b0 + b3
-        mask = (r3 < rows) & (blk < num_blocks)
-        col = blk * _BLOCK + j3
-        lo = tl.load(x_ptr + r3 * stride + col, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + r3 * stride + col + _HALF_BLOCK, mask=mask, other=0.0).to(tl.float32)
-        both = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
-        seen = tl.maximum(seen, both, propagate_nan=tl.PropagateNan.ALL)
+    full = num_blocks // BLOCKS * BLOCKS
+    seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
+    for b0 in range(0, full, BLOCKS):
+        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, b0 + blk2, r2 < rows, j3, nibble, K, scale_2,
+                           minus_S_u, D_u, minus_I_u, seen, False, HW)
+    if full < num_blocks:
+        blk = full + blk2
+        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, blk, (r2 < rows) & (blk < num_blocks), j3, nibble,
+                           K, scale_2, minus_S_u, D_u, minus_I_u, seen, True, HW)
+    if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
+        tl.store(nonfinite + index, 1)
 
-        scale = tl.div_rn(tl.max(both, axis=2), scale_unit)  # NaN blocks are reported, not stored
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        scale = tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale)
-        r2 = r[:, None]
-        blk2 = b0 + tl.arange(0, BLOCKS)[None, :]
-        if HW:  # cvt.rn.satfinite.e4m3x2.f32, and back
-            scale8 = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-            scale_bits = scale8.to(tl.uint8, bitcast=True)
-            scale = scale8.to(tl.float32)
-        else:
-            scale = e4m3_round(scale)
-            scale_bits = e4m3_bits(scale)
-        tl.store(s_ptr + r2 * num_blocks + blk2, scale_bits, mask=(r2 < rows) & (blk2 < num_blocks))
 
-        denom = (scale * scale_2)[:, :, None]
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, minus_S_u, D_u, minus_I_u, seen,
+                MASKED: tl.constexpr, HW: tl.constexpr):
+    """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block."""
+    col = blk[:, :, None] * _BLOCK + j3
+    if MASKED:
+        lo = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0.0).to(tl.float32)
+        hi = tl.load(rows_ptr + col + _HALF_BLOCK, mask=mask[:, :, None], other=0.0).to(tl.float32)
+    else:
+        lo = tl.load(rows_ptr + col).to(tl.float32)
+        hi = tl.load(rows_ptr + col + _HALF_BLOCK).to(tl.float32)
+    block_amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL), 2, _max_nan)
+    seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
+    if HW:
+        scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)
+    else:
+        scale = tl.div_rn(block_amax, minus_S_u)  # minus_S_u is scale_unit here
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale)
+    if HW:  # cvt.rn.satfinite.e4m3x2.f32, and back
+        scale8 = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        scale_bits = scale8.to(tl.uint8, bitcast=True)
+        scale = scale8.to(tl.float32)
+    else:
+        scale = e4m3_round(scale)
+        scale_bits = e4m3_bits(scale)
+    tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
+
+    d = scale * scale_2
+    if HW:
+        minus_S, D, minus_I = divisor_parts(d)
+        # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
+        minus_Z = -(tl.floor(d * 0.5) * _MIN_SUBNORMAL)
+        word_lo = _codes(lo, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
+        word_hi = _codes(hi, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
+    else:
+        denom = d[:, :, None]
         word_lo = tl.sum(e2m1_code(tl.div_rn(lo, denom)) << nibble, axis=2)
         word_hi = tl.sum(e2m1_code(tl.div_rn(hi, denom)) << nibble, axis=2)
-        word_mask = (r2 < rows) & (blk2 < num_blocks)
-        words = q_ptr + r2 * (K // 8) + 2 * blk2
-        tl.store(words, word_lo, mask=word_mask)
-        tl.store(words + 1, word_hi, mask=word_mask)
-    if tl.max(tl.max(tl.max(flag_nan(seen), axis=2), axis=1), axis=0) == float("inf"):  # once per tile
-        tl.store(nonfinite + index, 1)
+    words = q_ptr + r2 * (K // 8) + 2 * blk
+    tl.store(words, word_lo, mask=mask)
+    tl.store(words + 1, word_hi, mask=mask)
+    return seen
+
+
+@triton.jit
+def _codes(x, minus_S, D, minus_I, minus_Z, nibble):
+    """8 E2M1 codes of x / d (d = D / S) packed into a 32-bit word, element j in nibble j."""
+    code = e2m1_magnitude_code(quotient(tl.abs(x) * minus_S, D, minus_I))
+    code = code | tl.where(x < minus_Z, 8, 0)
+    return tl.sum(code << nibble, axis=2)
 
 
 TILES = {"cuda": Tiles(16, 8, 4), "cpu": Tiles(32, 16)}  # cols = 16-blocks; benchmarks/tile_sweep.py

@@ -29,8 +29,8 @@ def fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         p = x.astype(np.float64) * y.astype(np.float64)
         c = np.broadcast_to(z.astype(np.float64), p.shape)
         s = p + c
-        bp = s - c
-        err = (p - (s - bp)) + (c - bp)
+        bp = s - c  # Knuth's TwoSum of (c, p): s + err == c + p exactly
+        err = (c - (s - bp)) + (p - bp)
         r = s.astype(np.float32)
         rd = r.astype(np.float64)
         toward = np.where(s > rd, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)

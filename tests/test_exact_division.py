@@ -24,18 +24,20 @@ import torch
 import triton
 import triton.language as tl
 from assertions import assert_bitwise_equal, assert_results_equal
-from modelopt_oracle import fp8_channel_export, fp8_export
+from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export
 from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import (
     grouped_amax_reference,
     quantize_fp8,
     quantize_fp8_reference,
+    quantize_nvfp4,
+    quantize_nvfp4_reference,
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
 from moeq_triton.kernels.formats import E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import divisor_parts, e2m1_magnitude_code, float32_reciprocal, quotient
-from ptx_semantics import use_ptx_semantics
+from ptx_semantics import fma32, use_ptx_semantics
 
 BLOCK = 1 << 14
 TINY = 2.0**-126
@@ -71,6 +73,24 @@ def check_quotients(a: torch.Tensor, d: torch.Tensor, what: str) -> None:
     assert bool((q[small] < 2.0**-125).all()), f"{what}: a subnormal quotient came out large"
     big = exact > 2.0**100
     assert bool(((q[big] > 2.0**99) | q[big].isnan()).all()), f"{what}: an overflowing quotient came out small"
+
+
+def test_fma_stand_in_rounds_once():
+    """The stand-in for fma.rn.f32 the proofs rest on, against exact rational arithmetic (seed 5)."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(5)
+    x, y, z = (torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen).float())
+               for _ in "xyz")
+    z[:1000] = -(x[:1000].double() * y[:1000].double()).float()  # heavy cancellation
+    x[-1], y[-1], z[-1] = 2.0**-31 - 2.0**-54, -(0.5 + 2.0**-24), 2.0**-8 + 2.0**-31  # sum lands on a midpoint
+    got = torch.from_numpy(fma32(x.numpy(), y.numpy(), z.numpy()))
+    for i in range(len(x)):
+        exact = Fraction(x[i].item()) * Fraction(y[i].item()) + Fraction(z[i].item())
+        below = torch.tensor(float(exact), dtype=torch.float64).float()  # a candidate; checked exactly below
+        cands = [below, below.nextafter(torch.tensor(float("inf"))), below.nextafter(torch.tensor(float("-inf")))]
+        best = min(cands, key=lambda c: (abs(Fraction(c.item()) - exact), int(c.view(torch.int32)) & 1))
+        assert got[i].item() == best.item(), f"fma32 case {i}: {x[i].item()}, {y[i].item()}, {z[i].item()}"
 
 
 def mantissas(dtype: torch.dtype) -> torch.Tensor:
@@ -197,3 +217,34 @@ def test_fp8_gpu_path_every_e4m3_value_and_midpoint(gpu_path):
     (r,) = quantize_fp8([values], weight_amax=amax)
     assert_results_equal(r, quantize_fp8_reference(values, amax[0]), "reference")
     assert_results_equal(r, fp8_export(values, amax[0]), "modelopt")
+
+
+def nvfp4_edges(dtype: torch.dtype) -> torch.Tensor:
+    """Ties, -0.0, zero blocks, clamped and subnormal scales, and quotients that underflow to -0.0
+    (a huge and a tiny negative value in one block: the sign bit must follow IEEE's zero)."""
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal * 2.0**-3 if dtype != torch.float16 else 2.0**-24
+    rows = [
+        [2688.0] + [0.0] * 15,
+        [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 0.0],
+        [6.0, -0.0, -1e-3, 1e-3, -0.2, 0.2, -0.0, 0.0] + [0.1] * 8,
+        [0.0] * 16,
+        [6.0 * 2.0**-12] * 16,
+        [6.0 * 2.0**-10, -(2.0**-12)] + [2.0**-13] * 14,
+        [big, -tiny, tiny, -2 * tiny, -big / 3] + [-tiny] * 11,
+        [big / 2, -big / 2, -tiny * 4] + [0.0] * 13,
+    ]
+    return torch.tensor(rows, dtype=torch.float64).clamp(-big, big).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nvfp4_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
+    seed = 33
+    weights = [heavy((5, 48), dtype, seed), heavy((3, 272), dtype, seed + 1), heavy((2, 3, 32), dtype, seed + 2),
+               nvfp4_edges(dtype)]
+    amax = grouped_amax_reference(weights)
+    larger = (amax.double() * 4).clamp(max=torch.finfo(dtype).max).float()  # ModelOpt holds amax in the dtype
+    for given in (amax, amax / 16, larger):  # exact, saturating, small scales
+        for i, (w, a, r) in enumerate(zip(weights, given, quantize_nvfp4(weights, given))):
+            assert_results_equal(r, quantize_nvfp4_reference(w, a), f"reference weights[{i}], seed {seed}")
+            assert_results_equal(r, nvfp4_export(w, a), f"modelopt weights[{i}], seed {seed}")
