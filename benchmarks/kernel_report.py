@@ -230,8 +230,10 @@ REG = re.compile(r"\bR(\d+)(\.64)?\b")
 
 
 def load_chain(instrs, first_load: int) -> int:
-    """Dependent global loads before the first weight load: load depth of its address registers."""
+    """Dependent global loads before the main loop's first load: the deepest chain of loads whose
+    results feed other loads' addresses (or the loop's) before it, counting the last one."""
     depth: dict[int, int] = {}
+    deepest = 0
     for i, text in instrs[:first_load + 1]:
         op = opcode(text)
         operands = re.sub(r"^@!?U?P\w+\s+", "", text)[len(op):]
@@ -245,12 +247,13 @@ def load_chain(instrs, first_load: int) -> int:
         sources = [r for p in (parts if writes_store else parts[1:]) for r in regs_of(p, wide=".64" in p)]
         level = max((depth.get(r, 0) for r in sources), default=0)
         if i == first_load:
-            return level
+            return max(level, deepest)
         if is_global_load(op):
             level += 1
+            deepest = max(deepest, level)
         for r in dest:
             depth[r] = level
-    return 0
+    return deepest
 
 
 def regs_of(text: str, wide: bool, count: int = 1) -> list[int]:

@@ -60,8 +60,8 @@ def _amax_kernel(
     BLOCK_K: tl.constexpr,
     PER_ROW: tl.constexpr,
 ):
-    t, tile = tile_entry(tile_map)
-    x_ptr, rows, K, stride, index, flat_row = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    t, tile, index, flat_row = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = flag_nan(tile_abs_max(x_ptr, r1[:, None], rows, K, stride, BLOCK_R, BLOCK_K))
     if PER_ROW:  # each row belongs to exactly one program: a plain store

@@ -109,8 +109,8 @@ def _fp8_kernel(
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
 ):
-    t, tile = tile_entry(tile_map)
-    x_ptr, rows, K, stride, index, flat_row = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    t, tile, index, flat_row = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
     s_ptr = output_ptr(out_table, t, 1, tl.float32, False)
     r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -199,7 +199,7 @@ class Group:
     indices: tuple[int, ...]  # positions in the caller's list
     entries: tuple[tuple[int, int, int], ...]  # (index, first row, rows) per table entry
     table: torch.Tensor  # int64 [entries, TABLE_COLS]
-    tile_map: torch.Tensor  # int32 [tiles, 2]: (entry, tile within the entry)
+    tile_map: torch.Tensor  # int32 [tiles, 4]: (entry, tile within the entry, tensor index, flat first row)
     num_tiles: int
     aligned: bool  # every entry: base 16-byte aligned, K and row stride multiples of 16 bytes
     vec: int  # elements per 16 bytes
@@ -278,14 +278,15 @@ def _build(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
                 e = len(entries)
                 entries.append((index, r0, rows))
                 table.append([ptr, rows, w.shape[-1], stride, index, flat[index] + r0])
-                tile_map.extend([e, t] for t in range(math.ceil(rows / block_rows)))
+                first = flat[index] + r0
+                tile_map.extend([e, t, index, first] for t in range(math.ceil(rows / block_rows)))
         groups.append(
             Group(
                 dtype,
                 tuple(indices),
                 tuple(entries),
                 _to_device(table, torch.int64, TABLE_COLS.value, device),
-                _to_device(tile_map, torch.int32, 2, device),
+                _to_device(tile_map, torch.int32, 4, device),
                 len(tile_map),
                 aligned,
                 vec,
@@ -350,15 +351,17 @@ def launch(
 
 @triton.jit
 def tile_entry(tile_map):
-    """(table entry, tile within the entry) of this program: one load of the host-built map."""
-    pid = tl.program_id(0)
-    return tl.load(tile_map + 2 * pid), tl.load(tile_map + 2 * pid + 1)
+    """(table entry, tile within the entry, tensor index, flat row of the entry's first row) of this
+    program, from the host-built map: per-tensor and per-row values (amaxes) are then one load away,
+    like the table row."""
+    row = tile_map + 4 * tl.program_id(0)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
 
 
 @triton.jit
 def weight_rows(table, t, x_ref, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """(pointer, rows, K, row stride, index, flat row) of entry ``t``; int32 sizes, alignment facts when
-    ALIGNED (stated on values cast from the table, where the compiler keeps them)."""
+    """(pointer, rows, K, row stride) of entry ``t``; int32 sizes, alignment facts when ALIGNED (stated
+    on values cast from the table, where the compiler keeps them)."""
     row = table + t * TABLE_COLS
     x_ptr = tl.load(row + COL_PTR).to(x_ref.dtype)
     rows = tl.load(row + COL_ROWS).to(tl.int32)
@@ -368,7 +371,7 @@ def weight_rows(table, t, x_ref, ALIGNED: tl.constexpr, VEC: tl.constexpr):
         x_ptr = tl.multiple_of(x_ptr, 16)
         K = tl.multiple_of(K, VEC)
         stride = tl.multiple_of(stride, VEC)
-    return x_ptr, rows, K, stride, tl.load(row + COL_INDEX), tl.load(row + COL_FLAT_ROW)
+    return x_ptr, rows, K, stride
 
 
 @triton.jit

@@ -80,8 +80,8 @@ def _nvfp4_kernel(
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
 ):
-    t, tile = tile_entry(tile_map)
-    x_ptr, rows, K, stride, index, _ = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    t, tile, index, _ = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.int32, True)  # 8 codes per 32-bit word; K/2 % 8 == 0
     s_ptr = output_ptr(out_table, t, 1, tl.uint8, False)
 
