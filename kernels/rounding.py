@@ -143,7 +143,8 @@ def quotient(minus_n, D, minus_I):  # noqa: N803 - D and I as in the docstring
     subnormal, the result stays below 2^-99 (all the kernels need: FP8 bytes are 0 below 2^-10, E2M1
     codes 0 below 0.25, block scales clamp at 2^-9); where it overflows, inf or NaN.
     tests/test_exact_division.py checks this over every bf16 and fp16 mantissa against every divisor
-    mantissa the kernels can form, and the extreme exponents.  Needs IEEE fma: the GPU's fma.rn.f32 (the Triton interpreter's fma rounds twice).
+    mantissa the kernels can form, and the extreme exponents.  Needs IEEE fma: the GPU's fma.rn.f32
+    (the Triton interpreter's fma rounds twice).
     """
     y = minus_n * minus_I
     minus_residual = tl.fma(y, D, minus_n)  # y*D - n, exact
