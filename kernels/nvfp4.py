@@ -92,8 +92,10 @@ def _nvfp4_kernel(
 
     if HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
         minus_S_u, D_u, minus_I_u = divisor_parts(scale_unit)
+        # IEEE's block amax / scale_unit is 0 iff block amax <= Z_u (see _codes); scale_unit == 0 is x / 0
+        Z_u = tl.where(scale_unit == 0.0, -1.0, tl.floor(scale_unit * 0.5) * _MIN_SUBNORMAL)
     else:
-        minus_S_u, D_u, minus_I_u = scale_unit, scale_unit, scale_unit
+        minus_S_u, D_u, minus_I_u, Z_u = scale_unit, scale_unit, scale_unit, scale_unit
 
     # A tile is [BLOCK_R rows, BLOCKS blocks, 8]: the first and the second half of each 16-block are
     # two 128-bit loads of the same thread, so the block amax, its scale and the packing of 8 codes
@@ -111,11 +113,11 @@ def _nvfp4_kernel(
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
     for b0 in range(0, full, BLOCKS):
         seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, b0 + blk2, r2 < rows, j3, nibble, K, scale_2,
-                           minus_S_u, D_u, minus_I_u, seen, False, HW)
+                           minus_S_u, D_u, minus_I_u, Z_u, seen, False, HW)
     if full < num_blocks:
         blk = full + blk2
         seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, blk, (r2 < rows) & (blk < num_blocks), j3, nibble,
-                           K, scale_2, minus_S_u, D_u, minus_I_u, seen, True, HW)
+                           K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen, True, HW)
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
 
@@ -126,7 +128,7 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, minus_S_u, D_u, minus_I_u, seen,
+def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen,
                 MASKED: tl.constexpr, HW: tl.constexpr):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block."""
     col = blk[:, :, None] * _BLOCK + j3
@@ -139,7 +141,10 @@ def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, m
     block_amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL), 2, _max_nan)
     seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
     if HW:
-        scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)
+        scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)  # exact above 2^-100, tiny below
+        scale = tl.where(block_amax <= Z_u, 0.0, scale)  # IEEE's zero (-> 1.0); a tiny rest clamps to 2^-9
+        x_over_zero = tl.where(block_amax == 0.0, float("nan"), float("inf"))
+        scale = tl.where(Z_u < 0.0, x_over_zero, scale)  # scale_unit == 0 (weight_scale_2 underflowed)
     else:
         scale = tl.div_rn(block_amax, minus_S_u)  # minus_S_u is scale_unit here
     scale = tl.where(scale == 0.0, 1.0, scale)

@@ -235,6 +235,8 @@ def nvfp4_edges(dtype: torch.dtype) -> torch.Tensor:
         [6.0 * 2.0**-10, -(2.0**-12)] + [2.0**-13] * 14,
         [big, -tiny, tiny, -2 * tiny, -big / 3] + [-tiny] * 11,
         [big / 2, -big / 2, -tiny * 4] + [0.0] * 13,
+        [tiny, -tiny] + [0.0] * 14,  # block scale b / (6 s2) underflows: to 0 (-> 1.0) or not (-> 2^-9)
+        [tiny * 3, tiny * 2] + [-tiny] * 14,
     ]
     return torch.tensor(rows, dtype=torch.float64).clamp(-big, big).to(dtype)
 
