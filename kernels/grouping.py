@@ -300,14 +300,18 @@ def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weight
 
     An output of weight i holds ``numel // rows`` elements per row of the weight (0 for a 0-dim scale).
     """
+    pad = [0] * (MAX_OUTPUTS.value - len(outputs))
     rows = []
     for index, r0, _ in group.entries:
+        if r0 == 0:  # the common case: no row offset
+            rows.append([out[index].data_ptr() for out in outputs] + pad)
+            continue
         ptrs = []
         for out in outputs:
             o = out[index]
             per_row = o.numel() // num_rows(weights[index])
             ptrs.append(o.data_ptr() + r0 * per_row * o.element_size())
-        rows.append(ptrs + [0] * (MAX_OUTPUTS.value - len(ptrs)))
+        rows.append(ptrs + pad)
     return _to_device(rows, torch.int64, MAX_OUTPUTS.value, group.table.device)
 
 
