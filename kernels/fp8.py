@@ -119,7 +119,7 @@ def _fp8_kernel(
 
     if PER_CHANNEL:
         if HAS_ROW_AMAX:
-            a = tl.load(row_amax + flat_row + r1, mask=r1 < rows, other=0.0)
+            a = tl.load(row_amax + flat_row + r1)  # unmasked (the buffer is padded): no wait on the table
         else:
             a = tl.max(flag_nan(tile_abs_max(x_ptr, r, rows, K, stride, BLOCK_R, BLOCK_K)), axis=1)
         scale = _export_scale(a, TINY, RECIPROCAL)
@@ -193,15 +193,21 @@ def quantize_fp8(
         kind = 0 if per_channel else DTYPE_CODES[dtype]  # per channel the quotient stays float32
         return {"QUOTIENT_KIND": kind, "SCALE_KIND": _scale_kind(kind, device), "TINY": torch.finfo(dtype).tiny}
 
+    tiles = tiles_for(TILES, device)
     launch(
         "fp8",
         _fp8_kernel,
         weights,
-        tiles_for(TILES, device),
-        (amax if amax is not None else placeholder, row_amax if row_amax is not None else placeholder, nonfinite),
+        tiles,
+        (
+            amax if amax is not None else placeholder,
+            # padded by a tile of rows: the kernel reads a tile's row amaxes without a mask
+            torch.cat([row_amax, placeholder.new_zeros(tiles.rows)]) if row_amax is not None else placeholder,
+            nonfinite,
+        ),
         outputs=([r.weight for r in results], [r.weight_scale for r in results]),
         per_dtype=per_dtype,
-        BLOCK_K=tiles_for(TILES, device).cols,
+        BLOCK_K=tiles.cols,
         PER_CHANNEL=per_channel,
         HAS_ROW_AMAX=row_amax is not None,
         RECIPROCAL=divides_by_reciprocal(device),

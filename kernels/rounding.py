@@ -59,7 +59,7 @@ def round_to_dtype(x, KIND: tl.constexpr, HW: tl.constexpr):
         return x
     if HW:
         if KIND == 1:
-            return x.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+            return x.to(tl.bfloat16).to(tl.float32)
         return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
     a = tl.abs(x)
     special = (a != a) | (a == float("inf"))  # NaN and inf pass through unchanged
