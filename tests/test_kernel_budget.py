@@ -17,7 +17,7 @@ REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
 # Budgets not reached yet (measured 2026-11-29, sm_90, bf16).  strict=True: the test turns red the day
 # a budget is met, so the mark must then go.
 UNMET = {
-    "nvfp4": "20.1 SASS/element (budget 16): ~15 per element (quotient 4, E2M1 encoder 6, sign 2, block max, "
+    "nvfp4": "20.4 SASS/element (budget 16): ~15 per element (quotient 4, E2M1 encoder 6, sign 2, block max, "
     "unpack, packing) + ~3.7 per-block (block-scale quotient, E4M3 cvt, the reciprocal of each block's "
     "divisor, the underflow threshold) / 16; and 8-bit block-scale stores (budget 32-bit)",
 }

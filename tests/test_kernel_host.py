@@ -10,6 +10,7 @@ import pytest
 import torch
 from assertions import assert_bitwise_equal, assert_results_equal
 from device import TEST_DEVICE
+from moeq_triton.kernels import amax as amax_module
 from moeq_triton.kernels import (
     grouped_amax,
     grouped_amax_reference,
@@ -20,6 +21,7 @@ from moeq_triton.kernels import (
     quantize_nvfp4,
     quantize_nvfp4_reference,
 )
+from moeq_triton.kernels import nvfp4 as nvfp4_module
 
 KERNELS_DIR = Path(grouping.__file__).resolve().parent
 SYNCING = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__")
@@ -76,14 +78,15 @@ def test_table_is_built_once_per_list_of_tensors():
     """The second call with the same tensors reuses the device table; another list builds its own."""
     grouping.clear_table_cache()
     weights = small_weights(1)
+    tables = len({grouping.tiles_for(m.TILES, TEST_DEVICE).rows for m in (amax_module, nvfp4_module)})
     before = grouping.table_cache_stats()
-    quantize_nvfp4(weights)  # amax pass + NVFP4 pass: tiles differ, two tables
+    quantize_nvfp4(weights)  # amax pass + NVFP4 pass: one table per tile height
     quantize_nvfp4(weights)
     after = grouping.table_cache_stats()
-    assert after.get("miss", 0) - before.get("miss", 0) == 2
-    assert after.get("hit", 0) - before.get("hit", 0) == 2
+    assert after.get("miss", 0) - before.get("miss", 0) == tables
+    assert after.get("hit", 0) - before.get("hit", 0) == 4 - tables
     quantize_nvfp4(small_weights(1))  # same shapes, other tensors: other pointers, new tables
-    assert grouping.table_cache_stats()["miss"] - after.get("miss", 0) == 2
+    assert grouping.table_cache_stats()["miss"] - after.get("miss", 0) == tables
 
 
 def test_tensors_beyond_int32_offsets_are_split_into_row_chunks(monkeypatch):
