@@ -241,6 +241,7 @@ def nvfp4_edges(dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64).clamp(-big, big).to(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nvfp4_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
     seed = 33
