@@ -32,8 +32,11 @@ export PYTHONPATH=/tmp/moeq_pkg:$PYTHONPATH PYTHONUNBUFFERED=1 PYTHONWARNINGS=ig
 
 status=0
 echo "== bitwise kernel tests on the GPU (tests/test_kernels.py, MOEQ_TEST_DEVICE=cuda)"
-MOEQ_TEST_DEVICE=cuda timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/test_kernels.py --maxfail=10 2>&1 \
+MOEQ_TEST_DEVICE=cuda timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_host.py \
+    --maxfail=10 2>&1 \
     | tee "$OUT/pytest.txt" | tail -n 25 || status=1
+echo "== static SASS budget (offline compile, as on a CPU)"
+timeout 120 $PY benchmarks/kernel_report.py --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
 echo "== FP8 export rounding on CUDA"
 timeout 60 $PY benchmarks/fp8_rounding_probe.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
 echo "== tile sweep"

@@ -1,4 +1,4 @@
-"""Per-tensor amax (max |w|) of many weights in one launch per dtype.
+"""Per-tensor and per-row amax (max |w|) of many weights in one launch per dtype.
 
 This is the whole of weight calibration for the ``max`` method: it reads every weight byte once,
 so its speed of light is a single read pass over the weights.
@@ -14,46 +14,58 @@ import triton.language as tl
 
 from . import native
 from .grouping import (
+    NonFiniteWeightError,
+    Problems,
     Tiles,
-    build_groups,
-    count_launch,
-    describe,
-    entry,
-    locate,
+    engine_for,
+    launch,
     num_rows,
-    row_offsets,
+    tile_entry,
     tiles_for,
-    use_triton,
     validate,
+    weight_rows,
 )
+
+__all__ = ["NonFiniteWeightError", "grouped_amax", "grouped_amax_reference", "grouped_row_amax"]
+
+
+@triton.jit
+def tile_abs_max(x_ptr, r, rows, K, stride, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_R, BLOCK_K] running max of |x| over the rows ``r`` (int32 offsets); NaN propagates."""
+    row_mask = r < rows
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
+    return acc
+
+
+@triton.jit
+def flag_nan(a):
+    """NaN -> inf, so that a non-finite weight is reported (a plain max would drop the NaN)."""
+    return tl.where(a != a, float("inf"), a)
 
 
 @triton.jit
 def _amax_kernel(
     table,
+    tile_map,
+    out_table,
+    x_ref,
     amax_out,
-    ref_ptr,
-    T,
-    STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PER_ROW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = locate(table, pid, T, STEPS)
-    ptr, rows, K, stride, tile_start, index, row_offset = entry(table, t)
-    x_ptr = ptr.to(ref_ptr.dtype)
-    r = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-    row_mask = r < rows
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)[None, :]
-        x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
-        a = tl.abs(x)
-        acc = tl.maximum(acc, tl.where(a != a, float("inf"), a))  # NaN -> inf: reported, not lost
+    t, tile, index, flat_row = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = flag_nan(tile_abs_max(x_ptr, r1[:, None], rows, K, stride, BLOCK_R, BLOCK_K))
     if PER_ROW:  # each row belongs to exactly one program: a plain store
-        r1 = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
-        tl.store(amax_out + row_offset + r1, tl.max(acc, axis=1), mask=r1 < rows)
+        tl.store(amax_out + flat_row + r1, tl.max(acc, axis=1), mask=r1 < rows)
     else:
         tl.atomic_max(amax_out + index, tl.max(tl.max(acc, axis=1), axis=0))
 
@@ -64,17 +76,29 @@ TILES = {"cuda": Tiles(16, 256, 4), "cpu": Tiles(64, 256)}  # benchmarks/tile_sw
 def grouped_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """float32 [len(weights)]: max |w| of each tensor, one launch per dtype.
 
-    Raises ValueError naming the first tensor that holds NaN or Inf.
+    Raises NonFiniteWeightError (a ValueError) naming the first tensor that holds NaN or Inf.
     """
     device = validate(weights)
     if device is None:
         return torch.empty(0, dtype=torch.float32)
-    if not use_triton(device):
-        amax = native.amax(weights) if native.enabled() else grouped_amax_reference(weights)
-    else:
+    problems = Problems(weights)
+    amax = amax_unchecked(weights, device, problems)
+    problems.raise_first()
+    return amax
+
+
+def amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, problems: Problems) -> torch.Tensor:
+    """The amax pass for validated weights; non-finite weights are added to ``problems`` (no host read)."""
+    engine = engine_for(device, native.enabled())
+    if engine == "triton":
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
-        _launch(weights, amax, per_row=False)
-    report_nonfinite(weights, ~torch.isfinite(amax))
+        tiles = tiles_for(TILES, device)
+        launch("amax", _amax_kernel, weights, tiles, (amax,), BLOCK_K=tiles.cols, PER_ROW=False)
+    elif engine == "native":
+        amax = native.amax(weights)
+    else:
+        amax = grouped_amax_reference(weights)
+    problems.add_nonfinite(~torch.isfinite(amax))
     return amax
 
 
@@ -86,66 +110,44 @@ def grouped_row_amax(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     device = validate(weights)
     if device is None:
         return []
+    problems = Problems(weights)
+    flat = row_amax_unchecked(weights, device, problems)
+    problems.raise_first()
+    return list(flat.split([num_rows(w) for w in weights]))
+
+
+def row_amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, problems: Problems) -> torch.Tensor:
+    """Flat float32 [sum of rows] row amaxes of validated weights; non-finite rows go to ``problems``."""
     rows = [num_rows(w) for w in weights]
-    if not use_triton(device):
+    if use_kernels(device):
+        flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
+        tiles = tiles_for(TILES, device)
+        launch("row_amax", _amax_kernel, weights, tiles, (flat,), BLOCK_K=tiles.cols, PER_ROW=True)
+    else:
         parts = [w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()]
         flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
-    else:
-        flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
-        _launch(weights, flat, per_row=True, offsets=row_offsets(weights))
-    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), torch.tensor(rows, device=device))
-    bad = torch.zeros(len(weights), dtype=torch.bool, device=device)
-    report_nonfinite(weights, bad.index_fill_(0, owner[~torch.isfinite(flat)], True))
-    return list(flat.split(rows))
+    owner = torch.repeat_interleave(
+        torch.arange(len(weights), device=device), torch.tensor(rows, device=device), output_size=sum(rows)
+    )
+    bad_rows = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    problems.add_nonfinite(bad_rows.index_add_(0, owner, (~torch.isfinite(flat)).int()) > 0)
+    return flat
 
 
-def _launch(weights: Sequence[torch.Tensor], out: torch.Tensor, per_row: bool, offsets=None) -> None:
-    tiles = tiles_for(TILES, out.device)
-    for g in build_groups(weights, tiles.rows, aux=offsets):
-        if g.num_tiles:
-            _amax_kernel[(g.num_tiles,)](
-                g.table,
-                out,
-                weights[g.first],
-                len(g.indices),
-                g.search_steps,
-                tiles.rows,
-                tiles.cols,
-                per_row,
-                num_warps=tiles.warps,
-            )
-            count_launch("row_amax" if per_row else "amax")
+def use_kernels(device: torch.device) -> bool:
+    return engine_for(device, False) == "triton"
 
 
-class NonFiniteWeightError(ValueError):
-    """A weight holds NaN or Inf; ``index`` is its position in the caller's list."""
-
-    def __init__(self, index: int, description: str) -> None:
-        super().__init__(f"{description} contains NaN or Inf; refusing to quantize it")
-        self.index = index
-
-
-def report_nonfinite(weights: Sequence[torch.Tensor], bad: torch.Tensor) -> None:
-    """One host sync: fail on the first tensor flagged in the bool vector ``bad``."""
-    bad = bad.nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise NonFiniteWeightError(i, describe(i, weights[i]))
-
-
-def resolve_amax(
-    weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None, device: torch.device
-) -> torch.Tensor:
-    """The caller's amax as float32 [len(weights)] on the device, or the grouped amax pass."""
-    if weight_amax is None:
-        return grouped_amax(weights)
+def check_amax(weights: Sequence[torch.Tensor], weight_amax, device: torch.device, problems: Problems) -> torch.Tensor:
+    """The caller's per-tensor amax as float32 [len(weights)] on the device; bad values go to ``problems``."""
     amax = torch.as_tensor(weight_amax).to(device=device, dtype=torch.float32).reshape(-1)
     if amax.numel() != len(weights):
         raise ValueError(f"weight_amax has {amax.numel()} values for {len(weights)} weights")
-    bad = (~torch.isfinite(amax) | (amax < 0)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(f"weight_amax[{i}] = {amax[i].item()} for weights[{i}]: must be finite and >= 0")
+
+    def message(i: int) -> ValueError:
+        return ValueError(f"weight_amax[{i}] = {amax[i].item()} for weights[{i}]: must be finite and >= 0")
+
+    problems.add(~torch.isfinite(amax) | (amax < 0), message)
     return amax
 
 

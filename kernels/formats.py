@@ -15,6 +15,9 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 """Midpoints between neighbouring E2M1 magnitudes; a tie rounds to the even code."""
 
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+"""Weight dtypes the kernels accept, and the code each has in Triton constexprs and the C loop."""
+
 E4M3_MAX = 448.0
 """Largest finite float8_e4m3fn magnitude; conversions saturate here."""
 

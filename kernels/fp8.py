@@ -18,28 +18,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .amax import grouped_row_amax, report_nonfinite, resolve_amax
-from .formats import E4M3_MAX
+from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, tile_abs_max
+from .formats import DTYPE_CODES, E4M3_MAX
 from .grouping import (
+    Problems,
     Tiles,
-    build_groups,
-    count_launch,
     describe,
-    entry,
-    locate,
+    hardware_math,
+    launch,
     num_rows,
-    output,
-    row_offsets,
+    output_ptr,
+    tile_entry,
     tiles_for,
     use_triton,
     validate,
+    weight_rows,
 )
 from .rounding import (
     divide_by_constant,
     divides_by_reciprocal,
+    divisor_parts,
     e4m3_bits,
     e4m3_round,
     float32_reciprocal,
+    quotient,
     round_to_dtype,
 )
 
@@ -57,7 +59,6 @@ def fp8_layout(shape: Sequence[int], per_channel: bool) -> FP8Weight:
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _INV_E4M3_MAX = tl.constexpr(float32_reciprocal(E4M3_MAX))
-_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # see rounding.round_to_dtype
 
 
 @triton.jit
@@ -68,14 +69,36 @@ def _export_scale(amax, TINY: tl.constexpr, RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_byte(q, HW: tl.constexpr):
+    """float32 -> float8_e4m3fn byte, round half to even, saturating at 448 (NaN stays NaN)."""
+    if HW:  # cvt.rn.satfinite.e4m3x2.f32
+        return q.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    return e4m3_bits(e4m3_round(q))
+
+
+@triton.jit
+def _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
+    """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
+    if HW:
+        q = quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse)
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        q = tl.div_rn(x, divisor)
+    return _e4m3_byte(round_to_dtype(q, QUOTIENT_KIND, HW), HW)
+
+
+@triton.jit
 def _fp8_kernel(
     table,
+    tile_map,
+    out_table,
+    x_ref,
     amax,
     row_amax,
     nonfinite,
-    ref_ptr,
-    T,
-    STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
@@ -84,45 +107,51 @@ def _fp8_kernel(
     SCALE_KIND: tl.constexpr,
     TINY: tl.constexpr,
     RECIPROCAL: tl.constexpr,
+    HW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = locate(table, pid, T, STEPS)
-    ptr, rows, K, stride, tile_start, index, row_offset = entry(table, t)
-    x_ptr = ptr.to(ref_ptr.dtype)
-    q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
-    s_ptr = output(table, t, 1).to(tl.pointer_type(tl.float32))
-    r1 = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t, tile, index, flat_row = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
+    s_ptr = output_ptr(out_table, t, 1, tl.float32, False)
+    r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     r = r1[:, None]
     row_mask = r < rows
 
     if PER_CHANNEL:
         if HAS_ROW_AMAX:
-            a = tl.load(row_amax + row_offset + r1, mask=r1 < rows, other=0.0)
+            a = tl.load(row_amax + flat_row + r1)  # unmasked (the buffer is padded): no wait on the table
         else:
-            acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                c = k0 + tl.arange(0, BLOCK_K)[None, :]
-                x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0).to(tl.float32)
-                acc = tl.maximum(acc, tl.abs(x))
-            a = tl.max(acc, axis=1)
+            a = tl.max(flag_nan(tile_abs_max(x_ptr, r, rows, K, stride, BLOCK_R, BLOCK_K)), axis=1)
         scale = _export_scale(a, TINY, RECIPROCAL)
         tl.store(s_ptr + r1, scale, mask=r1 < rows)
         divisor = scale[:, None]
     else:
         scale = _export_scale(tl.load(amax + index), TINY, RECIPROCAL)
-        if pid == tile_start:
+        if tile == 0:
             tl.store(s_ptr, scale)
-        divisor = round_to_dtype(scale, SCALE_KIND)
+        divisor = round_to_dtype(scale, SCALE_KIND, False)
+    minus_S, D, minus_inverse = divisor_parts(divisor)  # HW: |x| / divisor without a division
+    minus_top = -512.0 * D  # quotients above 512 saturate to 448 either way; the clamp keeps them finite
 
-    bad = 0
-    for k0 in range(0, K, BLOCK_K):
+    # Loads need no mask: rows past the end re-read the last row (their stores are masked), and the
+    # columns past the last whole BLOCK_K are one masked step after the loop.
+    r_in = tl.minimum(r, rows - 1)
+    k_full = K // BLOCK_K * BLOCK_K
+    seen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, k_full, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)[None, :]
-        mask = row_mask & (c < K)
-        x = tl.load(x_ptr + r * stride + c, mask=mask, other=0.0).to(tl.float32)
-        bad += tl.sum(tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1), axis=0)
-        q = round_to_dtype(tl.div_rn(x, divisor), QUOTIENT_KIND)
-        tl.store(q_ptr + r * K + c, e4m3_bits(e4m3_round(q)), mask=mask)
-    tl.atomic_max(nonfinite + index, bad)
+        x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
+        seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        tl.store(q_ptr + r * K + c, q, mask=row_mask)
+    if k_full < K:
+        c = k_full + tl.arange(0, BLOCK_K)[None, :]
+        x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
+        seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
+    if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
+        tl.store(nonfinite + index, 1)
 
 
 TILES = {"cuda": Tiles(16, 256, 4), "cpu": Tiles(64, 128)}  # benchmarks/tile_sweep.py measures others
@@ -141,10 +170,12 @@ def quantize_fp8(
     device = validate(weights)
     if device is None:
         return []
-    amax, row_amax = _amaxes(weights, weight_amax, per_channel, device)
+    problems = Problems(weights)
+    amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
     if not use_triton(device):
         if weight_amax is not None:  # otherwise the amax pass above has already checked
-            report_nonfinite(weights, torch.stack([~torch.isfinite(w).all() for w in weights]))
+            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
+        problems.raise_first()
         rows = row_amax.split([num_rows(w) for w in weights]) if row_amax is not None else None
         return [
             quantize_fp8_reference(w, rows[i] if rows is not None else amax[i], per_channel)
@@ -155,35 +186,35 @@ def quantize_fp8(
         FP8Weight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_layout(w.shape, per_channel)))
         for w in weights
     ]
-    outs = [[r.weight for r in results], [r.weight_scale for r in results]]
-    offsets = row_offsets(weights)
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def per_dtype(dtype: torch.dtype) -> dict:
+        kind = 0 if per_channel else DTYPE_CODES[dtype]  # per channel the quotient stays float32
+        return {"QUOTIENT_KIND": kind, "SCALE_KIND": _scale_kind(kind, device), "TINY": torch.finfo(dtype).tiny}
+
     tiles = tiles_for(TILES, device)
-    for g in build_groups(weights, tiles.rows, outs, aux=offsets):
-        if not g.num_tiles:
-            continue
-        kind = 0 if per_channel else _DTYPE_KIND[g.dtype]  # per channel the quotient stays float32
-        _fp8_kernel[(g.num_tiles,)](
-            g.table,
+    launch(
+        "fp8",
+        _fp8_kernel,
+        weights,
+        tiles,
+        (
             amax if amax is not None else placeholder,
-            row_amax if row_amax is not None else placeholder,
+            # padded by a tile of rows: the kernel reads a tile's row amaxes without a mask
+            torch.cat([row_amax, placeholder.new_zeros(tiles.rows)]) if row_amax is not None else placeholder,
             nonfinite,
-            weights[g.first],
-            len(g.indices),
-            g.search_steps,
-            tiles.rows,
-            tiles.cols,
-            per_channel,
-            row_amax is not None,
-            kind,
-            _scale_kind(kind, device),
-            torch.finfo(g.dtype).tiny,
-            divides_by_reciprocal(device),
-            num_warps=tiles.warps,
-        )
-        count_launch("fp8")
-    report_nonfinite(weights, nonfinite > 0)
+        ),
+        outputs=([r.weight for r in results], [r.weight_scale for r in results]),
+        per_dtype=per_dtype,
+        BLOCK_K=tiles.cols,
+        PER_CHANNEL=per_channel,
+        HAS_ROW_AMAX=row_amax is not None,
+        RECIPROCAL=divides_by_reciprocal(device),
+        HW=hardware_math(device),
+    )
+    problems.add_nonfinite(nonfinite > 0)
+    problems.raise_first()
     return results
 
 
@@ -199,14 +230,17 @@ def _amaxes(
     weight_amax: torch.Tensor | Sequence[torch.Tensor] | None,
     per_channel: bool,
     device: torch.device,
+    problems: Problems,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(per-tensor amax [T], flat per-row amax) with exactly one of them set where it is known."""
     if not per_channel:
-        return resolve_amax(weights, weight_amax, device), None
+        if weight_amax is None:
+            return amax_unchecked(weights, device, problems), None
+        return check_amax(weights, weight_amax, device, problems), None
     if weight_amax is None:
         if use_triton(device):
             return None, None  # the kernel computes row amaxes in its first pass
-        return None, torch.cat(grouped_row_amax(weights))
+        return None, row_amax_unchecked(weights, device, problems)
     if len(weight_amax) != len(weights):
         raise ValueError(f"weight_amax has {len(weight_amax)} entries for {len(weights)} weights")
     flat = []
@@ -216,12 +250,16 @@ def _amaxes(
             raise ValueError(f"weight_amax[{i}] has {a.numel()} values for {describe(i, w)} with {num_rows(w)} rows")
         flat.append(a)
     counts = torch.tensor([len(a) for a in flat], device=device)
-    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), counts)
+    total = sum(len(a) for a in flat)
+    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), counts, output_size=total)
     flat = torch.cat(flat)
-    invalid = owner[~(torch.isfinite(flat) & (flat >= 0))]  # one host sync for all tensors
-    if len(invalid):
-        i = int(invalid[0])
-        raise ValueError(f"weight_amax[{i}] for {describe(i, weights[i])}: values must be finite and >= 0")
+    invalid = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    invalid.index_add_(0, owner, (~(torch.isfinite(flat) & (flat >= 0))).int())
+
+    def message(i: int) -> ValueError:
+        return ValueError(f"weight_amax[{i}] for {describe(i, weights[i])}: values must be finite and >= 0")
+
+    problems.add(invalid > 0, message)
     return None, flat
 
 

@@ -1,18 +1,21 @@
-"""Grouped launches: one device table of pointers, shapes and strides for a list of weights.
+"""Grouped launches: validate a list of weights once, choose the engine once, and launch one grid per dtype.
 
-Every kernel in this package walks all row tiles of all tensors of one dtype in a single grid.
-The table replaces a stacking copy: tensors stay where they are (separate parameters, views of a
-stacked (E, N, K) parameter, TP shards with a row stride), and each program finds its tensor by a
-binary search over the tile offsets.  This module also validates inputs (errors name the tensor),
-chooses between the Triton kernels and the torch references, and counts launches.
+Every kernel of this package walks all row tiles of all tensors of one dtype in a single grid, through
+a device table of pointers, shapes and strides (no stacking copy) and a host-built int32 tile map
+(tile -> table entry), so a program reaches its first weight byte after two dependent loads.  The table
+is cached per list of tensors; nothing here synchronizes with the device; the one read of the
+problems found (non-finite weights, bad amaxes) happens in ``Problems.raise_first``, once per call.
+
+A new kernel adopts ``launch``: its first parameters are ``(table, tile_map, out_table, x_ref)``, it
+finds its tile with ``tile_entry`` and its weight with ``weight_rows``, and its per-call outputs are
+read with ``output_ptr``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,19 +24,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import WEIGHT_DTYPES
+from .formats import DTYPE_CODES
 
-# Columns of the int64 table shared by all kernels (constexpr so that jit code can read them).
-COL_PTR = tl.constexpr(0)  # data_ptr of the input tensor
-COL_ROWS = tl.constexpr(1)  # product of all dims but the last
+# Columns of the int64 table (constexpr so that jit code can read them).
+COL_PTR = tl.constexpr(0)  # data_ptr of this entry's first row
+COL_ROWS = tl.constexpr(1)  # rows of this entry (a tensor, or a chunk of one: see MAX_ENTRY_ELEMENTS)
 COL_K = tl.constexpr(2)  # last dim
 COL_ROW_STRIDE = tl.constexpr(3)  # elements between consecutive rows
-COL_TILE_START = tl.constexpr(4)  # first program id of this tensor (prefix sum of row tiles)
-COL_INDEX = tl.constexpr(5)  # position of the tensor in the caller's list
-COL_AUX = tl.constexpr(6)  # kernel-specific integer (FP8 per channel: offset of this tensor's rows in a flat buffer)
-COL_OUT0 = tl.constexpr(7)  # first output pointer; kernels define how many they use
-NUM_OUT_COLS = tl.constexpr(3)
-TABLE_COLS = tl.constexpr(COL_OUT0.value + NUM_OUT_COLS.value)
+COL_INDEX = tl.constexpr(4)  # position of the tensor in the caller's list
+COL_FLAT_ROW = tl.constexpr(5)  # this entry's first row in a flat per-row buffer of all tensors
+TABLE_COLS = tl.constexpr(6)
+MAX_OUTPUTS = tl.constexpr(3)  # columns of the per-call output table
+
+MAX_ENTRY_ELEMENTS = 2**31 - 1
+"""Offsets inside an entry are int32: a tensor whose rows span more elements is split into row chunks."""
+
+ENGINES = ("triton", "native", "reference")
 
 _LAUNCHES: Counter[str] = Counter()
 
@@ -60,13 +66,15 @@ def reset_launch_counts() -> None:
     _LAUNCHES.clear()
 
 
-def count_launch(name: str) -> None:
-    _LAUNCHES[name] += 1
-
-
 def use_triton(device: torch.device) -> bool:
     """Triton on CUDA; on CPU only under the interpreter (TRITON_INTERPRET=1), else the reference."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def hardware_math(device: torch.device) -> bool:
+    """Kernels use the GPU's FMA and conversion instructions on CUDA; the interpreter gets the portable
+    formulation (its fma rounds twice and its float8 cast is wrong, shared/reference/numerics.md)."""
+    return device.type == "cuda"
 
 
 def describe(index: int, w: torch.Tensor) -> str:
@@ -81,7 +89,11 @@ def num_rows(w: torch.Tensor) -> int:
 
 def row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
     """Start of each weight's rows in a flat per-row buffer (per-channel amaxes and scales)."""
-    return [0, *itertools.accumulate(num_rows(w) for w in weights)][:-1]
+    out, total = [], 0
+    for w in weights:
+        out.append(total)
+        total += num_rows(w)
+    return out
 
 
 def row_stride(index: int, w: torch.Tensor) -> int:
@@ -113,7 +125,7 @@ def validate(weights: Sequence[torch.Tensor], block: int = 1) -> torch.device | 
     for i, w in enumerate(weights):
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"weights[{i}] is a {type(w).__name__}, not a torch.Tensor")
-        if w.dtype not in WEIGHT_DTYPES:
+        if w.dtype not in DTYPE_CODES:
             raise TypeError(f"{describe(i, w)}: unsupported dtype; expected bfloat16, float16 or float32")
         row_stride(i, w)
         if block > 1 and w.shape[-1] % block:
@@ -128,79 +140,248 @@ def validate(weights: Sequence[torch.Tensor], block: int = 1) -> torch.device | 
     return device
 
 
-@dataclass
+def engine_for(device: torch.device, native_available: bool) -> str:
+    """The one decision of a public function: 'triton' (CUDA, or the interpreter), the compiled C loop
+    ('native', CPU) or the torch reference."""
+    if use_triton(device):
+        return "triton"
+    return "native" if native_available else "reference"
+
+
+# ---------------------------------------------------------------------------------------------- problems
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or Inf; ``index`` is its position in the caller's list."""
+
+    def __init__(self, index: int, description: str) -> None:
+        super().__init__(f"{description} contains NaN or Inf; refusing to quantize it")
+        self.index = index
+
+
+class Problems:
+    """Device-side findings of one call, read by the host once at the end (one synchronization).
+
+    Each finding is a bool vector over the weights plus a message builder; the first finding added
+    wins, as if each had been checked (and raised) in order.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        self.weights = weights
+        self.checks: list[tuple[torch.Tensor, object]] = []
+
+    def add(self, bad: torch.Tensor, message) -> None:
+        """``bad``: bool [len(weights)] on the device; ``message(i)`` -> the exception for weight i."""
+        self.checks.append((bad.reshape(-1), message))
+
+    def add_nonfinite(self, bad: torch.Tensor) -> None:
+        self.add(bad, lambda i: NonFiniteWeightError(i, describe(i, self.weights[i])))
+
+    def raise_first(self) -> None:
+        if not self.checks:
+            return
+        n = len(self.weights)
+        where = torch.arange(n, device=self.checks[0][0].device)
+        firsts = torch.stack([torch.where(bad, where, n).amin() if n else where.sum() for bad, _ in self.checks])
+        for value, (_, message) in zip(firsts.tolist(), self.checks):  # the one read of the call
+            if value < n:
+                raise message(value)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
 class Group:
-    """All tensors of one dtype: their table on the device and the grid size."""
+    """All tensors of one dtype as the kernels see them: a table on the device and the grid."""
 
     dtype: torch.dtype
-    indices: list[int]
-    table: torch.Tensor  # int64 [len(indices), TABLE_COLS]
+    indices: tuple[int, ...]  # positions in the caller's list
+    entries: tuple[tuple[int, int, int], ...]  # (index, first row, rows) per table entry
+    table: torch.Tensor  # int64 [entries, TABLE_COLS]
+    tile_map: torch.Tensor  # int32 [tiles, 4]: (entry, tile within the entry, tensor index, flat first row)
     num_tiles: int
-
-    @property
-    def search_steps(self) -> int:
-        """Iterations of the in-kernel binary search over tile offsets."""
-        return max(1, math.ceil(math.log2(len(self.indices) + 1)))
-
-    @property
-    def first(self) -> int:
-        return self.indices[0]
+    aligned: bool  # every entry: base 16-byte aligned, K and row stride multiples of 16 bytes
+    vec: int  # elements per 16 bytes
 
 
-def build_groups(
-    weights: Sequence[torch.Tensor],
-    block_rows: int,
-    outputs: Sequence[Sequence[torch.Tensor | None]] = (),
-    aux: Sequence[int] | None = None,
-) -> list[Group]:
-    """One table per dtype.  ``outputs[j][i]`` is the j-th output tensor of weight i (or None)."""
+_CACHE: OrderedDict[tuple, list[Group]] = OrderedDict()
+_CACHE_SIZE = 16
+_STATS = Counter()
+
+
+def table_cache_stats() -> dict[str, int]:
+    """Hits and misses of the table cache since start (tests read this)."""
+    return dict(_STATS)
+
+
+def clear_table_cache() -> None:
+    """Forget every cached table (tests that change MAX_ENTRY_ELEMENTS call this)."""
+    _CACHE.clear()
+
+
+def _to_device(rows: list[list[int]], dtype: torch.dtype, cols: int, device: torch.device) -> torch.Tensor:
+    """A host-built table copied without a synchronization (pinned memory, non_blocking) on CUDA."""
+    host = torch.tensor(rows, dtype=dtype) if rows else torch.zeros((0, cols), dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _entries(index: int, w: torch.Tensor, block_rows: int) -> list[tuple[int, int, int]]:
+    """(index, first row, rows) chunks so that int32 offsets never overflow inside a chunk."""
+    rows, stride, k = num_rows(w), row_stride(index, w), w.shape[-1]
+    if rows == 0 or k == 0:
+        return []
+    span = (rows - 1) * stride + k
+    if span <= MAX_ENTRY_ELEMENTS:
+        return [(index, 0, rows)]
+    chunk = (MAX_ENTRY_ELEMENTS - k) // max(stride, 1) + 1
+    chunk = max(block_rows, chunk // (64 * block_rows) * (64 * block_rows))  # keeps output alignment
+    return [(index, r0, min(chunk, rows - r0)) for r0 in range(0, rows, chunk)]
+
+
+def groups_for(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
+    """The tables of a list of weights (one group per dtype), built once and cached by geometry."""
+    key = (block_rows, tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights))
+    cached = _CACHE.get(key)
+    if cached is not None:
+        _STATS["hit"] += 1
+        _CACHE.move_to_end(key)
+        return cached
+    _STATS["miss"] += 1
+    groups = _build(weights, block_rows)
+    _CACHE[key] = groups
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return groups
+
+
+def _build(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
     device = weights[0].device
+    flat = row_offsets(weights)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(weights):
         by_dtype.setdefault(w.dtype, []).append(i)
     groups = []
     for dtype, indices in by_dtype.items():
-        rows_table = []
-        tile = 0
+        size = weights[indices[0]].element_size()
+        vec = 16 // size
+        entries, table, tile_map = [], [], []
+        aligned = True
         for i in indices:
             w = weights[i]
-            rows = num_rows(w)
-            outs = [o[i].data_ptr() if o[i] is not None else 0 for o in outputs]
-            outs += [0] * (NUM_OUT_COLS.value - len(outs))
-            rows_table.append([w.data_ptr(), rows, w.shape[-1], row_stride(i, w), tile, i, aux[i] if aux else 0, *outs])
-            tile += math.ceil(rows / block_rows)
-        table = torch.tensor(rows_table, dtype=torch.int64).to(device)
-        groups.append(Group(dtype, indices, table, tile))
+            stride = row_stride(i, w)
+            for index, r0, rows in _entries(i, w, block_rows):
+                ptr = w.data_ptr() + r0 * stride * size
+                aligned &= ptr % 16 == 0 and w.shape[-1] % vec == 0 and (stride % vec == 0 or rows == 1)
+                e = len(entries)
+                entries.append((index, r0, rows))
+                table.append([ptr, rows, w.shape[-1], stride, index, flat[index] + r0])
+                first = flat[index] + r0
+                tile_map.extend([e, t, index, first] for t in range(math.ceil(rows / block_rows)))
+        groups.append(
+            Group(
+                dtype,
+                tuple(indices),
+                tuple(entries),
+                _to_device(table, torch.int64, TABLE_COLS.value, device),
+                _to_device(tile_map, torch.int32, 4, device),
+                len(tile_map),
+                aligned,
+                vec,
+            )
+        )
     return groups
 
 
-@triton.jit
-def locate(table, pid, T, STEPS: tl.constexpr):
-    """Row of ``table`` whose tiles contain program ``pid``: the last entry with tile_start <= pid."""
-    t = pid * 0
-    for i in tl.static_range(STEPS):
-        cand = t + (1 << (STEPS - 1 - i))
-        start = tl.load(table + tl.minimum(cand, T - 1) * TABLE_COLS + COL_TILE_START)
-        t = tl.where((cand < T) & (start <= pid), cand, t)
-    return t
+def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weights: Sequence[torch.Tensor]):
+    """int64 [entries, MAX_OUTPUTS]: each entry's output pointers (a chunk's offset by its first row).
+
+    An output of weight i holds ``numel // rows`` elements per row of the weight (0 for a 0-dim scale).
+    """
+    pad = [0] * (MAX_OUTPUTS.value - len(outputs))
+    rows = []
+    for index, r0, _ in group.entries:
+        if r0 == 0:  # the common case: no row offset
+            rows.append([out[index].data_ptr() for out in outputs] + pad)
+            continue
+        ptrs = []
+        for out in outputs:
+            o = out[index]
+            per_row = o.numel() // num_rows(weights[index])
+            ptrs.append(o.data_ptr() + r0 * per_row * o.element_size())
+        rows.append(ptrs + pad)
+    return _to_device(rows, torch.int64, MAX_OUTPUTS.value, group.table.device)
+
+
+def launch(
+    name: str,
+    kernel,
+    weights: Sequence[torch.Tensor],
+    tiles: Tiles,
+    args: Sequence = (),
+    outputs: Sequence[Sequence[torch.Tensor]] = (),
+    per_dtype=None,
+    **constexprs,
+) -> None:
+    """One launch per dtype of ``kernel[(tiles,)](table, tile_map, out_table, x_ref, *args, ...)``.
+
+    ``outputs[j][i]``: the j-th output tensor of weight i.  ``per_dtype(dtype)`` may add constexprs
+    that depend on the group's dtype.  Constexprs ALIGNED, VEC and BLOCK_R are always passed.
+    """
+    for g in groups_for(weights, tiles.rows):
+        if not g.num_tiles:
+            continue
+        extra = per_dtype(g.dtype) if per_dtype else {}
+        kernel[(g.num_tiles,)](
+            g.table,
+            g.tile_map,
+            output_table(g, outputs, weights) if outputs else g.table,
+            weights[g.indices[0]],
+            *args,
+            ALIGNED=g.aligned,
+            VEC=g.vec,
+            BLOCK_R=tiles.rows,
+            **constexprs,
+            **extra,
+            num_warps=tiles.warps,
+        )
+        _LAUNCHES[name] += 1
+
+
+# ---------------------------------------------------------------------------------------------- jit side
 
 
 @triton.jit
-def entry(table, t):
-    """Fields of table row ``t``: (ptr, rows, K, row_stride, tile_start, index, aux)."""
+def tile_entry(tile_map):
+    """(table entry, tile within the entry, tensor index, flat row of the entry's first row) of this
+    program, from the host-built map: per-tensor and per-row values (amaxes) are then one load away,
+    like the table row."""
+    row = tile_map + 4 * tl.program_id(0)
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def weight_rows(table, t, x_ref, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """(pointer, rows, K, row stride) of entry ``t``; int32 sizes, alignment facts when ALIGNED (stated
+    on values cast from the table, where the compiler keeps them)."""
     row = table + t * TABLE_COLS
-    return (
-        tl.load(row + COL_PTR),
-        tl.load(row + COL_ROWS),
-        tl.load(row + COL_K),
-        tl.load(row + COL_ROW_STRIDE),
-        tl.load(row + COL_TILE_START),
-        tl.load(row + COL_INDEX),
-        tl.load(row + COL_AUX),
-    )
+    x_ptr = tl.load(row + COL_PTR).to(x_ref.dtype)
+    rows = tl.load(row + COL_ROWS).to(tl.int32)
+    K = tl.load(row + COL_K).to(tl.int32)
+    stride = tl.load(row + COL_ROW_STRIDE).to(tl.int32)
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        K = tl.multiple_of(K, VEC)
+        stride = tl.multiple_of(stride, VEC)
+    return x_ptr, rows, K, stride
 
 
 @triton.jit
-def output(table, t, j: tl.constexpr):
-    """The j-th output pointer of table row ``t`` (an int64; cast it with ``.to(pointer type)``)."""
-    return tl.load(table + t * TABLE_COLS + COL_OUT0 + j)
+def output_ptr(out_table, t, j: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The j-th output pointer of entry ``t`` as a pointer to ``dtype`` (16-byte aligned when ALIGNED)."""
+    p = tl.load(out_table + t * MAX_OUTPUTS + j).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p

@@ -23,11 +23,18 @@ from pathlib import Path
 
 import torch
 
-from .formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, NVFP4_BLOCK_SIZE, NVFP4_SCALE_2_DIVISOR
+from .formats import (
+    DTYPE_CODES,
+    E2M1_BOUNDS,
+    E2M1_MAX,
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_SCALE_2_DIVISOR,
+)
 from .grouping import num_rows, row_stride
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -march=native vectorizes the loops (2x here); the build is then tied to this CPU, so the cache key
 # holds the CPU's feature flags.  Exactness needs no fast-math and no fused multiply-add contraction.
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
@@ -98,7 +105,7 @@ def library() -> ctypes.CDLL | None:
 
 def _geometry(index: int, w: torch.Tensor) -> tuple[int, int, int, int]:
     """(dtype code, rows, K, row stride) of a validated weight."""
-    return _DTYPE_CODES[w.dtype], num_rows(w), w.shape[-1], row_stride(index, w)
+    return DTYPE_CODES[w.dtype], num_rows(w), w.shape[-1], row_stride(index, w)
 
 
 def _parallel(fn: Callable[[int], object], count: int) -> list:

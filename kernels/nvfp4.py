@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import native
-from .amax import NonFiniteWeightError, report_nonfinite, resolve_amax
+from .amax import amax_unchecked, check_amax, flag_nan
 from .formats import (
     E2M1_BOUNDS,
     E2M1_MAX,
@@ -26,18 +26,28 @@ from .formats import (
     NVFP4_SCALE_2_DIVISOR,
 )
 from .grouping import (
+    Problems,
     Tiles,
-    build_groups,
-    count_launch,
-    describe,
-    entry,
-    locate,
-    output,
+    engine_for,
+    hardware_math,
+    launch,
+    output_ptr,
+    tile_entry,
     tiles_for,
-    use_triton,
     validate,
+    weight_rows,
 )
-from .rounding import divide_by_constant, divides_by_reciprocal, e2m1_code, e4m3_bits, e4m3_round, float32_reciprocal
+from .rounding import (
+    divide_by_constant,
+    divides_by_reciprocal,
+    divisor_parts,
+    e2m1_code,
+    e2m1_magnitude_code,
+    e4m3_bits,
+    e4m3_round,
+    float32_reciprocal,
+    quotient,
+)
 
 
 class NVFP4Weight(NamedTuple):
@@ -52,64 +62,125 @@ _DIVISOR = tl.constexpr(NVFP4_SCALE_2_DIVISOR)
 _INV_DIVISOR = tl.constexpr(float32_reciprocal(NVFP4_SCALE_2_DIVISOR))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
+_MIN_SUBNORMAL = tl.constexpr(2.0**-149)  # the smallest positive float32
 
 
 @triton.jit
 def _nvfp4_kernel(
     table,
+    tile_map,
+    out_table,
+    x_ref,
     amax,
     nonfinite,
-    ref_ptr,
-    T,
-    STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCKS: tl.constexpr,
     RECIPROCAL: tl.constexpr,
+    HW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = locate(table, pid, T, STEPS)
-    ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
-    x_ptr = ptr.to(ref_ptr.dtype)
-    q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
-    s_ptr = output(table, t, 1).to(tl.pointer_type(tl.uint8))
+    t, tile, index, _ = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    q_ptr = output_ptr(out_table, t, 0, tl.int32, True)  # 8 codes per 32-bit word; K/2 % 8 == 0
+    s_ptr = output_ptr(out_table, t, 1, tl.uint8, False)
 
     scale_2 = divide_by_constant(tl.load(amax + index), _DIVISOR, _INV_DIVISOR, RECIPROCAL)
-    if pid == tile_start:
-        tl.store(output(table, t, 2).to(tl.pointer_type(tl.float32)), scale_2)
+    if tile == 0:
+        tl.store(output_ptr(out_table, t, 2, tl.float32, False), scale_2)
     scale_unit = _E2M1_MAX * scale_2
 
-    # A tile is [BLOCK_R rows, BLOCKS blocks, 8 pairs]; lo/hi are the even/odd elements of each pair.
-    # (Loading whole 16-blocks and splitting them with tl.reshape + tl.split measured 1.5-1.8x slower on
-    # an H200, benchmarks/RESULTS.md.)
-    r = (pid - tile_start) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r3 = r[:, None, None]
-    b3 = tl.arange(0, BLOCKS)[None, :, None]
+    if HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
+        minus_S_u, D_u, minus_I_u = divisor_parts(scale_unit)
+        # IEEE's block amax / scale_unit is 0 iff block amax <= Z_u (see _codes); scale_unit == 0 is x / 0
+        Z_u = tl.where(scale_unit == 0.0, -1.0, tl.floor(scale_unit * 0.5) * _MIN_SUBNORMAL)
+    else:
+        minus_S_u, D_u, minus_I_u, Z_u = scale_unit, scale_unit, scale_unit, scale_unit
+
+    # A tile is [BLOCK_R rows, BLOCKS blocks, 8]: the first and the second half of each 16-block are
+    # two 128-bit loads of the same thread, so the block amax, its scale and the packing of 8 codes
+    # into one 32-bit word stay in registers (no shuffle, no barrier).  Loads need no mask: rows past
+    # the end re-read the last row (their stores are masked), and the blocks past the last whole
+    # BLOCKS are one masked step after the loop.
+    r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    r2 = r[:, None]
+    r_in = tl.minimum(r2, rows - 1)[:, :, None] * stride
+    blk2 = tl.arange(0, BLOCKS)[None, :]
     j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
+    nibble = (4 * j3).to(tl.int32)
     num_blocks = K // _BLOCK
-    bad = 0
-    for b0 in range(0, num_blocks, BLOCKS):
-        blk = b0 + b3
-        mask = (r3 < rows) & (blk < num_blocks)
-        col = blk * _BLOCK + 2 * j3
-        lo = tl.load(x_ptr + r3 * stride + col, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + r3 * stride + col + 1, mask=mask, other=0.0).to(tl.float32)
-        alo = tl.abs(lo)
-        ahi = tl.abs(hi)
-        finite = (alo < float("inf")) & (ahi < float("inf"))  # False for NaN too
-        bad += tl.sum(tl.sum(tl.sum(tl.where(finite, 0, 1), axis=2), axis=1), axis=0)
+    full = num_blocks // BLOCKS * BLOCKS
+    seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
+    for b0 in range(0, full, BLOCKS):
+        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, b0 + blk2, r2 < rows, j3, nibble, K, scale_2,
+                           minus_S_u, D_u, minus_I_u, Z_u, seen, False, HW)
+    if full < num_blocks:
+        blk = full + blk2
+        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, blk, (r2 < rows) & (blk < num_blocks), j3, nibble,
+                           K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen, True, HW)
+    if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
+        tl.store(nonfinite + index, 1)
 
-        block_amax = tl.max(tl.maximum(alo, ahi), axis=2)
-        scale = tl.div_rn(block_amax, scale_unit)
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        scale = e4m3_round(tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale))
-        r2 = r[:, None]
-        blk2 = b0 + tl.arange(0, BLOCKS)[None, :]
-        tl.store(s_ptr + r2 * num_blocks + blk2, e4m3_bits(scale), mask=(r2 < rows) & (blk2 < num_blocks))
 
-        denom = (scale * scale_2)[:, :, None]
-        code = e2m1_code(tl.div_rn(lo, denom)) | (e2m1_code(tl.div_rn(hi, denom)) << 4)
-        tl.store(q_ptr + r3 * (K // 2) + blk * _HALF_BLOCK + j3, code.to(tl.uint8), mask=mask)
-    tl.atomic_max(nonfinite + index, bad)
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen,
+                MASKED: tl.constexpr, HW: tl.constexpr):
+    """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block."""
+    col = blk[:, :, None] * _BLOCK + j3
+    if MASKED:
+        lo = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0.0).to(tl.float32)
+        hi = tl.load(rows_ptr + col + _HALF_BLOCK, mask=mask[:, :, None], other=0.0).to(tl.float32)
+    else:
+        lo = tl.load(rows_ptr + col).to(tl.float32)
+        hi = tl.load(rows_ptr + col + _HALF_BLOCK).to(tl.float32)
+    block_amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL), 2, _max_nan)
+    seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
+    if HW:
+        scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)  # exact above 2^-100, tiny below
+        scale = tl.where(block_amax <= Z_u, 0.0, scale)  # IEEE's zero (-> 1.0); a tiny rest clamps to 2^-9
+        x_over_zero = tl.where(block_amax == 0.0, float("nan"), float("inf"))
+        scale = tl.where(Z_u < 0.0, x_over_zero, scale)  # scale_unit == 0 (weight_scale_2 underflowed)
+    else:
+        scale = tl.div_rn(block_amax, minus_S_u)  # minus_S_u is scale_unit here
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale)
+    if HW:  # cvt.rn.satfinite.e4m3x2.f32, and back
+        scale8 = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        scale_bits = scale8.to(tl.uint8, bitcast=True)
+        scale = scale8.to(tl.float32)
+    else:
+        scale = e4m3_round(scale)
+        scale_bits = e4m3_bits(scale)
+    tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
+
+    d = scale * scale_2
+    if HW:
+        minus_S, D, minus_I = divisor_parts(d)
+        # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
+        minus_Z = -(tl.floor(d * 0.5) * _MIN_SUBNORMAL)
+        word_lo = _codes(lo, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
+        word_hi = _codes(hi, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
+    else:
+        denom = d[:, :, None]
+        word_lo = tl.sum(e2m1_code(tl.div_rn(lo, denom)) << nibble, axis=2)
+        word_hi = tl.sum(e2m1_code(tl.div_rn(hi, denom)) << nibble, axis=2)
+    words = q_ptr + r2 * (K // 8) + 2 * blk
+    tl.store(words, word_lo, mask=mask)
+    tl.store(words + 1, word_hi, mask=mask)
+    return seen
+
+
+@triton.jit
+def _codes(x, minus_S, D, minus_I, minus_Z, nibble):
+    """8 E2M1 codes of x / d (d = D / S) packed into a 32-bit word, element j in nibble j."""
+    code = e2m1_magnitude_code(quotient(tl.abs(x) * minus_S, D, minus_I))
+    code = code | tl.where(x < minus_Z, 8, 0)
+    return tl.sum(code << nibble, axis=2)
 
 
 TILES = {"cuda": Tiles(16, 8, 4), "cpu": Tiles(32, 16)}  # cols = 16-blocks; benchmarks/tile_sweep.py
@@ -137,44 +208,44 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     device = validate(weights, block=NVFP4_BLOCK_SIZE)
     if device is None:
         return []
-    amax = resolve_amax(weights, weight_amax, device)
-    if not use_triton(device) and native.enabled():
+    engine = engine_for(device, native.enabled())
+    problems = Problems(weights)
+    if weight_amax is None:
+        amax = amax_unchecked(weights, device, problems)
+    else:
+        amax = check_amax(weights, weight_amax, device, problems)
+    if engine == "native":
+        problems.raise_first()
         results = [_empty_outputs(w) for w in weights]
         bad = native.nvfp4(weights, amax, results)  # one fused C pass per weight, a thread per core
-        if bad:
-            raise NonFiniteWeightError(bad[0], describe(bad[0], weights[bad[0]]))
-        return results
-    if not use_triton(device):
+        problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
+    elif engine == "reference":
+        if weight_amax is not None:  # otherwise the amax pass has checked
+            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
+        problems.raise_first()
         results = []
-        for i, (w, a) in enumerate(zip(weights, amax)):
+        for w, a in zip(weights, amax):
             blocks = w.float().unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
-            block_amax = blocks.abs().amax(-1)  # NaN/Inf survive here: a cheap check of the caller's weights
             # (one tensor at a time on purpose: batching same-shape experts measured 1.5x slower on CPU,
             # the per-expert temporaries stay in cache)
-            if weight_amax is not None and not bool(torch.isfinite(block_amax).all()):
-                raise NonFiniteWeightError(i, describe(i, w))
-            results.append(_nvfp4_from_blocks(blocks, block_amax, a))
-        return results
-    results = [_empty_outputs(w) for w in weights]
-    outs = [[r.weight for r in results], [r.weight_scale for r in results], [r.weight_scale_2 for r in results]]
-    nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    tiles = tiles_for(TILES, device)
-    for g in build_groups(weights, tiles.rows, outs):
-        if g.num_tiles:
-            _nvfp4_kernel[(g.num_tiles,)](
-                g.table,
-                amax,
-                nonfinite,
-                weights[g.first],
-                len(g.indices),
-                g.search_steps,
-                tiles.rows,
-                tiles.cols,
-                divides_by_reciprocal(device),
-                num_warps=tiles.warps,
-            )
-            count_launch("nvfp4")
-    report_nonfinite(weights, nonfinite > 0)
+            results.append(_nvfp4_from_blocks(blocks, blocks.abs().amax(-1), a))
+    else:
+        results = [_empty_outputs(w) for w in weights]
+        nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        tiles = tiles_for(TILES, device)
+        launch(
+            "nvfp4",
+            _nvfp4_kernel,
+            weights,
+            tiles,
+            (amax, nonfinite),
+            outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
+            BLOCKS=tiles.cols,
+            RECIPROCAL=divides_by_reciprocal(device),
+            HW=hardware_math(device),
+        )
+        problems.add_nonfinite(nonfinite > 0)
+    problems.raise_first()
     return results
 
 

@@ -49,13 +49,18 @@ def round_mantissa(a, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_ST
 
 
 @triton.jit
-def round_to_dtype(x, KIND: tl.constexpr):
+def round_to_dtype(x, KIND: tl.constexpr, HW: tl.constexpr):
     """Round float32 ``x`` onto the grid of KIND (0: float32, 1: bfloat16, 2: float16), keeping it float32.
 
-    This reproduces torch keeping a quotient in the weight's dtype before a second cast.
+    This reproduces torch keeping a quotient in the weight's dtype before a second cast.  HW: the GPU's
+    round-to-nearest-even conversions (cvt.rn.bf16.f32 / cvt.rn.f16.f32) and back.
     """
     if KIND == 0:
         return x
+    if HW:
+        if KIND == 1:
+            return x.to(tl.bfloat16).to(tl.float32)
+        return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
     a = tl.abs(x)
     special = (a != a) | (a == float("inf"))  # NaN and inf pass through unchanged
     a = tl.where(special, 0.0, a)
@@ -112,6 +117,56 @@ def e2m1_code(x):
     )
     code = tl.where(m != m, 7, code)
     return tl.where(x < 0, code | 8, code)
+
+
+@triton.jit
+def divisor_parts(d):
+    """(-S, D, -I) with d = D / S exactly (S a power of two; D in [1, 2) for a normal d, D < 1 for a
+    subnormal one) and I = fl32(1 / D): the per-divisor half of ``quotient``, once per tensor, row or
+    block.  Scaling by S keeps every intermediate of ``quotient`` normal where its result matters;
+    the signs are negative so that no instruction of the per-element half negates anything."""
+    e = (d.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+    s_bits = tl.where(e == 0, 254 << 23, tl.where(e == 254, 1 << 22, (254 - e) << 23))  # 2^127, 2^-127, 2^(127-e)
+    S = s_bits.to(tl.float32, bitcast=True)
+    D = d * S
+    return -S, D, -tl.div_rn(1.0, D)
+
+
+@triton.jit
+def quotient(minus_n, D, minus_I):  # noqa: N803 - D and I as in the docstring
+    """fl32(n / D) for n >= 0, given -n and -I = -fl32(1 / D), without a division (n = a * S for a
+    quotient a / d, see ``divisor_parts``).
+
+    The product y = n * I by the correctly rounded reciprocal is within an ulp; the FMA residual
+    n - y*D is exact and one more FMA rounds y + residual * I once (Markstein).  Exact (bit for bit
+    with IEEE division) wherever the quotient lies in [2^-100, 2^100]; below, where the residual can be
+    subnormal, the result stays below 2^-99 (all the kernels need: FP8 bytes are 0 below 2^-10, E2M1
+    codes 0 below 0.25, block scales clamp at 2^-9); where it overflows, inf or NaN.
+    tests/test_exact_division.py checks this over every bf16 and fp16 mantissa against every divisor
+    mantissa the kernels can form, and the extreme exponents.  Needs IEEE fma: the GPU's fma.rn.f32
+    (the Triton interpreter's fma rounds twice).
+    """
+    y = minus_n * minus_I
+    minus_residual = tl.fma(y, D, minus_n)  # y*D - n, exact
+    return tl.fma(minus_residual, minus_I, y)
+
+
+@triton.jit
+def e2m1_magnitude_code(q):
+    """E2M1 code (0..7) of float32 q >= 0 (or NaN -> 7): round half to even onto {0, .5, 1, 1.5, 2, 3,
+    4, 6}, saturating, with one float add doing the rounding.
+
+    The grid spacing is 0.5 below 2, 1 in [2, 4), 2 from 4: adding C = 2^22, 2^23 or 2^24 (by q's
+    binade) makes float32 addition round q to exactly that spacing, ties to even (the sum's last
+    mantissa bit has the parity of the code).  The code is then the sum's bits minus C's bits, plus 0,
+    2 or 4 for the binade.  min(q, 6) first sends NaN and everything above 6 to code 7 (PTX min.f32
+    returns the non-NaN operand).
+    """
+    q = tl.minimum(q, 6.0)
+    qb = q.to(tl.int32, bitcast=True)
+    c = tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)  # bits of C = 2^(22 + binade), >= 2^22
+    t = (q + c.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return t - c + (c >> 22) - (0x4A800000 >> 22)
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:

@@ -1,0 +1,83 @@
+"""The Triton interpreter made to compute as the GPU's instructions are specified, for the HW kernel paths.
+
+Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand) and
+cvt.rn(.satfinite) conversions.  The interpreter rounds its fma twice, propagates NaN through min and
+converts to float8 wrongly, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma
+exactly; numpy's fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite),
+the GPU code path runs on CPU and is compared bit for bit with the references.  What stays "on paper"
+until a device run: that the hardware instructions implement these IEEE / PTX definitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+TORCH_OF = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16,
+            tl.float8e4nv: torch.float8_e4m3fn}
+STORAGE_OF = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.float16,
+              torch.float8_e4m3fn: torch.uint8}
+
+
+def fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """float32 fma(x, y, z) rounded once: x*y is exact in float64, the sum's float64 rounding error is
+    recovered exactly (TwoSum), and a float64 sum that lands on a float32 midpoint is settled by it."""
+    x, y, z = (np.asarray(v, dtype=np.float32) for v in (x, y, z))
+    with np.errstate(all="ignore"):
+        p = x.astype(np.float64) * y.astype(np.float64)
+        c = np.broadcast_to(z.astype(np.float64), p.shape)
+        s = p + c
+        bp = s - c  # Knuth's TwoSum of (c, p): s + err == c + p exactly
+        err = (c - (s - bp)) + (p - bp)
+        r = s.astype(np.float32)
+        rd = r.astype(np.float64)
+        toward = np.where(s > rd, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+        other = np.nextafter(r, toward).astype(np.float64)
+        tie = (s != rd) & (s == (rd + other) / 2) & (err != 0) & np.isfinite(s)
+        settled = np.where(err > 0, np.maximum(rd, other), np.minimum(rd, other)).astype(np.float32)
+        return np.where(tie, settled, r).astype(np.float32)
+
+
+def _to_torch(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    storage = np.ascontiguousarray(data).view({torch.int16: np.int16, torch.uint8: np.uint8}.get(
+        STORAGE_OF[dtype], np.float32 if dtype == torch.float32 else np.float16))
+    return torch.from_numpy(storage.copy()).view(dtype)
+
+
+def _to_numpy(t: torch.Tensor, like: np.dtype) -> np.ndarray:
+    return t.view(STORAGE_OF[t.dtype]).numpy().view(like)
+
+
+def use_ptx_semantics(monkeypatch) -> None:
+    """Patch the interpreter's fma, NaN-ignoring min/max and float conversions (see module docstring)."""
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_fp_to_fp
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        a, b = TORCH_OF.get(src.dtype.scalar), TORCH_OF.get(dst_type.scalar)
+        if a is None or b is None or (rounding_mode is not None and "RTZ" in str(rounding_mode).upper()):
+            return original(self, src, dst_type, rounding_mode)
+        out = _to_torch(src.data, a).to(b)
+        return interpreter.TensorHandle(_to_numpy(out, interpreter._get_np_dtype(dst_type)), dst_type.scalar)
+
+    def convert(original_cast):
+        def cast(self, src, dst_type):
+            a, b = TORCH_OF.get(src.dtype.scalar), TORCH_OF.get(dst_type.scalar)
+            if a is None or b is None:
+                return original_cast(self, src, dst_type)
+            out = _to_torch(src.data, a).to(b)  # round to nearest even (cvt.rn), subnormals kept
+            return interpreter.TensorHandle(_to_numpy(out, interpreter._get_np_dtype(dst_type)), dst_type.scalar)
+
+        return cast
+
+    def fma(self, x, y, z):
+        return interpreter.TensorHandle(fma32(x.data, y.data, z.data), z.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
+    monkeypatch.setattr(builder, "create_fma", fma)
+    monkeypatch.setattr(builder, "create_fp_trunc", convert(builder.create_fp_trunc))
+    monkeypatch.setattr(builder, "create_fp_ext", convert(builder.create_fp_ext))
+    monkeypatch.setattr(builder, "create_minnumf", lambda self, a, b: self.binary_op(a, b, np.fmin))
+    monkeypatch.setattr(builder, "create_maxnumf", lambda self, a, b: self.binary_op(a, b, np.fmax))
