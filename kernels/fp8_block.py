@@ -22,19 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .amax import NonFiniteWeightError
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
 from .grouping import (
+    MAX_ENTRY_ELEMENTS,
+    NonFiniteWeightError,
+    Problems,
     Tiles,
-    build_groups,
-    count_launch,
     describe,
-    entry,
-    locate,
-    output,
+    launch,
+    output_ptr,
+    row_stride,
+    tile_entry,
     tiles_for,
     use_triton,
     validate,
+    weight_rows,
 )
 from .rounding import divide_by_constant, divides_by_reciprocal, e4m3_bits, e4m3_round, float32_reciprocal
 
@@ -69,22 +71,22 @@ def _load_float32(x_ptr, offsets, mask, BF16_BITS: tl.constexpr):
 @triton.jit
 def _fp8_block_kernel(
     table,
+    tile_map,
+    out_table,
+    x_ref,
     nonfinite,
-    ref_ptr,
-    T,
-    STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     TINY: tl.constexpr,
     RECIPROCAL: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
-    """One program per 128-row strip of one tensor; it walks the strip's 128x128 blocks."""
-    pid = tl.program_id(0)
-    t = locate(table, pid, T, STEPS)
-    ptr, rows, K, stride, tile_start, index, _ = entry(table, t)
-    x_ptr = ptr.to(ref_ptr.dtype)
-    q_ptr = output(table, t, 0).to(tl.pointer_type(tl.uint8))
-    s_ptr = output(table, t, 1).to(tl.pointer_type(tl.float32))
-    strip = pid - tile_start
+    """One program per 128-row strip of one tensor (the launcher's tile); it walks the strip's 128x128 blocks."""
+    t, strip, index, _ = tile_entry(tile_map)
+    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
+    s_ptr = output_ptr(out_table, t, 1, tl.float32, False)
     r = strip * _BLOCK + tl.arange(0, _BLOCK)[:, None]
     row_mask = r < rows
     blocks_k = (K + _BLOCK - 1) // _BLOCK
@@ -122,6 +124,8 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
                 f"{describe(i, w)}: FP8 blocks are 128x128 tiles of a 2-D [out, in] weight; "
                 "pass each expert's 2-D view of a stacked parameter"
             )
+        if w.numel() and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS:
+            raise ValueError(f"{describe(i, w)}: spans more than 2**31 elements; split it into row blocks of 128")
     if not use_triton(device):
         bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
         if bad:
@@ -134,25 +138,19 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     outs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
     tiles = tiles_for(TILES, device)
-    for g in build_groups(weights, tiles.rows, outs):
-        if not g.num_tiles:
-            continue
-        _fp8_block_kernel[(g.num_tiles,)](
-            g.table,
-            nonfinite,
-            weights[g.first],
-            len(g.indices),
-            g.search_steps,
-            torch.finfo(g.dtype).tiny,
-            divides_by_reciprocal(device),
-            g.dtype == torch.bfloat16,
-            num_warps=tiles.warps,
-        )
-        count_launch("fp8_block")
-    bad = (nonfinite > 0).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise NonFiniteWeightError(i, describe(i, weights[i]))
+    launch(
+        "fp8_block",
+        _fp8_block_kernel,
+        weights,
+        tiles,
+        (nonfinite,),
+        outputs=outs,
+        per_dtype=lambda dtype: {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16},
+        RECIPROCAL=divides_by_reciprocal(device),
+    )
+    problems = Problems(weights)
+    problems.add_nonfinite(nonfinite > 0)
+    problems.raise_first()
     return results
 
 
