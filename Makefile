@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check kernels moeq_triton tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

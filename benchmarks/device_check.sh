@@ -36,14 +36,14 @@ MOEQ_TEST_DEVICE=cuda timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/
     --maxfail=10 2>&1 \
     | tee "$OUT/pytest.txt" | tail -n 25 || status=1
 echo "== static SASS budget (offline compile, as on a CPU)"
-timeout 120 $PY benchmarks/kernel_report.py --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
+timeout 120 $PY -m benchmarks.kernel_report --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
 echo "== FP8 export rounding on CUDA"
-timeout 60 $PY benchmarks/fp8_rounding_probe.py --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
+timeout 60 $PY -m benchmarks.fp8_rounding_probe --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
 echo "== tile sweep"
-timeout 120 $PY benchmarks/tile_sweep.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/tile_sweep.txt" || status=1
+timeout 120 $PY -m benchmarks.tile_sweep --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/tile_sweep.txt" || status=1
 TILES=()
 [ -f "$OUT/tiles.json" ] && TILES=(--tiles "$OUT/tiles.json")
 echo "== benchmark"
-timeout 200 $PY benchmarks/run.py --out "$OUT" "${TILES[@]}" 2>&1 | grep -v -E "Inserted [0-9]+ quantizers|Warning|warn" \
+timeout 200 $PY -m benchmarks.run --out "$OUT" "${TILES[@]}" 2>&1 | grep -v -E "Inserted [0-9]+ quantizers|Warning|warn" \
     | tee "$OUT/benchmark.txt" || status=1
 exit $status

@@ -1,6 +1,6 @@
 """Whole-checkpoint timing: `moeq-triton quantize` vs merely reading every tensor vs ModelOpt's route.
 
-    python benchmarks/end_to_end.py [--repeats 3] [--modelopt] [--device cpu]
+    python -m benchmarks.end_to_end [--repeats 3] [--modelopt] [--device cpu]
 
 Generates the MEDIUM synthetic Qwen3-MoE of shared/reference/peers.md once (hidden 1024, moe_intermediate
 384, 64 experts, 4 layers, 8 heads / 4 KV heads, head_dim 128, vocab 4096, heavy-tailed bf16, two shards),

@@ -1,6 +1,6 @@
 """Static budget of the grouped kernels on sm_90 / sm_100, compiled offline on a CPU (no GPU needed).
 
-    python benchmarks/kernel_report.py [--arch 90,100] [--dtype bf16] [--check]
+    python -m benchmarks.kernel_report [--arch 90,100] [--dtype bf16] [--check]
 
 Why: a GPU is rarely lent here, but Triton compiles for any target offline and its wheel ships
 ptxas and nvdisasm, so the SASS of each kernel's main loop can be counted on a CPU.  The launches
@@ -234,9 +234,9 @@ def load_chain(instrs, first_load: int) -> int:
     results feed other loads' addresses (or the loop's) before it, counting the last one."""
     depth: dict[int, int] = {}
     deepest = 0
-    for i, text in instrs[:first_load + 1]:
+    for i, text in instrs[: first_load + 1]:
         op = opcode(text)
-        operands = re.sub(r"^@!?U?P\w+\s+", "", text)[len(op):]
+        operands = re.sub(r"^@!?U?P\w+\s+", "", text)[len(op) :]
         parts = [p.strip() for p in operands.split(",")]
         if not parts or not parts[0]:
             continue
@@ -270,13 +270,13 @@ def analyze(launch: Launch, arch: int) -> Report:
     instrs, labels = parse(sass)
     candidates = []
     for start, end in loops(instrs, labels):
-        body = instrs[start:end + 1]
+        body = instrs[start : end + 1]
         loads = [t for _, t in body if is_global_load(opcode(t))]
         if loads:
             candidates.append((start, end, len(loads)))
     inner = [c for c in candidates if not any(o != c and c[0] <= o[0] and o[1] <= c[1] for o in candidates)]
     start, end, _ = max(inner, key=lambda c: (c[2], c[1] - c[0]))
-    body = [t for _, t in instrs[start:end + 1]]
+    body = [t for _, t in instrs[start : end + 1]]
     ops = [opcode(t) for t in body]
     loads = [o for o in ops if is_global_load(o)]
     stores = [o for o in ops if o.startswith("STG")]

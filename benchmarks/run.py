@@ -1,6 +1,6 @@
 """Calibration and quantization throughput over real MoE expert stacks, side by side in one run.
 
-    python benchmarks/run.py [--quick] [--models Qwen3-30B-A3B,DeepSeek-V3] [--layers N] [--experts E]
+    python -m benchmarks.run [--quick] [--models Qwen3-30B-A3B,DeepSeek-V3] [--layers N] [--experts E]
                              [--device cuda|cpu] [--out DIR] [--no-modelopt]
 
 For each model's expert shapes (separate per-expert views of stacked tensors, as a rank holds them):
@@ -55,10 +55,7 @@ from moeq_triton.kernels.grouping import Tiles
 from rich.console import Console
 from rich.table import Table
 
-from moeq_triton.model_shapes import MODEL_SHAPES, MoEShape
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from assertions import assert_bitwise_equal, assert_results_equal  # noqa: E402
+from benchmarks.common import MODEL_SHAPES, MoEShape, assert_bitwise_equal, assert_results_equal
 
 TILE_MODULES = {"grouped_amax": amax_module, "quantize_nvfp4": nvfp4_module, "quantize_fp8": fp8_module}
 
@@ -458,8 +455,14 @@ def host_overhead(device: str, counts: tuple[int, ...] = (1, 16, 1024), reps: in
         for _ in range(reps):
             allocate()
         alloc = (time.perf_counter() - start) / reps
-        out.append({"tensors": n, "first_call_us": cold * 1e6, "cached_call_us": warm * 1e6,
-                    "allocate_outputs_us": alloc * 1e6})
+        out.append(
+            {
+                "tensors": n,
+                "first_call_us": cold * 1e6,
+                "cached_call_us": warm * 1e6,
+                "allocate_outputs_us": alloc * 1e6,
+            }
+        )
     return out
 
 
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = {
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "device": device_name(args.device),
         "versions": versions(),
         "tiles": {name: list(module.TILES["cuda"]) for name, module in TILE_MODULES.items()},

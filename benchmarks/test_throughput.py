@@ -6,17 +6,12 @@ benchmarks/run.py.  Each case checks its result bitwise once before it is timed.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import check_kernels, expert_views  # noqa: E402
-
-from moeq_triton.model_shapes import QWEN3_30B_A3B  # noqa: E402
+from benchmarks.common import QWEN3_30B_A3B
+from benchmarks.run import check_kernels, expert_views
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

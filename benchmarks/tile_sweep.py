@@ -1,8 +1,8 @@
 """Measure each kernel's tile choices (rows x cols x warps) on the GPU; every choice is checked bitwise first.
 
-    python benchmarks/tile_sweep.py [--model Qwen3-235B-A22B] [--out DIR]
+    python -m benchmarks.tile_sweep [--model Qwen3-235B-A22B] [--out DIR]
 
-Writes DIR/tiles.json with the fastest choice per kernel (benchmarks/run.py --tiles applies it) and prints
+Writes DIR/tiles.json with the fastest choice per kernel (python -m benchmarks.run --tiles applies it) and prints
 a table of GB/s per choice last.  The defaults live in each kernel module's TILES["cuda"].
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
@@ -18,10 +17,8 @@ from moeq_triton.kernels.grouping import Tiles
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import TILE_MODULES, bytes_moved, check_kernels, expert_views, median_seconds  # noqa: E402
-
-from moeq_triton.model_shapes import MODEL_SHAPES  # noqa: E402
+from benchmarks.common import MODEL_SHAPES
+from benchmarks.run import TILE_MODULES, bytes_moved, check_kernels, expert_views, median_seconds
 
 ROW_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (32, 256, 8)]
 BLOCK_TILES = [(16, 8, 4), (8, 16, 4), (16, 16, 8), (32, 8, 8), (4, 32, 4)]

@@ -112,12 +112,46 @@ def _nvfp4_kernel(
     full = num_blocks // BLOCKS * BLOCKS
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
     for b0 in range(0, full, BLOCKS):
-        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, b0 + blk2, r2 < rows, j3, nibble, K, scale_2,
-                           minus_S_u, D_u, minus_I_u, Z_u, seen, False, HW)
+        seen = _nvfp4_step(
+            x_ptr + r_in,
+            q_ptr,
+            s_ptr,
+            r2,
+            b0 + blk2,
+            r2 < rows,
+            j3,
+            nibble,
+            K,
+            scale_2,
+            minus_S_u,
+            D_u,
+            minus_I_u,
+            Z_u,
+            seen,
+            False,
+            HW,
+        )
     if full < num_blocks:
         blk = full + blk2
-        seen = _nvfp4_step(x_ptr + r_in, q_ptr, s_ptr, r2, blk, (r2 < rows) & (blk < num_blocks), j3, nibble,
-                           K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen, True, HW)
+        seen = _nvfp4_step(
+            x_ptr + r_in,
+            q_ptr,
+            s_ptr,
+            r2,
+            blk,
+            (r2 < rows) & (blk < num_blocks),
+            j3,
+            nibble,
+            K,
+            scale_2,
+            minus_S_u,
+            D_u,
+            minus_I_u,
+            Z_u,
+            seen,
+            True,
+            HW,
+        )
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
 
@@ -128,8 +162,25 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _nvfp4_step(rows_ptr, q_ptr, s_ptr, r2, blk, mask, j3, nibble, K, scale_2, minus_S_u, D_u, minus_I_u, Z_u, seen,
-                MASKED: tl.constexpr, HW: tl.constexpr):
+def _nvfp4_step(
+    rows_ptr,
+    q_ptr,
+    s_ptr,
+    r2,
+    blk,
+    mask,
+    j3,
+    nibble,
+    K,
+    scale_2,
+    minus_S_u,
+    D_u,
+    minus_I_u,
+    Z_u,
+    seen,
+    MASKED: tl.constexpr,
+    HW: tl.constexpr,
+):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block."""
     col = blk[:, :, None] * _BLOCK + j3
     if MASKED:

@@ -1,4 +1,5 @@
-"""Bitwise comparisons that say how much differs (pytest-free, so benchmarks can reuse them)."""
+"""Test assertions: the bitwise comparisons of benchmarks/common.py (which say how much differs) and
+checkpoint helpers."""
 
 from __future__ import annotations
 
@@ -8,44 +9,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A view of the raw bits, so NaN payloads and -0.0 compare exactly."""
-    t = t.detach()
-    if t.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8):
-        return t.view(torch.uint8)
-    if t.dim() == 0:
-        t = t.reshape(1)
-    return t.contiguous().view(torch.uint8)
-
-
-def bitwise_mismatch(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> str | None:
-    """None when dtype, shape and every bit agree, else a message that counts the differences."""
-    if actual.dtype != expected.dtype:
-        return f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if actual.shape != expected.shape:
-        return f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = as_bytes(actual.cpu()), as_bytes(expected.cpu())
-    diff = (a != e).nonzero()
-    if len(diff) == 0:
-        return None
-    first = tuple(diff[0].tolist())
-    return (
-        f"{what}: {len(diff)}/{a.numel()} bytes differ; first at byte {first}: "
-        f"{a[first].item():#04x} != {e[first].item():#04x}"
-    )
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
-    message = bitwise_mismatch(actual, expected, what)
-    assert message is None, message
-
-
-def assert_results_equal(actual, expected, what: str = "result") -> None:
-    """Compare two NamedTuples of tensors (NVFP4Weight / FP8Weight) field by field."""
-    assert type(actual) is type(expected), f"{what}: {type(actual).__name__} != {type(expected).__name__}"
-    for field in actual._fields:
-        assert_bitwise_equal(getattr(actual, field), getattr(expected, field), f"{what}.{field}")
+from benchmarks.common import as_bytes, assert_bitwise_equal, assert_results_equal, bitwise_mismatch  # noqa: F401
 
 
 def checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -15,10 +15,18 @@ import torch
 import triton.language as tl
 from triton.runtime import interpreter
 
-TORCH_OF = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16,
-            tl.float8e4nv: torch.float8_e4m3fn}
-STORAGE_OF = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float16: torch.float16,
-              torch.float8_e4m3fn: torch.uint8}
+TORCH_OF = {
+    tl.float32: torch.float32,
+    tl.bfloat16: torch.bfloat16,
+    tl.float16: torch.float16,
+    tl.float8e4nv: torch.float8_e4m3fn,
+}
+STORAGE_OF = {
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.float16,
+    torch.float8_e4m3fn: torch.uint8,
+}
 
 
 def fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -41,8 +49,11 @@ def fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def _to_torch(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    storage = np.ascontiguousarray(data).view({torch.int16: np.int16, torch.uint8: np.uint8}.get(
-        STORAGE_OF[dtype], np.float32 if dtype == torch.float32 else np.float16))
+    storage = np.ascontiguousarray(data).view(
+        {torch.int16: np.int16, torch.uint8: np.uint8}.get(
+            STORAGE_OF[dtype], np.float32 if dtype == torch.float32 else np.float16
+        )
+    )
     return torch.from_numpy(storage.copy()).view(dtype)
 
 

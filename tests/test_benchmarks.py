@@ -53,11 +53,12 @@ def test_calibration_row_one_launch_and_bitwise_equal_to_max(layers):
 
 
 def test_quick_run_writes_a_complete_table(tmp_path):
-    """`python benchmarks/run.py --quick` as CI runs it (torch references on CPU): every row and column."""
+    """`python -m benchmarks.run --quick` as CI runs it (torch references on CPU): every row and column."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     subprocess.run(
-        [sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
         check=True,
+        cwd=BENCHMARKS.parent,
         env=env,
         timeout=170,
     )

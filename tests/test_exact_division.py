@@ -82,8 +82,10 @@ def test_fma_stand_in_rounds_once():
     from fractions import Fraction
 
     gen = torch.Generator().manual_seed(5)
-    x, y, z = (torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen).float())
-               for _ in "xyz")
+    x, y, z = (
+        torch.randn(3000, generator=gen) * torch.exp2(torch.randint(-30, 30, (3000,), generator=gen).float())
+        for _ in "xyz"
+    )
     z[:1000] = -(x[:1000].double() * y[:1000].double()).float()  # heavy cancellation
     x[-1], y[-1], z[-1] = 2.0**-31 - 2.0**-54, -(0.5 + 2.0**-24), 2.0**-8 + 2.0**-31  # sum lands on a midpoint
     got = torch.from_numpy(fma32(x.numpy(), y.numpy(), z.numpy()))
@@ -131,7 +133,7 @@ def test_quotient_every_mantissa_pair(ptx):
     gen = torch.Generator().manual_seed(seed)
     a = torch.cat([mantissas(torch.float16), 1 + torch.rand(128, generator=gen)])
     for lo in range(0, len(a), 64):
-        chunk = a[lo:lo + 64]
+        chunk = a[lo : lo + 64]
         pairs_a = chunk[:, None].expand(-1, len(d)).reshape(-1).contiguous()
         pairs_d = d[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
         check_quotients(pairs_a, pairs_d, f"mantissas (seed {seed}, dividends {lo}..)")
@@ -150,7 +152,7 @@ def test_quotient_extreme_exponents(ptx):
     d = torch.cat([d, torch.tensor([2.0**-149, torch.finfo(torch.float32).max])])
     d = d[d > 0].unique()
     for lo in range(0, len(d), 8):
-        chunk = d[lo:lo + 8]
+        chunk = d[lo : lo + 8]
         pairs_a = a[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
         pairs_d = chunk[:, None].expand(-1, len(a)).reshape(-1).contiguous()
         check_quotients(pairs_a, pairs_d, f"extremes (divisors {chunk.tolist()})")
@@ -212,8 +214,15 @@ def test_fp8_gpu_path_every_e4m3_value_and_midpoint(gpu_path):
     finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     finite = finite[torch.isfinite(finite)].unique()
     mids = (finite[1:] + finite[:-1]) / 2
-    values = torch.cat([finite, mids, mids.nextafter(torch.tensor(-1e9)), mids.nextafter(torch.tensor(1e9)),
-                        torch.tensor([-0.0, 449.0, 464.0, 500.0, 1e4, 2.0**-10, 2.0**-11, 1e-30])])
+    values = torch.cat(
+        [
+            finite,
+            mids,
+            mids.nextafter(torch.tensor(-1e9)),
+            mids.nextafter(torch.tensor(1e9)),
+            torch.tensor([-0.0, 449.0, 464.0, 500.0, 1e4, 2.0**-10, 2.0**-11, 1e-30]),
+        ]
+    )
     values = torch.cat([values, -values, torch.zeros((-2 * len(values)) % 16)]).reshape(-1, 16)
     amax = torch.tensor([448.0])
     (r,) = quantize_fp8([values], weight_amax=amax)
@@ -245,8 +254,12 @@ def nvfp4_edges(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_nvfp4_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
     seed = 33
-    weights = [heavy((5, 48), dtype, seed), heavy((3, 272), dtype, seed + 1), heavy((2, 3, 32), dtype, seed + 2),
-               nvfp4_edges(dtype)]
+    weights = [
+        heavy((5, 48), dtype, seed),
+        heavy((3, 272), dtype, seed + 1),
+        heavy((2, 3, 32), dtype, seed + 2),
+        nvfp4_edges(dtype),
+    ]
     amax = grouped_amax_reference(weights)
     larger = (amax.double() * 4).clamp(max=torch.finfo(dtype).max).float()  # ModelOpt holds amax in the dtype
     for given in (amax, amax / 16, larger):  # exact, saturating, small scales

@@ -27,11 +27,11 @@ UNMET = {
 def table() -> dict[str, list[str]]:
     """kernel name -> violations on sm_90 (a subprocess: the report compiles with TRITON_INTERPRET=0)."""
     code = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]); import kernel_report as k; "
+        "import json; import benchmarks.kernel_report as k; "
         "print(json.dumps({r.name: k.violations(r) for r in k.reports([90], k.torch.bfloat16)}))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(REPORT.parent)], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, "-c", code], cwd=REPORT.parent.parent, capture_output=True, text=True, timeout=600, check=True
     )
     import json
 

@@ -27,7 +27,7 @@ from moeq_triton.kernels import nvfp4 as nvfp4_module
 from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.rounding import float32_reciprocal
 
-from moeq_triton.model_shapes import MODEL_SHAPES
+from benchmarks.common import MODEL_SHAPES
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
