@@ -1,0 +1,198 @@
+"""Whole-model weight calibration for ``triton_grouped`` quantizers: one walk, one grouped launch per dtype.
+
+ModelOpt's ``max`` calibration feeds every weight through its quantizer's forward inside a per-module
+weight-access context (a name scan that grows with the square of the module count) and then walks
+the model several more times.  When every enabled quantizer is a ``triton_grouped`` weight quantizer
+and no forward loop, weight-access hook or special option is involved, ``max_calibrate`` below does the
+whole job in one walk and leaves exactly what ModelOpt's ``max`` leaves; otherwise it runs ModelOpt's
+own ``max_calibrate``, whose weight loop is then ``grouped_weight_only_quantize``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import modelopt_patches as mo
+from .calibration import (
+    CALIBRATOR,
+    Calibrated,
+    TritonGroupedCalibrator,
+    WeightBatch,
+    groupable_axis,
+    set_last_stats,
+    stat_rows,
+)
+from .collectives import active
+from .process_groups import rank_groups, sync_groups
+
+
+@dataclass
+class ModelWalk:
+    """One pass over ``named_modules()``: what the calibration needs to know about the model."""
+
+    quant_modules: list[tuple[str, torch.nn.Module]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # id(module) -> qualified name
+    leaves: list[torch.nn.Module] = field(default_factory=list)  # every TensorQuantizer
+    ours: int = 0  # enabled quantizers with a triton_grouped calibrator
+    hook: str | None = None  # the first weight-access hook found (FSDP2, offload, HF TP)
+
+
+def walk(model: torch.nn.Module) -> ModelWalk:
+    from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+
+    found = ModelWalk()
+    for name, module in model.named_modules():
+        found.names[id(module)] = name
+        if isinstance(module, TensorQuantizer):
+            found.leaves.append(module)
+            if isinstance(mo.calibrator(module), TritonGroupedCalibrator) and not mo.is_disabled(module):
+                found.ours += 1
+        elif isinstance(module, QuantModule):
+            found.quant_modules.append((name, module))
+        if found.hook is None:
+            found.hook = mo.weight_access_hook(module)
+    return found
+
+
+class _NotPlain(Exception):
+    """A quantizer that the fast path cannot reproduce exactly: ModelOpt's max_calibrate runs instead."""
+
+
+def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tuple[list[Calibrated], list[str]]:
+    """Feed every weight ModelOpt's weight loop would feed; ours are recorded and reduced in one batch.
+
+    fast: the quantizers are not in calibration mode (no enable_stats_collection ran); anything but a
+    plain triton_grouped or disabled quantizer raises _NotPlain before any amax is written.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    batch = WeightBatch()
+    fed: set[int] = set()
+    contexts = dict(model.named_modules()) if found.hook is not None else None
+    for module_name, module in found.quant_modules:
+        with mo.weight_access(module, model, contexts):
+            for weight, quantizer in module.iter_weights_for_calibration():
+                if not isinstance(quantizer, TensorQuantizer):  # SequentialQuantizer and the like
+                    if fast:
+                        raise _NotPlain(found.names.get(id(quantizer)))
+                    quantizer(weight)
+                    fed.update(id(q) for q in mo.leaves(quantizer))
+                    continue
+                fed.add(id(quantizer))
+                calibrator = mo.calibrator(quantizer)
+                if mo.is_disabled(quantizer) and fast:
+                    if quantizer.pre_quant_scale is not None or quantizer.rotate_is_enabled:
+                        raise _NotPlain(found.names.get(id(quantizer)))
+                    mo.record_input_dtype(quantizer, weight)
+                elif (
+                    isinstance(calibrator, TritonGroupedCalibrator)
+                    and not mo.is_disabled(quantizer)
+                    and mo.plain_max_collection(quantizer)
+                    and groupable_axis(mo.axis(quantizer), weight)
+                    and weight.device.type != "meta"
+                ):
+                    if weight.numel():
+                        name = found.names.get(id(quantizer), "?")
+                        axis = mo.axis(quantizer)
+                        groups = sync_groups(module, module_name, axis, calibrator.shared)
+                        batch.add(quantizer, name, weight, axis, groups)
+                elif fast:
+                    raise _NotPlain(found.names.get(id(quantizer)))
+                else:
+                    quantizer(weight)  # ModelOpt's own collection (its calibrator, in calibration mode)
+    entries = batch.reduce(member_of)
+    missing = [
+        found.names[id(q)]
+        for q in found.leaves
+        if id(q) not in fed
+        and not mo.is_disabled(q)
+        and isinstance(mo.calibrator(q), TritonGroupedCalibrator)
+        and "weight_quantizer" in found.names[id(q)]
+    ]
+    return entries, missing
+
+
+def _report(entries: list[Calibrated], missing: list[str]) -> None:
+    set_last_stats(stat_rows(entries, missing))
+    if missing:
+        warnings.warn(
+            f"{len(missing)} weight quantizer(s) using {CALIBRATOR!r} received no weight from "
+            f"iter_weights_for_calibration() and stay uncalibrated: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else ""),
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def grouped_weight_only_quantize(model: torch.nn.Module) -> None:
+    """ModelOpt's ``weight_only_quantize`` inside its own ``max_calibrate``, with one grouped flush.
+
+    The quantizers are in calibration mode; ModelOpt's ``finish_stats_collection`` loads the amaxes
+    from the calibrators afterwards, and its per-quantizer sync skips the ones reduced here.
+    """
+    found = walk(model)
+    if not found.ours:
+        return mo.original("weight_only_quantize")(model)
+    member_of = rank_groups()
+    entries, missing = _feed(model, found, fast=False, member_of=member_of)
+    for entry in entries:
+        mo.set_calibrator_amax(entry.quantizer, entry.amax.to(entry.dtype))
+        mo.calibrator(entry.quantizer).synced = member_of is not None
+    _report(entries, missing)
+
+
+def fast_path_refusal(found: ModelWalk, forward_loop, sync_expert_weight_amax: bool, shared_states) -> str | None:
+    """Why the whole-model path does not apply (then ModelOpt's max_calibrate runs), or None."""
+    if forward_loop is not None:
+        return "a forward loop is given"
+    if found.hook is not None:
+        return f"a weight-access hook is present ({found.hook})"
+    if sync_expert_weight_amax or shared_states is not None:
+        return "sync_expert_weight_amax or shared_states is set"
+    distributed = active()
+    for q in found.leaves:
+        if mo.is_disabled(q):
+            if distributed and mo.has_amax(q):
+                return f"disabled quantizer {found.names[id(q)]} holds an amax that ModelOpt would sync"
+            continue
+        if not (isinstance(mo.calibrator(q), TritonGroupedCalibrator) and mo.plain_max_collection(q)):
+            return f"quantizer {found.names[id(q)]} is not a plain {CALIBRATOR!r} weight quantizer"
+    return None
+
+
+@torch.no_grad()
+def max_calibrate(
+    model: torch.nn.Module,
+    forward_loop=None,
+    distributed_sync: bool = True,
+    sync_expert_weight_amax: bool = False,
+    shared_states=None,
+    skip_forward_without_activation_calib: bool = False,
+) -> None:
+    """The "max" algorithm: the whole-model grouped path when it applies, else ModelOpt's ``max_calibrate``."""
+    modelopt_max = mo.original("max_calibrate")
+    args = (forward_loop, distributed_sync, sync_expert_weight_amax, shared_states, skip_forward_without_activation_calib)
+    found = walk(model)
+    if not found.ours or fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states):
+        return modelopt_max(model, *args)
+    member_of = rank_groups() if distributed_sync else None
+    try:
+        entries, missing = _feed(model, found, fast=True, member_of=member_of)
+    except _NotPlain:
+        return modelopt_max(model, *args)
+    mo.attach_shared_state(model)  # max_calibrate's first step; it depends on the module tree only
+    for q in found.leaves:
+        if not mo.is_disabled(q):
+            mo.finish_flags(q)
+    for entry in entries:
+        mo.load_amax(entry.quantizer, entry.amax.to(entry.dtype))
+        mo.calibrator(entry.quantizer).synced = member_of is not None
+    if missing:  # ModelOpt's SequentialMLP step calibrates an expert left without amax from its weight
+        for module in model.modules():
+            if hasattr(module, "layer_sync_moe_local_experts_amax"):
+                module.layer_sync_moe_local_experts_amax(sync_weight_amax=False)
+    mo.finalize_shared_state(model)
+    _report(entries, missing)
