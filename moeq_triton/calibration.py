@@ -77,31 +77,34 @@ class StatRow:
 
 @dataclass
 class Calibrated:
-    """What a quantizer receives: its amax in float32, per tensor (0-dim) or per channel ([N, 1])."""
+    """One quantizer of a batch and, after ``reduce``, its amax in the weight's dtype."""
 
     quantizer: torch.nn.Module
     name: str
-    amax: torch.Tensor
     dtype: torch.dtype  # the weight's dtype: MaxCalibrator keeps it (the max of bf16 values is exact)
-    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    per_channel: bool
     groups: tuple[Group, ...] = ()
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    amax: torch.Tensor | None = None  # 0-dim per tensor, [N, 1] per channel; its own storage
 
 
 class WeightBatch:
     """The (quantizer, weight) pairs of one calibration pass, in the order ModelOpt yields them."""
 
     def __init__(self) -> None:
-        self.per_tensor: list[tuple[Calibrated, torch.Tensor]] = []
-        self.per_channel: list[tuple[Calibrated, torch.Tensor]] = []
-        self.by_quantizer: dict[int, Calibrated] = {}
+        self.entries: list[Calibrated] = []
+        self._index: dict[int, int] = {}  # id(quantizer) -> position in entries
+        self._weights: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # per tensor, per channel
+        self._owners: tuple[list[int], list[int]] = ([], [])
 
-    def add(self, quantizer, name: str, weight: torch.Tensor, axis, groups: tuple[Group, ...]) -> None:
-        entry = self.by_quantizer.get(id(quantizer))
-        if entry is None:
-            entry = Calibrated(quantizer, name, torch.empty(0), weight.dtype, groups=groups)
-            self.by_quantizer[id(quantizer)] = entry
-        entry.shapes.append(tuple(weight.shape))
-        (self.per_tensor if axis is None else self.per_channel).append((entry, weight.detach()))
+    def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+        index = self._index.get(id(quantizer))
+        if index is None:
+            index = self._index[id(quantizer)] = len(self.entries)
+            self.entries.append(Calibrated(quantizer, name, weight.dtype, per_channel, groups))
+        self.entries[index].shapes.append(tuple(weight.shape))
+        self._weights[per_channel].append(weight)
+        self._owners[per_channel].append(index)
 
     @torch.no_grad()
     def reduce(self, member_of: tuple[Group, ...] | None) -> list[Calibrated]:
@@ -109,80 +112,110 @@ class WeightBatch:
 
         member_of: the process groups of this rank (None: no cross-rank reduction).
         """
-        for pairs, reduce, per_channel in (
-            (self.per_tensor, grouped_amax, False),
-            (self.per_channel, grouped_row_amax, True),
-        ):
-            if not pairs:
-                continue
-            try:
-                amaxes = reduce([weight for _, weight in pairs])
-            except NonFiniteWeightError as error:
-                entry, weight = pairs[error.index]
-                raise ValueError(
-                    f"weight of {entry.name} (shape {tuple(weight.shape)}) contains NaN or Inf"
-                ) from None
-            for (entry, _), amax in zip(pairs, amaxes):
-                amax = amax.reshape(-1, 1) if per_channel else amax
-                entry.amax = amax if entry.amax.numel() == 0 else torch.maximum(entry.amax, amax)
-        entries = list(self.by_quantizer.values())
-        families = _share_within_families(entries)
+        per_tensor = self._per_tensor_amax()
+        per_channel = self._per_channel_amax()
+        families = _share_within_families(self.entries, per_tensor)
         if member_of is not None:
-            _reduce_across_ranks(entries, families, member_of)
-        return entries
+            _reduce_across_ranks(self.entries, per_tensor, per_channel, families, member_of)
+        by_dtype = {dtype: per_tensor.to(dtype) for dtype in {e.dtype for e in self.entries if not e.per_channel}}
+        for i, entry in enumerate(self.entries):
+            if entry.per_channel:
+                entry.amax = per_channel[i].to(entry.dtype)
+            else:
+                entry.amax = by_dtype[entry.dtype][i].clone()  # its own storage, as ModelOpt's setter clones
+        return self.entries
+
+    def _reduced(self, per_channel: bool) -> torch.Tensor | list[torch.Tensor] | None:
+        weights = self._weights[per_channel]
+        if not weights:
+            return None
+        try:
+            return (grouped_row_amax if per_channel else grouped_amax)(weights)
+        except NonFiniteWeightError as error:
+            entry = self.entries[self._owners[per_channel][error.index]]
+            shape = tuple(weights[error.index].shape)
+            raise ValueError(f"weight of {entry.name} (shape {shape}) contains NaN or Inf") from None
+
+    def _per_tensor_amax(self) -> torch.Tensor:
+        """float32 [len(entries)]: the max over every weight fed to each per-tensor quantizer (0 elsewhere)."""
+        amaxes = self._reduced(per_channel=False)
+        device = amaxes.device if amaxes is not None else torch.device("cpu")
+        out = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
+        if amaxes is not None:  # amaxes are >= +0, so the zeros never win over a real value
+            owners = torch.tensor(self._owners[False], device=device)
+            out.scatter_reduce_(0, owners, amaxes, reduce="amax")
+        return out
+
+    def _per_channel_amax(self) -> dict[int, torch.Tensor]:
+        """float32 [N, 1] per per-channel quantizer, by position in entries."""
+        rows = self._reduced(per_channel=True)
+        out: dict[int, torch.Tensor] = {}
+        for owner, amax in zip(self._owners[True], rows or []):
+            amax = amax.reshape(-1, 1)
+            out[owner] = torch.maximum(out[owner], amax) if owner in out else amax
+        return out
 
 
-def _share_within_families(entries: list[Calibrated]) -> dict[str, list[Calibrated]]:
+def _share_within_families(entries: list[Calibrated], per_tensor: torch.Tensor) -> dict[str, list[int]]:
     """Shared mode: every per-tensor amax of a family becomes the family's max; returns the families."""
-    families: dict[str, list[Calibrated]] = {}
-    for entry in entries:
-        if entry.quantizer._calibrator.shared and entry.amax.dim() == 0:
-            families.setdefault(scale_family(entry.name), []).append(entry)
+    families: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        if not entry.per_channel and entry.quantizer._calibrator.shared:
+            families.setdefault(scale_family(entry.name), []).append(i)
     for members in families.values():
-        shared = torch.stack([e.amax for e in members]).amax()
-        for e in members:
-            e.amax = shared
+        index = torch.tensor(members, device=per_tensor.device)
+        per_tensor[index] = per_tensor[index].amax()
     return families
 
 
 def _reduce_across_ranks(
-    entries: list[Calibrated], families: dict[str, list[Calibrated]], member_of: tuple[Group, ...]
+    entries: list[Calibrated],
+    per_tensor: torch.Tensor,
+    per_channel: dict[int, torch.Tensor],
+    families: dict[str, list[int]],
+    member_of: tuple[Group, ...],
 ) -> None:
     """One SyncItem per quantizer (or per shared family), one collective per process group."""
-    in_family = {id(e) for members in families.values() for e in members}
-    singles = [e for e in entries if id(e) not in in_family]
-    items = [SyncItem(e.name, e.amax, e.groups) for e in singles]
+    in_family = {i for members in families.values() for i in members}
+    singles = [i for i in range(len(entries)) if i not in in_family]
+    items = [
+        SyncItem(entries[i].name, per_channel[i] if entries[i].per_channel else per_tensor[i], entries[i].groups)
+        for i in singles
+    ]
     family_items = [
-        SyncItem(f"family:{family}", members[0].amax, tuple(dict.fromkeys(g for e in members for g in e.groups)))
+        SyncItem(
+            f"family:{family}",
+            per_tensor[members[0]],
+            tuple(dict.fromkeys(g for i in members for g in entries[i].groups)),
+        )
         for family, members in families.items()
     ]
     max_reduce([*items, *family_items], member_of)
-    for entry, item in zip(singles, items):
-        entry.amax = item.value
+    for i, item in zip(singles, items):
+        if entries[i].per_channel:
+            per_channel[i] = item.value
+        else:
+            per_tensor[i] = item.value
     for members, item in zip(families.values(), family_items):
-        for e in members:
-            e.amax = item.value
-
-
-def stat_rows(entries: list[Calibrated], missing: list[str]) -> list[StatRow]:
-    values = torch.stack([e.amax.amax() for e in entries]).tolist() if entries else []  # one host sync
-    rows = [StatRow(e.name, e.shapes, v) for e, v in zip(entries, values)]
-    return rows + [StatRow(name, [], None) for name in missing]
+        per_tensor[torch.tensor(members, device=per_tensor.device)] = item.value
 
 
 class _LastStats:
-    """The statistics table of the most recent grouped calibration (for ``calibration_stats``)."""
+    """The most recent grouped calibration, kept as (name, shapes, amax) until a table is asked for."""
 
-    rows: list[StatRow] = []
+    rows: list[tuple[str, list[tuple[int, ...]], torch.Tensor | None]] = []
 
 
-def set_last_stats(rows: list[StatRow]) -> None:
-    _LastStats.rows = rows
+def set_last_stats(entries: list[Calibrated], missing: list[str]) -> None:
+    _LastStats.rows = [(e.name, e.shapes, e.amax) for e in entries] + [(name, [], None) for name in missing]
 
 
 def calibration_stats() -> list[StatRow]:
-    """Rows of the last grouped calibration: quantizer name, weight shape(s), amax."""
-    return list(_LastStats.rows)
+    """Rows of the last grouped calibration: quantizer name, weight shape(s), amax (max over channels)."""
+    rows = _LastStats.rows
+    present = [amax.float().amax() for _, _, amax in rows if amax is not None]
+    values = iter(torch.stack(present).tolist() if present else [])  # one host sync
+    return [StatRow(name, list(shapes), None if amax is None else next(values)) for name, shapes, amax in rows]
 
 
 def format_stats(rows: list[StatRow] | None = None):

@@ -31,7 +31,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    modelopt_patches.check_version()
+    modelopt_patches.preflight()
     from . import calibration, weight_calibration
 
     def constructor(name: str) -> tuple:
@@ -41,9 +41,7 @@ def register() -> None:
     modelopt_patches.patch_calibrator_constructor(NAMES, constructor)
     modelopt_patches.patch_max_calibrate(weight_calibration.max_calibrate)
     modelopt_patches.patch_weight_only_quantize(weight_calibration.grouped_weight_only_quantize)
-    modelopt_patches.patch_distributed_sync(
-        lambda q: getattr(modelopt_patches.calibrator(q), "synced", False)
-    )
+    modelopt_patches.patch_distributed_sync(lambda q: getattr(modelopt_patches.calibrator(q), "synced", False))
     _registered = True
 
 

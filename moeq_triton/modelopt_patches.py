@@ -38,6 +38,52 @@ def check_version() -> None:
         )
 
 
+def preflight() -> None:
+    """Check every patch target before any is installed: all patches, or none and a clear error."""
+    from modelopt.torch.quantization import config as qconfig
+    from modelopt.torch.quantization import model_calib
+    from modelopt.torch.quantization.mode import MaxCalibrateModeDescriptor
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    check_version()
+    decorators = qconfig.QuantizerAttributeConfig.__pydantic_decorators__.field_validators
+    _expect("validate_calibrator" in decorators, "calibrator_name", "no field validator 'validate_calibrator'")
+    fields = decorators["validate_calibrator"].info.fields
+    _expect(fields == ("calibrator",), "calibrator_name", f"the validator checks {fields}")
+    params = list(
+        inspect.signature(
+            PATCHES["calibrator_constructor"].original
+            if "calibrator_constructor" in PATCHES
+            else TensorQuantizer.set_from_attribute_config
+        ).parameters
+    )
+    _expect(params == ["self", "attribute_cfg"], "calibrator_constructor", f"signature is now {params}")
+    max_calibrate = PATCHES["max_calibrate"].original if "max_calibrate" in PATCHES else model_calib.max_calibrate
+    _expect(
+        MaxCalibrateModeDescriptor.__dict__.get("_calib_func") in (model_calib.max_calibrate, *_replacements()),
+        "max_calibrate",
+        "MaxCalibrateModeDescriptor._calib_func is no longer model_calib.max_calibrate",
+    )
+    params = list(inspect.signature(max_calibrate).parameters)
+    _expect(params == MAX_CALIBRATE_PARAMS, "max_calibrate", f"max_calibrate's parameters are now {params}")
+    called = inspect.unwrap(max_calibrate).__code__.co_names
+    for patch, function in (
+        ("weight_only_quantize", "weight_only_quantize"),
+        ("moe_completeness", "_check_moe_calibration_complete"),
+    ):
+        _expect(function in called, patch, f"max_calibrate no longer calls model_calib.{function}")
+        _expect(hasattr(model_calib, function), patch, f"model_calib.{function} is gone")
+    _expect(
+        hasattr(TensorQuantizer, "sync_amax_across_distributed_group"),
+        "distributed_sync",
+        "TensorQuantizer.sync_amax_across_distributed_group is gone",
+    )
+
+
+def _replacements() -> tuple:
+    return tuple(p.replacement for p in PATCHES.values())
+
+
 @dataclass
 class Patch:
     """One replaced attribute: where it lives, what it held, and what replaced it."""
@@ -100,9 +146,7 @@ def patch_calibrator_name(names: tuple[str, ...]) -> None:
     if "calibrator_name" in PATCHES:
         return
     decorators = qconfig.QuantizerAttributeConfig.__pydantic_decorators__.field_validators
-    _expect("validate_calibrator" in decorators, "calibrator_name", "no field validator 'validate_calibrator'")
     validator = decorators["validate_calibrator"]
-    _expect(validator.info.fields == ("calibrator",), "calibrator_name", "the validator no longer checks 'calibrator'")
     modelopt_validate = validator.func
 
     def validate_calibrator(value, info):
@@ -130,9 +174,6 @@ def patch_calibrator_name(names: tuple[str, ...]) -> None:
 
 def patch_calibrator_constructor(names: tuple[str, ...], constructor: Callable[[str], tuple]) -> None:
     from modelopt.torch.quantization.nn import TensorQuantizer
-
-    params = list(inspect.signature(TensorQuantizer.set_from_attribute_config).parameters)
-    _expect(params == ["self", "attribute_cfg"], "calibrator_constructor", f"signature is now {params}")
 
     def make(modelopt_set):
         def set_from_attribute_config(self, attribute_cfg):
@@ -168,17 +209,8 @@ MAX_CALIBRATE_PARAMS = [
 
 
 def patch_max_calibrate(dispatch: Callable) -> None:
-    from modelopt.torch.quantization import model_calib
     from modelopt.torch.quantization.mode import MaxCalibrateModeDescriptor
 
-    _expect(
-        MaxCalibrateModeDescriptor.__dict__.get("_calib_func") is model_calib.max_calibrate
-        or "max_calibrate" in PATCHES,
-        "max_calibrate",
-        "MaxCalibrateModeDescriptor._calib_func is no longer model_calib.max_calibrate",
-    )
-    params = list(inspect.signature(model_calib.max_calibrate).parameters)
-    _expect(params == MAX_CALIBRATE_PARAMS, "max_calibrate", f"max_calibrate's parameters are now {params}")
     _install("max_calibrate", MaxCalibrateModeDescriptor, "_calib_func", lambda modelopt_max: dispatch)
 
 
@@ -190,11 +222,6 @@ def patch_max_calibrate(dispatch: Callable) -> None:
 def patch_weight_only_quantize(grouped_pass: Callable) -> None:
     from modelopt.torch.quantization import model_calib
 
-    _expect(
-        "weight_only_quantize" in model_calib.max_calibrate.__code__.co_names,
-        "weight_only_quantize",
-        "max_calibrate no longer calls model_calib.weight_only_quantize",
-    )
     _install("weight_only_quantize", model_calib, "weight_only_quantize", lambda modelopt_pass: grouped_pass)
 
 
@@ -207,12 +234,6 @@ def patch_distributed_sync(already_synced: Callable[[object], bool]) -> None:
     from modelopt.torch.quantization import model_calib
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    _expect(
-        hasattr(TensorQuantizer, "sync_amax_across_distributed_group"),
-        "distributed_sync",
-        "TensorQuantizer.sync_amax_across_distributed_group is gone",
-    )
-
     def make(modelopt_sync):
         def sync_amax_across_distributed_group(self, parallel_group):
             if not already_synced(self):
@@ -221,12 +242,6 @@ def patch_distributed_sync(already_synced: Callable[[object], bool]) -> None:
         return sync_amax_across_distributed_group
 
     _install("distributed_sync", TensorQuantizer, "sync_amax_across_distributed_group", make)
-
-    _expect(
-        "_check_moe_calibration_complete" in model_calib.max_calibrate.__code__.co_names,
-        "moe_completeness",
-        "max_calibrate no longer calls model_calib._check_moe_calibration_complete",
-    )
 
     def make_check(modelopt_check):
         def check_moe_calibration_complete(quantizer, parallel_state):
@@ -281,24 +296,36 @@ def plain_max_collection(quantizer) -> bool:
 
     if type(quantizer) is not TensorQuantizer:
         return False
-    block_sizes = quantizer.block_sizes
-    per_channel_blocks = block_sizes is not None and all(v is None for k, v in block_sizes.items() if isinstance(k, int))
+    state = quantizer.__dict__
+    block_sizes = state.get("_block_sizes")
+    if block_sizes is not None:
+        if block_sizes.get("type", None) != "dynamic" and state.get("_fake_quant", True):
+            return False  # static block quantization reshapes the input
+        if all(v is None for k, v in block_sizes.items() if isinstance(k, int)):
+            return False  # the forward rewrites per-channel block sizes into an axis
     return not (
-        quantizer._dynamic
-        or quantizer._use_constant_amax
-        or quantizer._constant_amax is not None
-        or quantizer.pre_quant_scale is not None
+        state.get("_dynamic", False)
+        or state.get("_use_constant_amax", False)
+        or state.get("_constant_amax") is not None
+        or state.get("_bias") is not None
+        or _pre_quant_scale_on(quantizer)
         or quantizer.rotate_is_enabled
-        or (quantizer._bias is not None)
-        or quantizer.is_static_block_quant
-        or per_channel_blocks
     )
+
+
+def _pre_quant_scale_on(quantizer) -> bool:
+    return "_pre_quant_scale" in quantizer._buffers and quantizer.__dict__.get("_enable_pre_quant_scale", True)
+
+
+def plain_when_disabled(quantizer) -> bool:
+    """A disabled quantizer's forward only records the input dtype (no pre-quant scale or rotation)."""
+    return not (_pre_quant_scale_on(quantizer) or quantizer.rotate_is_enabled)
 
 
 def record_input_dtype(quantizer, weight: torch.Tensor) -> None:
     """What ``TensorQuantizer.forward`` leaves on a disabled quantizer it is fed (saved in its state)."""
     if weight.numel():
-        quantizer._input_dtype = weight.dtype
+        quantizer.__dict__["_input_dtype"] = weight.dtype
 
 
 def set_calibrator_amax(quantizer, amax: torch.Tensor) -> None:
@@ -307,17 +334,27 @@ def set_calibrator_amax(quantizer, amax: torch.Tensor) -> None:
 
 
 def load_amax(quantizer, amax: torch.Tensor) -> None:
-    """``finish_stats_collection`` for one quantizer: the calibrator's amax, the buffer, the flags."""
+    """``finish_stats_collection`` for one quantizer: the calibrator's amax and the ``_amax`` buffer.
+
+    ``amax`` is a fresh tensor: registered as is when the quantizer has no ``_amax`` yet (what ModelOpt's
+    setter does after cloning), else copied into the existing buffer by ModelOpt's setter.
+    """
     quantizer._calibrator._calib_amax = amax
-    quantizer.amax = amax  # ModelOpt's setter: a new buffer, or a copy into the existing one
-    quantizer._if_quant = True
-    quantizer._if_calib = False
+    if "_amax" in quantizer._buffers or "_amax" in quantizer.__dict__:
+        quantizer.amax = amax
+    else:
+        quantizer.register_buffer("_amax", amax)
 
 
 def finish_flags(quantizer) -> None:
-    """The flags ``enable_stats_collection`` + ``finish_stats_collection`` leave on an enabled quantizer."""
-    quantizer._if_quant = True
-    quantizer._if_calib = False
+    """The flags ``enable_stats_collection`` + ``finish_stats_collection`` leave on an enabled quantizer.
+
+    Plain attributes (not parameters, buffers, modules or tied shared state), so they are written
+    where ``nn.Module.__setattr__`` would put them.
+    """
+    state = quantizer.__dict__
+    state["_if_quant"] = True
+    state["_if_calib"] = False
 
 
 def weight_access_hook(module: torch.nn.Module) -> str | None:
@@ -326,9 +363,10 @@ def weight_access_hook(module: torch.nn.Module) -> str | None:
 
     if isinstance(module, FSDPModule):
         return "FSDP2"
-    if hasattr(module, "_hf_hook"):
+    state = module.__dict__
+    if "_hf_hook" in state:
         return "accelerate offload"
-    if hasattr(module, "_hf_tp_plan"):
+    if "_hf_tp_plan" in state:
         return "transformers tensor parallel"
     return None
 
@@ -340,13 +378,6 @@ def weight_access(module, model, name_to_module: dict | None) -> AbstractContext
     from modelopt.torch.quantization.utils import enable_weight_access_and_writeback
 
     return enable_weight_access_and_writeback(module, model, name_to_module)
-
-
-def finalize_shared_state(model: torch.nn.Module) -> None:
-    """The shared-state part of ``max_calibrate``'s ending that can change saved state here."""
-    from modelopt.torch.quantization.utils import SharedWeightGlobalAmaxState
-
-    SharedWeightGlobalAmaxState.populate(model)
 
 
 def attach_shared_state(model: torch.nn.Module) -> None:

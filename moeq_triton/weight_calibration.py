@@ -23,7 +23,6 @@ from .calibration import (
     WeightBatch,
     groupable_axis,
     set_last_stats,
-    stat_rows,
 )
 from .collectives import active
 from .process_groups import rank_groups, sync_groups
@@ -64,8 +63,10 @@ class _NotPlain(Exception):
 def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tuple[list[Calibrated], list[str]]:
     """Feed every weight ModelOpt's weight loop would feed; ours are recorded and reduced in one batch.
 
-    fast: the quantizers are not in calibration mode (no enable_stats_collection ran); anything but a
-    plain triton_grouped or disabled quantizer raises _NotPlain before any amax is written.
+    fast: no enable_stats_collection ran, and ``fast_path_refusal`` found every enabled quantizer plain
+    and ours; a quantizer that still cannot be reproduced exactly raises _NotPlain before any amax is
+    written.  Otherwise the quantizers are in ModelOpt's calibration mode and what is not ours (or not
+    groupable) goes through its own forward.
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
@@ -75,7 +76,7 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
     for module_name, module in found.quant_modules:
         with mo.weight_access(module, model, contexts):
             for weight, quantizer in module.iter_weights_for_calibration():
-                if not isinstance(quantizer, TensorQuantizer):  # SequentialQuantizer and the like
+                if type(quantizer) is not TensorQuantizer:  # SequentialQuantizer and the like
                     if fast:
                         raise _NotPlain(found.names.get(id(quantizer)))
                     quantizer(weight)
@@ -83,22 +84,23 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                     continue
                 fed.add(id(quantizer))
                 calibrator = mo.calibrator(quantizer)
-                if mo.is_disabled(quantizer) and fast:
-                    if quantizer.pre_quant_scale is not None or quantizer.rotate_is_enabled:
+                disabled = mo.is_disabled(quantizer)
+                if disabled and fast:
+                    if not mo.plain_when_disabled(quantizer):
                         raise _NotPlain(found.names.get(id(quantizer)))
                     mo.record_input_dtype(quantizer, weight)
-                elif (
-                    isinstance(calibrator, TritonGroupedCalibrator)
-                    and not mo.is_disabled(quantizer)
-                    and mo.plain_max_collection(quantizer)
-                    and groupable_axis(mo.axis(quantizer), weight)
+                    continue
+                axis = mo.axis(quantizer)
+                if (
+                    not disabled
+                    and isinstance(calibrator, TritonGroupedCalibrator)
+                    and groupable_axis(axis, weight)
                     and weight.device.type != "meta"
+                    and (fast or mo.plain_max_collection(quantizer))
                 ):
-                    if weight.numel():
-                        name = found.names.get(id(quantizer), "?")
-                        axis = mo.axis(quantizer)
+                    if weight.numel():  # TensorQuantizer.forward returns early on an empty tensor
                         groups = sync_groups(module, module_name, axis, calibrator.shared)
-                        batch.add(quantizer, name, weight, axis, groups)
+                        batch.add(quantizer, found.names[id(quantizer)], weight, axis is not None, groups)
                 elif fast:
                     raise _NotPlain(found.names.get(id(quantizer)))
                 else:
@@ -116,7 +118,7 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
 
 
 def _report(entries: list[Calibrated], missing: list[str]) -> None:
-    set_last_stats(stat_rows(entries, missing))
+    set_last_stats(entries, missing)
     if missing:
         warnings.warn(
             f"{len(missing)} weight quantizer(s) using {CALIBRATOR!r} received no weight from "
@@ -139,7 +141,7 @@ def grouped_weight_only_quantize(model: torch.nn.Module) -> None:
     member_of = rank_groups()
     entries, missing = _feed(model, found, fast=False, member_of=member_of)
     for entry in entries:
-        mo.set_calibrator_amax(entry.quantizer, entry.amax.to(entry.dtype))
+        mo.set_calibrator_amax(entry.quantizer, entry.amax)
         mo.calibrator(entry.quantizer).synced = member_of is not None
     _report(entries, missing)
 
@@ -174,7 +176,13 @@ def max_calibrate(
 ) -> None:
     """The "max" algorithm: the whole-model grouped path when it applies, else ModelOpt's ``max_calibrate``."""
     modelopt_max = mo.original("max_calibrate")
-    args = (forward_loop, distributed_sync, sync_expert_weight_amax, shared_states, skip_forward_without_activation_calib)
+    args = (
+        forward_loop,
+        distributed_sync,
+        sync_expert_weight_amax,
+        shared_states,
+        skip_forward_without_activation_calib,
+    )
     found = walk(model)
     if not found.ours or fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states):
         return modelopt_max(model, *args)
@@ -188,11 +196,12 @@ def max_calibrate(
         if not mo.is_disabled(q):
             mo.finish_flags(q)
     for entry in entries:
-        mo.load_amax(entry.quantizer, entry.amax.to(entry.dtype))
+        mo.load_amax(entry.quantizer, entry.amax)
         mo.calibrator(entry.quantizer).synced = member_of is not None
     if missing:  # ModelOpt's SequentialMLP step calibrates an expert left without amax from its weight
         for module in model.modules():
             if hasattr(module, "layer_sync_moe_local_experts_amax"):
                 module.layer_sync_moe_local_experts_amax(sync_weight_amax=False)
-    mo.finalize_shared_state(model)
+    # max_calibrate ends with SharedWeightGlobalAmaxState.populate (and promotion) for static NVFP4
+    # weight quantizers: they alone read the shared global amax, and none is on this path.
     _report(entries, missing)
