@@ -380,6 +380,14 @@ def weight_access(module, model, name_to_module: dict | None) -> AbstractContext
     return enable_weight_access_and_writeback(module, model, name_to_module)
 
 
+def finalize_shared_state(model: torch.nn.Module) -> None:
+    """The shared-state part of ``max_calibrate``'s ending (``_finalize_with_shared_state`` less the
+    static-block promotion and its check, which concern static NVFP4 quantizers only)."""
+    from modelopt.torch.quantization.utils import SharedWeightGlobalAmaxState
+
+    SharedWeightGlobalAmaxState.populate(model)
+
+
 def attach_shared_state(model: torch.nn.Module) -> None:
     """``max_calibrate``'s first step: discover the q/k/v and gate/up groups (recorded in metadata)."""
     from modelopt.torch.quantization.utils import SharedWeightGlobalAmaxState

@@ -56,6 +56,21 @@ def walk(model: torch.nn.Module) -> ModelWalk:
     return found
 
 
+@dataclass
+class PathTaken:
+    """Which code calibrated the weights last: "whole-model" (ours) or "modelopt", and why not ours."""
+
+    path: str = ""
+    reason: str | None = None
+
+
+LAST_PATH = PathTaken()
+
+
+def _took(path: str, reason: str | None = None) -> None:
+    LAST_PATH.path, LAST_PATH.reason = path, reason
+
+
 class _NotPlain(Exception):
     """A quantizer that the fast path cannot reproduce exactly: ModelOpt's max_calibrate runs instead."""
 
@@ -184,13 +199,17 @@ def max_calibrate(
         skip_forward_without_activation_calib,
     )
     found = walk(model)
-    if not found.ours or fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states):
+    refusal = fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states)
+    if not found.ours or refusal:
+        _took("modelopt", refusal or f"no enabled {CALIBRATOR!r} quantizer")
         return modelopt_max(model, *args)
     member_of = rank_groups() if distributed_sync else None
     try:
         entries, missing = _feed(model, found, fast=True, member_of=member_of)
-    except _NotPlain:
+    except _NotPlain as error:
+        _took("modelopt", f"quantizer {error} is fed in a way only ModelOpt's forward reproduces")
         return modelopt_max(model, *args)
+    _took("whole-model")
     mo.attach_shared_state(model)  # max_calibrate's first step; it depends on the module tree only
     for q in found.leaves:
         if not mo.is_disabled(q):
@@ -202,6 +221,8 @@ def max_calibrate(
         for module in model.modules():
             if hasattr(module, "layer_sync_moe_local_experts_amax"):
                 module.layer_sync_moe_local_experts_amax(sync_weight_amax=False)
-    # max_calibrate ends with SharedWeightGlobalAmaxState.populate (and promotion) for static NVFP4
-    # weight quantizers: they alone read the shared global amax, and none is on this path.
+    # max_calibrate's ending: the q/k/v and gate/up shared states take the max of their members' amax
+    # (a non-persistent buffer, synced over EP/TP).  Promotion touches static-block quantizers only,
+    # and none is on this path.
+    mo.finalize_shared_state(model)
     _report(entries, missing)
