@@ -192,9 +192,16 @@ def _tensor_diff(tmp_path, f: str) -> bool:
 
 
 def assert_save_restore(model: nn.Module, build, tmp_path) -> None:
-    """mto.save / mto.restore into a fresh model: the same amaxes and the same modelopt_state."""
+    """mto.save / mto.restore into a fresh model: the same saved amaxes and the same modelopt_state.
+
+    (The shared q/k/v and gate/up states' ``_global_amax`` is a non-persistent buffer: ModelOpt does
+    not save it, for max as for us.)"""
     mto.save(model, tmp_path / "model.pt")
     restored = mto.restore(build(seed=1), tmp_path / "model.pt")
-    assert_same_amaxes(restored, model)
+    saved = {k: v for k, v in model.state_dict().items() if k.endswith("_amax")}
+    loaded = {k: v for k, v in restored.state_dict().items() if k.endswith("_amax")}
+    assert saved.keys() == loaded.keys() and any("weight_quantizer" in k for k in saved)
+    for key in saved:
+        assert_bitwise_equal(loaded[key], saved[key], key)
     diff = _differences(mto.modelopt_state(restored), mto.modelopt_state(model))
     assert not diff, f"{len(diff)} modelopt_state entries differ after restore: {diff[:6]}"
