@@ -36,16 +36,16 @@ def __getattr__(name: str):
     if name in _BACKEND or name in _CONFIGS or name in _STATS:
         from . import modelopt_backend
 
-        modelopt_backend.ensure_registered()
+        if name in _BACKEND:
+            return getattr(modelopt_backend, name)
         if name in _CONFIGS:
-            value = modelopt_backend.make_configs()[name]
+            value = modelopt_backend.make_configs()[name]  # registers, or raises naming the versions
             globals()[name] = value
             return value
-        if name in _STATS:
-            from . import calibration
+        modelopt_backend.ensure_registered()
+        from . import calibration
 
-            return getattr(calibration, name)
-        return getattr(modelopt_backend, name)
+        return getattr(calibration, name)
     raise AttributeError(f"module 'moeq_triton' has no attribute {name!r}")
 
 

@@ -28,10 +28,11 @@ def register() -> None:
     Raises UnsupportedModelOptError (naming the version found and the supported one) when the
     installed ModelOpt is not one the patches were written for, or a patch target changed.
     """
-    global _registered
+    global _registered, _deferred_error
     if _registered:
         return
     modelopt_patches.preflight()
+    _deferred_error = None
     from . import calibration, weight_calibration
 
     def constructor(name: str) -> tuple:
@@ -61,9 +62,9 @@ def register_quietly() -> None:
 
 def ensure_registered() -> None:
     """Register, or raise the error the import-time registration met (naming the versions)."""
-    if _deferred_error is not None:
+    if _deferred_error is not None and not isinstance(_deferred_error, UnsupportedModelOptError):
         raise UnsupportedModelOptError(str(_deferred_error)) from _deferred_error
-    register()
+    register()  # raises UnsupportedModelOptError again, in the user's call
 
 
 def _weight_only(base: dict, calibrator: str = CALIBRATOR) -> dict:
