@@ -94,17 +94,39 @@ class WeightBatch:
     def __init__(self) -> None:
         self.entries: list[Calibrated] = []
         self._index: dict[int, int] = {}  # id(quantizer) -> position in entries
-        self._weights: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # per tensor, per channel
-        self._owners: tuple[list[int], list[int]] = ([], [])
+        self._singles: list[torch.Tensor] = []  # per-tensor weights: grouped_amax
+        self._single_owners: list[int] = []
+        # grouped_row_amax inputs: a per-channel weight (owner: its entry) or a stack of per-tensor
+        # expert weights viewed as [experts, -1] (owners: one entry per row)
+        self._rows: list[torch.Tensor] = []
+        self._row_owners: list[int | list[int]] = []
 
-    def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+    def _entry(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> int:
         index = self._index.get(id(quantizer))
         if index is None:
             index = self._index[id(quantizer)] = len(self.entries)
             self.entries.append(Calibrated(quantizer, name, weight.dtype, per_channel, groups))
         self.entries[index].shapes.append(tuple(weight.shape))
-        self._weights[per_channel].append(weight)
-        self._owners[per_channel].append(index)
+        return index
+
+    def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+        index = self._entry(quantizer, name, weight, per_channel, groups)
+        if per_channel:
+            self._rows.append(weight)
+            self._row_owners.append(index)
+        else:
+            self._singles.append(weight)
+            self._single_owners.append(index)
+
+    def add_stack(self, pairs: list[tuple], stacked: torch.Tensor) -> None:
+        """Per-tensor weights that are the consecutive slices ``stacked[i]`` of one contiguous parameter:
+        taken whole, as the rows of ``stacked.view(len(pairs), -1)`` (one table entry, not one per expert).
+
+        pairs: (quantizer, name, weight, groups) for i = 0 .. len(pairs) - 1.
+        """
+        owners = [self._entry(q, name, weight, False, groups) for q, name, weight, groups in pairs]
+        self._rows.append(stacked.view(len(pairs), -1))
+        self._row_owners.append(owners)
 
     @torch.no_grad()
     def reduce(self, member_of: tuple[Group, ...] | None) -> list[Calibrated]:
@@ -112,8 +134,7 @@ class WeightBatch:
 
         member_of: the process groups of this rank (None: no cross-rank reduction).
         """
-        per_tensor = self._per_tensor_amax()
-        per_channel = self._per_channel_amax()
+        per_tensor, per_channel = self._amaxes()
         families = _share_within_families(self.entries, per_tensor)
         if member_of is not None:
             _reduce_across_ranks(self.entries, per_tensor, per_channel, families, member_of)
@@ -125,35 +146,44 @@ class WeightBatch:
                 entry.amax = by_dtype[entry.dtype][i].clone()  # its own storage, as ModelOpt's setter clones
         return self.entries
 
-    def _reduced(self, per_channel: bool) -> torch.Tensor | list[torch.Tensor] | None:
-        weights = self._weights[per_channel]
+    def _amaxes(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """float32 [len(entries)] (the max over every weight fed to each per-tensor quantizer, 0 elsewhere)
+        and float32 [N, 1] per per-channel quantizer, by position in entries."""
+        singles = self._launch(grouped_amax, self._singles, self._single_owners)
+        rows = self._launch(grouped_row_amax, self._rows, self._row_owners)
+        device = next((t.device for t in (singles, *(rows or [])) if t is not None), torch.device("cpu"))
+        values, owners = [], []
+        if singles is not None:
+            values.append(singles)
+            owners += self._single_owners
+        per_channel: dict[int, torch.Tensor] = {}
+        for owner, amax in zip(self._row_owners, rows or []):
+            if isinstance(owner, list):
+                values.append(amax)
+                owners += owner
+            else:
+                amax = amax.reshape(-1, 1)
+                per_channel[owner] = torch.maximum(per_channel[owner], amax) if owner in per_channel else amax
+        per_tensor = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
+        if values:  # amaxes are >= +0, so the zeros never win over a real value
+            index = torch.tensor(owners, device=device)
+            per_tensor.scatter_reduce_(0, index, torch.cat(values), reduce="amax")
+        return per_tensor, per_channel
+
+    def _launch(self, reduce, weights: list[torch.Tensor], owners: list) -> torch.Tensor | list | None:
         if not weights:
             return None
         try:
-            return (grouped_row_amax if per_channel else grouped_amax)(weights)
+            return reduce(weights)
         except NonFiniteWeightError as error:
-            entry = self.entries[self._owners[per_channel][error.index]]
-            shape = tuple(weights[error.index].shape)
+            weight, owner = weights[error.index], owners[error.index]
+            if isinstance(owner, list):  # a stack: name the expert whose row holds the NaN/Inf
+                row = int((~torch.isfinite(weight).all(dim=1)).nonzero()[0])
+                entry = self.entries[owner[row]]
+                shape = entry.shapes[0]
+            else:
+                entry, shape = self.entries[owner], tuple(weight.shape)
             raise ValueError(f"weight of {entry.name} (shape {shape}) contains NaN or Inf") from None
-
-    def _per_tensor_amax(self) -> torch.Tensor:
-        """float32 [len(entries)]: the max over every weight fed to each per-tensor quantizer (0 elsewhere)."""
-        amaxes = self._reduced(per_channel=False)
-        device = amaxes.device if amaxes is not None else torch.device("cpu")
-        out = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
-        if amaxes is not None:  # amaxes are >= +0, so the zeros never win over a real value
-            owners = torch.tensor(self._owners[False], device=device)
-            out.scatter_reduce_(0, owners, amaxes, reduce="amax")
-        return out
-
-    def _per_channel_amax(self) -> dict[int, torch.Tensor]:
-        """float32 [N, 1] per per-channel quantizer, by position in entries."""
-        rows = self._reduced(per_channel=True)
-        out: dict[int, torch.Tensor] = {}
-        for owner, amax in zip(self._owners[True], rows or []):
-            amax = amax.reshape(-1, 1)
-            out[owner] = torch.maximum(out[owner], amax) if owner in out else amax
-        return out
 
 
 def _share_within_families(entries: list[Calibrated], per_tensor: torch.Tensor) -> dict[str, list[int]]:

@@ -89,6 +89,7 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
     fed: set[int] = set()
     contexts = dict(model.named_modules()) if found.hook is not None else None
     for module_name, module in found.quant_modules:
+        per_tensor: list[tuple] = []  # this module's per-tensor pairs: stacked expert slices are taken whole
         with mo.weight_access(module, model, contexts):
             for weight, quantizer in module.iter_weights_for_calibration():
                 if type(quantizer) is not TensorQuantizer:  # SequentialQuantizer and the like
@@ -115,11 +116,16 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                 ):
                     if weight.numel():  # TensorQuantizer.forward returns early on an empty tensor
                         groups = sync_groups(module, module_name, axis, calibrator.shared)
-                        batch.add(quantizer, found.names[id(quantizer)], weight, axis is not None, groups)
+                        name = found.names[id(quantizer)]
+                        if axis is None:
+                            per_tensor.append((quantizer, name, weight, groups))
+                        else:
+                            batch.add(quantizer, name, weight, True, groups)
                 elif fast:
                     raise _NotPlain(found.names.get(id(quantizer)))
                 else:
                     quantizer(weight)  # ModelOpt's own collection (its calibrator, in calibration mode)
+            _add_per_tensor(batch, per_tensor)
     entries = batch.reduce(member_of)
     missing = [
         found.names[id(q)]
@@ -130,6 +136,35 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
         and "weight_quantizer" in found.names[id(q)]
     ]
     return entries, missing
+
+
+def _add_per_tensor(batch: WeightBatch, pairs: list[tuple]) -> None:
+    """Add one module's per-tensor pairs; a run that covers every slice ``base[0] .. base[E-1]`` of one
+    contiguous stacked parameter (fused experts) becomes one stacked entry."""
+    start = 0
+    while start < len(pairs):
+        base = pairs[start][2]._base
+        size = base.shape[0] if base is not None and base.dim() == pairs[start][2].dim() + 1 else 0
+        run = pairs[start : start + size]
+        if size > 1 and len(run) == size and _is_every_slice(base, [w for _, _, w, _ in run]):
+            batch.add_stack(run, base)
+            start += size
+        else:
+            quantizer, name, weight, groups = pairs[start]
+            batch.add(quantizer, name, weight, False, groups)
+            start += 1
+
+
+def _is_every_slice(base: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """weights[i] is base[i] for every i, and base is contiguous (so it views as [E, -1])."""
+    if not base.is_contiguous():
+        return False
+    step = base.stride(0) * base.element_size()
+    first = base.data_ptr()
+    return all(
+        w._base is base and w.data_ptr() == first + i * step and w.shape == base.shape[1:] and w.is_contiguous()
+        for i, w in enumerate(weights)
+    )
 
 
 def _report(entries: list[Calibrated], missing: list[str]) -> None:
