@@ -88,13 +88,15 @@ def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode
                 entry["cfg"] = {**entry["cfg"], "calibrator": moeq_triton.CALIBRATOR_SHARED}
     calls = _count_all_reduce()
     mtq.quantize(model, cfg)
+    from moeq_triton.weight_calibration import LAST_PATH
+
     quantizers = dict(model.named_modules())
     wrong = [
         f"{name}: {quantizers[name].amax.item()} != {value.item()}"
         for name, value in expected.items()
         if not (quantizers[name].amax.dtype == value.dtype and torch.equal(quantizers[name].amax, value))
     ]
-    return {"wrong": wrong, "collectives": len(calls), "checked": len(expected)}
+    return {"wrong": wrong, "collectives": len(calls), "checked": len(expected), "path": LAST_PATH.path}
 
 
 def _expected_collectives(world: int, tp: int, mode: str) -> int:
@@ -115,6 +117,7 @@ def test_sharded_experts_match_unsharded_amax(world, tp, mode):
     results = values(run_ranks(_sharded_moe, world, tp, 2, 4, mode))
     for rank, result in enumerate(results):
         assert result["checked"] > 1
+        assert result["path"] == "whole-model", result
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["collectives"] == _expected_collectives(world, tp, mode), result
 
@@ -196,20 +199,28 @@ def _megatron(rank: int, world: int) -> dict:
                 p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
         return model
 
+    from calibration_models import assert_same_modelopt_state, assert_same_quantizer_attributes, with_calibrator
+
+    from moeq_triton.weight_calibration import LAST_PATH
+
     ours, theirs = build(), build()
     calls = _count_all_reduce()
     mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     ours_collectives = len(calls)
-    mtq.quantize(theirs, {**mtq.W4A16_NVFP4_CFG})
+    path = LAST_PATH.path
+    mtq.quantize(theirs, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
     a = {n: b for n, b in ours.named_buffers() if n.endswith("_amax")}
     b = {n: b for n, b in theirs.named_buffers() if n.endswith("_amax")}
     wrong = [n for n in a if not (n in b and a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]))]
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     parallel_state.destroy_model_parallel()
     return {
         "experts": experts,
         "wrong": wrong,
         "same_keys": a.keys() == b.keys() and len(a) > 4,
         "ours": ours_collectives,
+        "path": path,
         "theirs": len(calls) - ours_collectives,
     }
 
@@ -222,4 +233,5 @@ def test_real_megatron_tensor_and_expert_parallel():
         assert result["same_keys"], result
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["ours"] < result["theirs"], result
+        assert result["path"] == "whole-model", result
     print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
