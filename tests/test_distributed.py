@@ -235,3 +235,38 @@ def test_real_megatron_tensor_and_expert_parallel():
         assert result["ours"] < result["theirs"], result
         assert result["path"] == "whole-model", result
     print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
+
+
+def _fsdp2(rank: int, world: int) -> dict:
+    """A transformers Qwen3-MoE sharded with FSDP2 (fully_shard per decoder layer and at the root)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    from calibration_models import amax_buffers, tiny_qwen3_moe
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import moeq_triton
+    from moeq_triton.weight_calibration import LAST_PATH
+
+    reference = tiny_qwen3_moe()  # unsharded, every rank the same (seeded)
+    mtq.quantize(reference, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    expected = {n: b.clone() for n, b in amax_buffers(reference).items()}
+    mesh = init_device_mesh("cpu", (world,))
+    model = tiny_qwen3_moe()
+    model = mtq.quantize(model, {**moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "algorithm": None})  # quantizers only
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    mtq.calibrate(model, algorithm="max")
+    got = amax_buffers(model)
+    wrong = [n for n in expected if not (n in got and torch.equal(got[n], expected[n]))]
+    return {"path": LAST_PATH.path, "reason": LAST_PATH.reason, "wrong": wrong, "checked": len(expected)}
+
+
+def test_fsdp2_hook_falls_back_to_modelopts_weight_access_with_max_amaxes():
+    """An FSDP2-wrapped model is detected: ModelOpt's max_calibrate opens its weight-access context per
+    module (our grouped weight pass inside) and every amax equals the unsharded model's."""
+    results = values(run_ranks(_fsdp2, 2, timeout_s=300))
+    for result in results:
+        assert result["path"] == "modelopt" and "FSDP2" in result["reason"], result
+        assert result["checked"] > 4 and result["wrong"] == [], result
