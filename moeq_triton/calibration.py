@@ -16,6 +16,7 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 from .collectives import Group, SyncItem, max_reduce
 from .kernels import NonFiniteWeightError, grouped_amax, grouped_row_amax
 from .modelopt_backend import CALIBRATOR
+from .modelopt_patches import calibrator
 
 
 class TritonGroupedCalibrator(MaxCalibrator):
@@ -42,10 +43,6 @@ class TritonGroupedCalibrator(MaxCalibrator):
     def reset(self) -> None:
         self.synced = False
         super().reset()
-
-
-def is_triton_grouped(quantizer) -> bool:
-    return isinstance(getattr(quantizer, "_calibrator", None), TritonGroupedCalibrator)
 
 
 def groupable_axis(axis, weight: torch.Tensor) -> bool:
@@ -190,7 +187,7 @@ def _share_within_families(entries: list[Calibrated], per_tensor: torch.Tensor) 
     """Shared mode: every per-tensor amax of a family becomes the family's max; returns the families."""
     families: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):
-        if not entry.per_channel and entry.quantizer._calibrator.shared:
+        if not entry.per_channel and calibrator(entry.quantizer).shared:
             families.setdefault(scale_family(entry.name), []).append(i)
     for members in families.values():
         index = torch.tensor(members, device=per_tensor.device)
