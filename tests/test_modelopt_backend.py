@@ -158,7 +158,7 @@ def test_real_te_grouped_linear():
         assert_bitwise_equal(layer.weight_quantizer[i].amax, expected, f"expert {i}")
 
 
-@pytest.mark.parametrize(("layers", "experts"), [(2, 4), (16, 4), (2, 128)])
+@pytest.mark.parametrize(("layers", "experts"), [(2, 4), (16, 4), pytest.param(2, 128, marks=pytest.mark.slow)])
 def test_launches_do_not_grow_with_layers_or_experts(layers, experts, monkeypatch):
     """O(1): one amax launch for the whole model, and ModelOpt's MaxCalibrator.collect is never called."""
     calls = []
@@ -264,6 +264,7 @@ def test_failed_pass_leaves_nothing_pending(monkeypatch):
     assert len(moeq_triton.calibration_stats()) == 4
 
 
+@pytest.mark.slow  # a fresh Python process that imports ModelOpt
 def test_light_import_then_registration_after_modelopt_import():
     """`import moeq_triton` alone loads no ModelOpt; importing ModelOpt later still registers the name."""
     import subprocess

@@ -49,6 +49,7 @@ def test_every_patch_is_installed_once_over_modelopts_own_function():
         assert "modelopt" in modelopt_patches.original(name).__module__, name
 
 
+@pytest.mark.slow  # a fresh Python process that imports ModelOpt
 def test_calibrator_name_patch_is_still_needed_and_modelopts_validator_unchanged():
     """ModelOpt's own validator accepts exactly "max" and "histogram"; without the patch (a fresh
     process that never imports moeq_triton) the name is rejected."""
@@ -84,6 +85,7 @@ def test_max_calibrate_patch_target_unchanged():
     assert mtq.config.MaxCalibConfig().method == "max"
 
 
+@pytest.mark.slow  # a fresh Python process that imports ModelOpt
 def test_changed_target_is_reported_in_the_users_call_and_nothing_is_patched():
     """A ModelOpt whose max_calibrate changed: importing moeq_triton warns (never raises), installs no
     patch, and register() raises naming the patch and the versions."""
@@ -108,6 +110,7 @@ def test_changed_target_is_reported_in_the_users_call_and_nothing_is_patched():
     assert "RAISED" in run.stdout and "'max_calibrate'" in run.stdout and "0.47.x" in run.stdout, run.stdout
 
 
+@pytest.mark.slow  # a fresh Python process that imports ModelOpt
 def test_unsupported_modelopt_version_fails_loudly_in_the_users_call_only():
     """Issue 16 item 12: with another ModelOpt version, ModelOpt's own imports (its plugins included)
     finish cleanly after `import moeq_triton`; the ready configs and register() raise, naming the
