@@ -74,6 +74,7 @@ def worker(args: argparse.Namespace) -> dict:
         import moeq_triton  # noqa: F401
 
     layers, experts = COUNTS[args.model]
+    layers = args.layers or layers
     cfg = config(args.calibrator)
     result: dict[str, float] = {}
 
@@ -119,8 +120,9 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_once(model: str, layout: str, calibrator: str, device: str) -> dict:
+def run_once(model: str, layout: str, calibrator: str, device: str, layers: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--layout", layout[0], "--device", device]
+    cmd += ["--layers", str(layers)]
     cmd += ["--calibrator", calibrator]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--layout", nargs="+", default=["fused", "per-expert"], choices=["fused", "per-expert"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=0, help="override the layer count (0: the model's)")
     parser.add_argument("--calibrator", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +152,7 @@ def main() -> None:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved: both calibrators see the same machine load
                 for calibrator in CALIBRATORS:
-                    r = run_once(model, [layout], calibrator, args.device)
+                    r = run_once(model, [layout], calibrator, args.device, args.layers)
                     b = best.setdefault(calibrator, r)
                     for key in ("quantize_s", "calibrate_ms"):
                         if r[key] < b[key]:
