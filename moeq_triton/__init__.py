@@ -5,7 +5,9 @@
 Importing the package is light (the model-free command line never loads ModelOpt, whose import alone
 takes seconds).  It still makes ``"calibrator": "triton_grouped"`` valid in ModelOpt: the names are
 registered at once when ModelOpt's quantization package is already imported, and otherwise right
-after it is (a post-import hook).  The ready configs load ModelOpt on first access.
+after it is (a post-import hook).  That registration never raises inside another package's import:
+a failure (e.g. an unsupported ModelOpt version) is warned about there and raised in the user's own
+call (``register()``, the ready configs).  The ready configs load ModelOpt on first access.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import sys
 __version__ = "0.1.0"
 
 _MODELOPT_QUANTIZATION = "modelopt.torch.quantization"
-_BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "calibration_stats", "format_stats", "register")
+_BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "register")
+_STATS = ("calibration_stats", "format_stats")
 _CONFIGS = ("NVFP4_WEIGHT_ONLY_CFG", "FP8_WEIGHT_ONLY_CFG", "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG")
 
 _EXPORTER = ("export_hf", "load_hf")
 
-__all__ = [*_BACKEND, *_CONFIGS, *_EXPORTER]
+__all__ = [*_BACKEND, *_STATS, *_CONFIGS, *_EXPORTER]
 
 
 def __getattr__(name: str):
@@ -30,15 +33,19 @@ def __getattr__(name: str):
         from . import exporter
 
         return getattr(exporter, name)
-    if name in _BACKEND or name in _CONFIGS:
+    if name in _BACKEND or name in _CONFIGS or name in _STATS:
         from . import modelopt_backend
 
-        modelopt_backend.register()
+        if name in _BACKEND:
+            return getattr(modelopt_backend, name)
         if name in _CONFIGS:
-            value = modelopt_backend.make_configs()[name]
+            value = modelopt_backend.make_configs()[name]  # registers, or raises naming the versions
             globals()[name] = value
             return value
-        return getattr(modelopt_backend, name)
+        modelopt_backend.ensure_registered()
+        from . import calibration
+
+        return getattr(calibration, name)
     raise AttributeError(f"module 'moeq_triton' has no attribute {name!r}")
 
 
@@ -68,12 +75,12 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             sys.meta_path.remove(self)
         from . import modelopt_backend
 
-        modelopt_backend.register()
+        modelopt_backend.register_quietly()
 
 
 if _MODELOPT_QUANTIZATION in sys.modules:
-    from .modelopt_backend import register as _register
+    from .modelopt_backend import register_quietly as _register_quietly
 
-    _register()
+    _register_quietly()
 elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterImport())

@@ -90,13 +90,15 @@ def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode
                 entry["cfg"] = {**entry["cfg"], "calibrator": moeq_triton.CALIBRATOR_SHARED}
     calls = _count_all_reduce()
     mtq.quantize(model, cfg)
+    from moeq_triton.weight_calibration import LAST_PATH
+
     quantizers = dict(model.named_modules())
     wrong = [
         f"{name}: {quantizers[name].amax.item()} != {value.item()}"
         for name, value in expected.items()
         if not (quantizers[name].amax.dtype == value.dtype and torch.equal(quantizers[name].amax, value))
     ]
-    return {"wrong": wrong, "collectives": len(calls), "checked": len(expected)}
+    return {"wrong": wrong, "collectives": len(calls), "checked": len(expected), "path": LAST_PATH.path}
 
 
 def _expected_collectives(world: int, tp: int, mode: str) -> int:
@@ -117,6 +119,7 @@ def test_sharded_experts_match_unsharded_amax(world, tp, mode):
     results = values(run_ranks(_sharded_moe, world, tp, 2, 4, mode))
     for rank, result in enumerate(results):
         assert result["checked"] > 1
+        assert result["path"] == "whole-model", result
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["collectives"] == _expected_collectives(world, tp, mode), result
 
@@ -198,20 +201,28 @@ def _megatron(rank: int, world: int) -> dict:
                 p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
         return model
 
+    from calibration_models import assert_same_modelopt_state, assert_same_quantizer_attributes, with_calibrator
+
+    from moeq_triton.weight_calibration import LAST_PATH
+
     ours, theirs = build(), build()
     calls = _count_all_reduce()
     mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     ours_collectives = len(calls)
-    mtq.quantize(theirs, {**mtq.W4A16_NVFP4_CFG})
+    path = LAST_PATH.path
+    mtq.quantize(theirs, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
     a = {n: b for n, b in ours.named_buffers() if n.endswith("_amax")}
     b = {n: b for n, b in theirs.named_buffers() if n.endswith("_amax")}
     wrong = [n for n in a if not (n in b and a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]))]
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     parallel_state.destroy_model_parallel()
     return {
         "experts": experts,
         "wrong": wrong,
         "same_keys": a.keys() == b.keys() and len(a) > 4,
         "ours": ours_collectives,
+        "path": path,
         "theirs": len(calls) - ours_collectives,
     }
 
@@ -224,6 +235,7 @@ def test_real_megatron_tensor_and_expert_parallel():
         assert result["same_keys"], result
         assert result["wrong"] == [], f"rank {rank}: {result['wrong'][:4]}"
         assert result["ours"] < result["theirs"], result
+        assert result["path"] == "whole-model", result
     print("collectives per rank, ours vs ModelOpt max:", [(r["ours"], r["theirs"]) for r in results])
 
 
@@ -296,8 +308,8 @@ def _expert_parallel_export(rank: int, world: int, out: str, rules: str) -> list
     import os
 
     from megatron.core import parallel_state
+    from megatron_models import gpt_moe, hf_config
     from pretend_nccl import pretend_nccl
-    from test_megatron_export import gpt_moe, hf_config
 
     import moeq_triton
 
@@ -322,3 +334,38 @@ def test_expert_parallel_export_under_nccl_rules(tmp_path):
     assert files[0] == sorted(os.listdir(reference)) and len(files[0]) > 4
     for name in files[0]:
         assert (two / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def _fsdp2(rank: int, world: int) -> dict:
+    """A transformers Qwen3-MoE sharded with FSDP2 (fully_shard per decoder layer and at the root)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+    from calibration_models import amax_buffers, tiny_qwen3_moe
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import moeq_triton
+    from moeq_triton.weight_calibration import LAST_PATH
+
+    reference = tiny_qwen3_moe()  # unsharded, every rank the same (seeded)
+    mtq.quantize(reference, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    expected = {n: b.clone() for n, b in amax_buffers(reference).items()}
+    mesh = init_device_mesh("cpu", (world,))
+    model = tiny_qwen3_moe()
+    model = mtq.quantize(model, {**moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "algorithm": None})  # quantizers only
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    mtq.calibrate(model, algorithm="max")
+    got = amax_buffers(model)
+    wrong = [n for n in expected if not (n in got and torch.equal(got[n], expected[n]))]
+    return {"path": LAST_PATH.path, "reason": LAST_PATH.reason, "wrong": wrong, "checked": len(expected)}
+
+
+def test_fsdp2_hook_falls_back_to_modelopts_weight_access_with_max_amaxes():
+    """An FSDP2-wrapped model is detected: ModelOpt's max_calibrate opens its weight-access context per
+    module (our grouped weight pass inside) and every amax equals the unsharded model's."""
+    results = values(run_ranks(_fsdp2, 2, timeout_s=300))
+    for result in results:
+        assert result["path"] == "modelopt" and "FSDP2" in result["reason"], result
+        assert result["checked"] > 4 and result["wrong"] == [], result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import socket
 
 import modelopt.torch.quantization as mtq
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from assertions import assert_bitwise_equal
+from calibration_models import assert_same_modelopt_state, assert_same_quantizer_attributes, with_calibrator
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from moeq_triton.kernels import launch_counts, reset_launch_counts
 
 import moeq_triton
+from moeq_triton.weight_calibration import LAST_PATH
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,17 @@ def tiny_gpt_moe(experts: int = 4, seed: int = 0) -> GPTModel:
 
 
 def test_sequential_mlp_parity_with_modelopt_max(megatron_world):
-    """Every expert's linear_fc1/fc2 quantizer gets max|W_e|, bitwise as ModelOpt's max calibrator."""
+    """Every expert's linear_fc1/fc2 quantizer gets max|W_e|, bitwise as ModelOpt's max calibrator, through
+    the whole-model path (torch.distributed initialized, world of one); every quantizer attribute and
+    mto.modelopt_state are max's too."""
     ours, theirs = tiny_gpt_moe(), tiny_gpt_moe()
     reset_launch_counts()
     mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    assert LAST_PATH.path == "whole-model", LAST_PATH
     assert launch_counts() == {"amax": 1}
-    mtq.quantize(theirs, copy.deepcopy(mtq.W4A16_NVFP4_CFG))
+    mtq.quantize(theirs, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     a = {n: b for n, b in ours.named_buffers() if n.endswith("_amax")}
     b = {n: b for n, b in theirs.named_buffers() if n.endswith("_amax")}
     assert a.keys() == b.keys()

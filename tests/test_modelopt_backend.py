@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import modelopt.torch.opt as mto
@@ -11,53 +10,30 @@ import modelopt.torch.quantization as mtq
 import pytest
 import torch
 from assertions import assert_bitwise_equal
+from calibration_models import (
+    amax_buffers,
+    assert_same_amaxes,
+    assert_same_export,
+    assert_same_modelopt_state,
+    assert_same_quantizer_attributes,
+    assert_save_restore,
+    heavy_tailed_,
+    per_expert_qwen3_moe,
+    tiny_qwen3_dense,
+    tiny_qwen3_moe,
+    token_loop,
+    with_calibrator,
+    without_inputs,
+)
 from grouped_linear_standin import GroupedMoEStandIn
-from modelopt.torch.export import export_hf_checkpoint
 from modelopt.torch.quantization.calib import MaxCalibrator
 from moeq_triton.kernels import launch_counts, reset_launch_counts
-from safetensors.torch import load_file
-from torch import nn
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moeq_triton
-from moeq_triton.modelopt_backend import scale_family
+from moeq_triton.calibration import TritonGroupedCalibrator, scale_family
+from moeq_triton.weight_calibration import LAST_PATH
 
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
-
-
-def heavy_tailed_(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
-    return model
-
-
-def tiny_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = 0) -> nn.Module:
-    cfg = Qwen3MoeConfig(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
-        num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, vocab_size=128,
-    )  # fmt: skip
-    cfg.architectures = ["Qwen3MoeForCausalLM"]
-    return heavy_tailed_(Qwen3MoeForCausalLM(cfg).to(torch.bfloat16), seed)
-
-
-def tiny_qwen3_dense(seed: int = 0) -> nn.Module:
-    cfg = Qwen3Config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, vocab_size=128,
-    )  # fmt: skip
-    cfg.architectures = ["Qwen3ForCausalLM"]
-    return heavy_tailed_(Qwen3ForCausalLM(cfg).to(torch.bfloat16), seed)
-
-
-def without_inputs(cfg: dict) -> dict:
-    """ModelOpt's own config with input quantizers disabled: the weight-only reference."""
-    cfg = copy.deepcopy(cfg)
-    cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer", "enable": False})
-    return cfg
-
 
 PAIRS = {
     "nvfp4": (moeq_triton.NVFP4_WEIGHT_ONLY_CFG, mtq.W4A16_NVFP4_CFG),
@@ -67,44 +43,63 @@ PAIRS = {
         without_inputs(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG),
     ),
 }
-
-
-def amax_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b for n, b in model.named_buffers() if n.endswith("amax")}
-
-
-def assert_same_amaxes(ours: nn.Module, theirs: nn.Module) -> None:
-    a, b = amax_buffers(ours), amax_buffers(theirs)
-    assert a.keys() == b.keys()
-    assert any("weight_quantizer" in n for n in a), "no weight quantizer was calibrated"
-    for name in a:
-        assert_bitwise_equal(a[name], b[name], name)
-
-
-def assert_same_export(ours: nn.Module, theirs: nn.Module, tmp_path) -> None:
-    for tag, model in (("ours", ours), ("theirs", theirs)):
-        export_hf_checkpoint(model, export_dir=tmp_path / tag)
-    files = sorted(f for f in os.listdir(tmp_path / "theirs") if f.endswith(".safetensors"))
-    assert files and files == sorted(f for f in os.listdir(tmp_path / "ours") if f.endswith(".safetensors"))
-    for f in files:
-        a, b = load_file(tmp_path / "ours" / f), load_file(tmp_path / "theirs" / f)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{f}:{key}")
-    for config in ("hf_quant_config.json", "config.json"):
-        assert (tmp_path / "ours" / config).read_text() == (tmp_path / "theirs" / config).read_text()
+BUILDERS = {"dense": tiny_qwen3_dense, "qwen3-moe": tiny_qwen3_moe, "per-expert": per_expert_qwen3_moe}
 
 
 @pytest.mark.parametrize("fmt", list(PAIRS))
-@pytest.mark.parametrize("build", [tiny_qwen3_dense, tiny_qwen3_moe], ids=["dense", "qwen3-moe"])
-def test_parity_with_modelopt_max_and_identical_export(fmt, build, tmp_path):
-    """Every weight amax and every exported byte equals ModelOpt's max calibrator on the same model."""
-    ours_cfg, theirs_cfg = PAIRS[fmt]
-    ours, theirs = build(), build()
+@pytest.mark.parametrize("model", list(BUILDERS))
+def test_whole_model_path_leaves_what_modelopt_max_leaves(fmt, model, tmp_path):
+    """Without a forward loop our whole-model path runs, and leaves every bit ModelOpt's max leaves:
+    each _amax (value, dtype, shape), every quantizer attribute (flags, _input_dtype of the disabled
+    quantizers ModelOpt feeds), mto.modelopt_state (our calibrator's name aside) and the bytes of
+    ModelOpt's export_hf_checkpoint.  Fused 3-D experts, one nn.Linear per expert, and a dense model.
+    The reference is the same config with "max" (the ready configs drop the inputs' attributes)."""
+    ours_cfg = PAIRS[fmt][0]
+    theirs_cfg = with_calibrator(ours_cfg, "max")
+    ours, theirs = BUILDERS[model](), BUILDERS[model]()
+    reset_launch_counts()
     mtq.quantize(ours, ours_cfg)
+    assert (LAST_PATH.path, LAST_PATH.reason) == ("whole-model", None)
+    # one launch per kind: fused experts are taken whole as the rows of their stacked parameter
+    expected = {"row_amax": 1} if fmt == "fp8-per-channel" else {"amax": 1}
+    if model == "qwen3-moe" and fmt != "fp8-per-channel":
+        expected["row_amax"] = 1
+    assert launch_counts() == expected
     mtq.quantize(theirs, theirs_cfg)
     assert_same_amaxes(ours, theirs)
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     assert_same_export(ours, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["qwen3-moe", "per-expert"])
+def test_forward_loop_path_leaves_what_modelopt_max_leaves(model, tmp_path):
+    """With activation quantizers and a forward loop, ModelOpt's max_calibrate runs with our grouped
+    weight pass inside; the forward then feeds the weights again.  Same bits as max throughout."""
+    theirs_cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)  # inputs enabled: they need the loop
+    ours_cfg = with_calibrator(theirs_cfg, moeq_triton.CALIBRATOR)
+    ours, theirs = BUILDERS[model](), BUILDERS[model]()
+    reset_launch_counts()
+    mtq.quantize(ours, ours_cfg, forward_loop=token_loop())
+    assert LAST_PATH.path == "modelopt" and "forward loop" in LAST_PATH.reason
+    assert set(launch_counts().values()) == {1}  # one grouped launch per kind (fused experts: rows)
+    mtq.quantize(theirs, theirs_cfg, forward_loop=token_loop())
+    assert any("input_quantizer" in n for n in amax_buffers(ours)), "the loop calibrated no input"
+    assert_same_amaxes(ours, theirs)
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
+    assert_same_export(ours, theirs, tmp_path)
+
+
+def test_te_stand_in_leaves_what_modelopt_max_leaves():
+    """TE GroupedLinear's contract (per-expert GroupedQuantizer): amaxes, attributes and state as max's."""
+    ours, theirs = heavy_tailed_(GroupedMoEStandIn(layers=2, experts=4)), heavy_tailed_(GroupedMoEStandIn(2, 4))
+    mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    assert LAST_PATH.path == "whole-model"
+    mtq.quantize(theirs, mtq.W4A16_NVFP4_CFG)
+    assert_same_amaxes(ours, theirs)
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
 
 
 def test_every_expert_of_grouped_linear_is_calibrated():
@@ -163,7 +158,7 @@ def test_real_te_grouped_linear():
         assert_bitwise_equal(layer.weight_quantizer[i].amax, expected, f"expert {i}")
 
 
-@pytest.mark.parametrize(("layers", "experts"), [(2, 4), (16, 4), (2, 128)])
+@pytest.mark.parametrize(("layers", "experts"), [(2, 4), (16, 4), pytest.param(2, 128, marks=pytest.mark.slow)])
 def test_launches_do_not_grow_with_layers_or_experts(layers, experts, monkeypatch):
     """O(1): one amax launch for the whole model, and ModelOpt's MaxCalibrator.collect is never called."""
     calls = []
@@ -177,25 +172,36 @@ def test_launches_do_not_grow_with_layers_or_experts(layers, experts, monkeypatc
     assert len(moeq_triton.calibration_stats()) == layers * 2 * experts
 
 
-def test_save_restore_round_trip(tmp_path):
-    """mto.save / mto.restore of a model quantized with triton_grouped (the registration is in place)."""
-    model = tiny_qwen3_moe()
-    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
-    assert "triton_grouped" in repr(mto.modelopt_state(model))
-    mto.save(model, tmp_path / "model.pt")
-    restored = mto.restore(tiny_qwen3_moe(seed=1), tmp_path / "model.pt")
-    saved = {k: v for k, v in model.state_dict().items() if k.endswith("_amax")}
-    loaded = {k: v for k, v in restored.state_dict().items() if k.endswith("_amax")}
-    assert saved.keys() == loaded.keys() and saved
-    for key in saved:
-        assert_bitwise_equal(loaded[key], saved[key], key)
+@pytest.mark.parametrize("model", ["qwen3-moe", "per-expert"])
+@pytest.mark.parametrize("loop", [False, True], ids=["weights-only", "forward-loop"])
+def test_save_restore_round_trip(model, loop, tmp_path):
+    """mto.save / mto.restore of a model quantized with triton_grouped: the same amaxes and state."""
+    build = BUILDERS[model]
+    cfg = with_calibrator(mtq.FP8_DEFAULT_CFG, moeq_triton.CALIBRATOR) if loop else moeq_triton.NVFP4_WEIGHT_ONLY_CFG
+    quantized = mtq.quantize(build(), cfg, forward_loop=token_loop() if loop else None)
+    assert "triton_grouped" in repr(mto.modelopt_state(quantized))
+    assert_save_restore(quantized, build, tmp_path)
 
 
-def test_misspelled_calibrator_is_still_rejected():
-    cfg = copy.deepcopy(moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
-    cfg["quant_cfg"][1]["cfg"]["calibrator"] = "triton_grupped"
-    with pytest.raises(Exception, match="calibrator"):
+@pytest.mark.parametrize("name", ["triton_grupped", "triton-grouped", "Triton_Grouped", "maxx"])
+def test_unknown_calibrator_name_is_rejected_with_the_valid_names(name):
+    """Typos stay rejected, and the error names every valid value and the import that registers ours."""
+    cfg = with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, name)
+    with pytest.raises(Exception) as error:
         mtq.quantize(tiny_qwen3_dense(), cfg)
+    message = str(error.value)
+    assert f"calibrator {name!r} is not a known calibrator name" in message, message
+    for valid in ("'max'", "'histogram'", "'triton_grouped'", "'triton_grouped_shared'", "`import moeq_triton`"):
+        assert valid in message, message
+
+
+def test_calibrator_classes_and_valid_names_still_pass_the_validator():
+    """The wrapped validator keeps ModelOpt's answers for what it accepted before."""
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+
+    for value in ("max", "histogram", "triton_grouped", "triton_grouped_shared", HistogramCalibrator):
+        assert QuantizerAttributeConfig(calibrator=value).calibrator == value
 
 
 def test_registration_is_idempotent():
@@ -243,8 +249,6 @@ def test_failed_pass_leaves_nothing_pending(monkeypatch):
     """An error midway through ModelOpt's weight loop must not leak records into the next calibration."""
     from grouped_linear_standin import QuantGroupedLinearStandIn
 
-    from moeq_triton.modelopt_backend import PENDING
-
     original = QuantGroupedLinearStandIn.iter_weights_for_calibration
 
     def fails_after_one(self):
@@ -254,9 +258,13 @@ def test_failed_pass_leaves_nothing_pending(monkeypatch):
     monkeypatch.setattr(QuantGroupedLinearStandIn, "iter_weights_for_calibration", fails_after_one)
     with pytest.raises(RuntimeError, match="injected failure"):
         mtq.quantize(GroupedMoEStandIn(layers=1, experts=2), moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
-    assert PENDING.records == []
+    monkeypatch.undo()
+    model = GroupedMoEStandIn(layers=1, experts=2)
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)  # a clean pass after the failed one
+    assert len(moeq_triton.calibration_stats()) == 4
 
 
+@pytest.mark.slow  # a fresh Python process that imports ModelOpt
 def test_light_import_then_registration_after_modelopt_import():
     """`import moeq_triton` alone loads no ModelOpt; importing ModelOpt later still registers the name."""
     import subprocess
@@ -271,3 +279,42 @@ def test_light_import_then_registration_after_modelopt_import():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "registered" in run.stdout, run.stderr[-2000:]
+
+
+def _family_amaxes(model) -> dict[str, set[float]]:
+    """Distinct per-expert weight amaxes of each fused-experts family (gate_up_proj / down_proj per layer)."""
+    families: dict[str, set[float]] = {}
+    for name, buffer in amax_buffers(model).items():
+        if "_weight_quantizers." in name:
+            families.setdefault(scale_family(name.removesuffix("._amax")), set()).add(buffer.float().item())
+    return families
+
+
+def test_shared_family_amax_survives_a_forward_loop():
+    """Issue 13 item 4: in "triton_grouped_shared" mode a forward loop after the weight pass fed each
+    expert's weight again, and a later flush replaced the family's shared amax by per-expert values
+    (1 distinct amax per family without a loop, 4 with one).  Fused experts, FP8_DEFAULT_CFG (inputs on)."""
+    cfg = with_calibrator(mtq.FP8_DEFAULT_CFG, moeq_triton.CALIBRATOR_SHARED)
+    without_loop, with_loop = tiny_qwen3_moe(), tiny_qwen3_moe()
+    mtq.quantize(without_loop, cfg)
+    mtq.quantize(with_loop, cfg, forward_loop=token_loop())
+    families = _family_amaxes(with_loop)
+    assert len(families) == 2 * 2, families.keys()  # 2 layers x (gate_up_proj, down_proj)
+    assert all(len(values) == 1 for values in families.values()), families
+    assert families == _family_amaxes(without_loop)
+    experts = with_loop.model.layers[1].mlp.experts
+    assert families[scale_family("model.layers.1.mlp.experts.down_proj_weight_quantizers.0")] == {
+        experts.down_proj.abs().amax().float().item()
+    }
+
+
+def test_calibrator_keeps_its_synced_mark_only_while_its_amax_is_unchanged():
+    """A tensor fed after the grouped pass that does not raise the amax keeps the cross-rank result
+    valid; one that raises it must go through ModelOpt's per-quantizer sync again."""
+    calibrator = TritonGroupedCalibrator(shared=True)
+    calibrator._calib_amax = torch.tensor(4.0, dtype=torch.bfloat16)
+    calibrator.synced = True
+    calibrator.collect(torch.tensor([[1.0, -3.0]], dtype=torch.bfloat16))
+    assert calibrator.synced and calibrator._calib_amax.item() == 4.0
+    calibrator.collect(torch.tensor([[-5.0, 1.0]], dtype=torch.bfloat16))
+    assert not calibrator.synced and calibrator._calib_amax.item() == 5.0
