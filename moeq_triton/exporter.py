@@ -33,7 +33,7 @@ from . import collectives
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .kernels.formats import NVFP4_BLOCK_SIZE
-from .model_free import Plan, _pack, _quantize_units, dequantize, make_plan, output_layout, output_names, write_metadata
+from .model_free import Plan, dequantize, make_plan, output_layout, output_names, pack, quantize_units, write_metadata
 from .naming import FAMILIES
 from .naming.megatron import hf_name
 
@@ -304,9 +304,9 @@ def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, pr
 def _quantize_own(shard, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
     """This rank's units of a shard: grouped kernel calls per batch, results moved to the CPU."""
     mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
-    for batch in _pack(mine, 1 << 30, lambda u: u.in_bytes):
+    for batch in pack(mine, 1 << 30, lambda u: u.in_bytes):
         loaded = {n: source.tensor(n) for u in batch for n in u.names}
-        result = _quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source)
+        result = quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source)
         result.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
         produced.update({k: v.detach().cpu() for k, v in result.items()})
         progress(sum(u.in_bytes for u in batch))

@@ -178,7 +178,7 @@ def make_plan(
         unit.out_bytes += _out_bytes(shape, fmt, transposed)
         unit.scale_inv.update(scale_inv)
         unit.slices.update(slices)
-    shards = _pack(units, max_shard_bytes, lambda u: u.out_bytes)
+    shards = pack(units, max_shard_bytes, lambda u: u.out_bytes)
     return Plan(fmt, shards, sorted(exclude_modules), split)
 
 
@@ -223,7 +223,7 @@ def nonfinite_kept(
     return bad
 
 
-def _quantize_units(
+def quantize_units(
     units: list[Unit], loaded: dict[str, torch.Tensor], fmt: Format, source: SourceCheckpoint
 ) -> dict[str, torch.Tensor]:
     """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group."""
@@ -321,7 +321,7 @@ def run_shards(
         tensors: dict[str, torch.Tensor] = {}
         for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
-            result = _quantize_units(quantized, loaded, plan.fmt, source)
+            result = quantize_units(quantized, loaded, plan.fmt, source)
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]
@@ -343,7 +343,7 @@ def run_shards(
 
 def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
     """The batches one shard is read in: at most ``batch_bytes`` held in memory each (dequantized size)."""
-    return _pack(shard, batch_bytes, lambda u: u.held_bytes)
+    return pack(shard, batch_bytes, lambda u: u.held_bytes)
 
 
 def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
@@ -362,7 +362,7 @@ def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: tor
             yield batch, loaded
 
 
-def _pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
+def pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
     """Consecutive units in packs of at most ``budget`` bytes (a larger unit stands alone)."""
     packs: list[list[Unit]] = [[]]
     size = 0
@@ -429,7 +429,7 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         if unit is None or problems:
             continue
         loaded = read_units([unit], source, device)
-        again = _quantize_units([unit], loaded, plan.fmt, source)
+        again = quantize_units([unit], loaded, plan.fmt, source)
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
                 problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")

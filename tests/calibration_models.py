@@ -15,20 +15,13 @@ import modelopt.torch.opt as mto
 import torch
 from assertions import assert_bitwise_equal
 from modelopt.torch.export import export_hf_checkpoint
+from models import heavy_tailed_, tiny_qwen3_moe  # noqa: F401 (re-exported to the calibration tests)
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
 
-SEED = 0  # every model below is heavy_tailed_(model, seed) with this default
-
-
-def heavy_tailed_(model: nn.Module, seed: int = SEED) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))
-    return model
+SEED = 0  # every model below is heavy_tailed_(model, seed) (tests/models.py) with this default
 
 
 def _moe_config(layers: int, experts: int) -> Qwen3MoeConfig:
@@ -39,10 +32,6 @@ def _moe_config(layers: int, experts: int) -> Qwen3MoeConfig:
     )  # fmt: skip
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     return cfg
-
-
-def tiny_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = SEED) -> nn.Module:
-    return heavy_tailed_(Qwen3MoeForCausalLM(_moe_config(layers, experts)).to(torch.bfloat16), seed)
 
 
 class PerExpertLinears(nn.ModuleList):

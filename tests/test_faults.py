@@ -496,7 +496,7 @@ PHASE_HOOKS = textwrap.dedent(
 
         setattr(owner, name, paused)
 
-    where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "_quantize_units"),
+    where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
              "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
     hook(*where[phase.split(":")[0]])
     sys.exit(cli.main(sys.argv[2:]))

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import modelopt.torch.quantization as mtq
-import pytest
 import torch
-import torch.distributed as dist
 from assertions import assert_bitwise_equal
 from calibration_models import assert_same_modelopt_state, assert_same_quantizer_attributes, with_calibrator
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -18,19 +13,6 @@ from moeq_triton.kernels import launch_counts, reset_launch_counts
 
 import moeq_triton
 from moeq_triton.weight_calibration import LAST_PATH
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    """gloo world of one process with Megatron's parallel_state (TP = EP = 1), torn down after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def tiny_gpt_moe(experts: int = 4, seed: int = 0) -> GPTModel:
