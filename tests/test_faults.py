@@ -216,6 +216,12 @@ def copy_prior(prior: Path, out: Path, extra: str | None = None) -> None:
         (out / extra).write_text("the user's own notes")
 
 
+def without_architectures(config: Path) -> None:
+    data = json.loads(config.read_text())
+    assert data.pop("architectures") and data["model_type"] == "qwen3_moe"
+    config.write_text(json.dumps(data))
+
+
 N = lambda *a: []  # noqa: E731  (no change to the defaults)
 
 FAULTS = [
@@ -370,6 +376,14 @@ FAULTS = [
         1,
         "model.layers.1.mlp.experts.1.up_proj.weight contains NaN",
         "as before",
+    ),
+    # item 10: no `architectures` in config.json: the family comes from `model_type` (a success, not a refusal)
+    Fault(
+        "config-without-architectures",
+        lambda t, s, o, p: (without_architectures(s / "config.json"), [])[1],
+        0,
+        "",
+        "complete",
     ),
     # item 4: no subcommand, a bad device
     Fault("no-subcommand", N, 2, "usage: moeq-triton", "as before", argv=lambda s, o: []),
