@@ -52,6 +52,7 @@ def test_calibration_row_one_launch_and_bitwise_equal_to_max(layers):
     assert row.tensors == 2 * layers * TINY.experts
 
 
+@pytest.mark.slow  # a subprocess running the whole --quick table: about 40 s
 def test_quick_run_writes_a_complete_table(tmp_path):
     """`python -m benchmarks.run --quick` as CI runs it (torch references on CPU): every row and column."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

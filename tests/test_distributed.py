@@ -13,6 +13,8 @@ from distributed_harness import run_ranks, values
 
 HIDDEN, FFN = 32, 16
 
+pytestmark = pytest.mark.slow  # every test spawns gloo ranks (10-60 s each on 2 cores): the slow tier
+
 
 def _count_all_reduce():
     """Wrap torch.distributed.all_reduce; returns the list the calls are appended to."""
@@ -283,7 +285,6 @@ def _agreement_steps(rank: int, world: int, rules: str) -> dict:
     return result
 
 
-@pytest.mark.slow  # two spawned ranks: about 25 s on 2 busy cores
 @pytest.mark.parametrize("rules", ["gloo", "nccl"])
 def test_agreement_helper_on_gloo_and_under_nccl_rules(rules):
     """Each rank-agreement step gives the same answer under gloo and under NCCL's rule that collectives take
@@ -324,7 +325,6 @@ def _expert_parallel_export(rank: int, world: int, out: str, rules: str) -> list
     return sorted(os.listdir(out))
 
 
-@pytest.mark.slow
 def test_expert_parallel_export_under_nccl_rules(tmp_path):
     """EP=2 export (gather of names, per-shard agreement, send/recv of bytes to rank 0) under NCCL's rule
     writes the same files, byte for byte, as one process."""

@@ -98,6 +98,7 @@ def test_nvfp4_matches_reference_and_modelopt(dtype, n):
         assert_results_equal(r, nvfp4_self(w), f"NVFP4QTensor.quantize {where}")
 
 
+@pytest.mark.slow  # about 190 s in the interpreter; test_one_launch_per_dtype keeps the claim in the default tier
 def test_nvfp4_300_tensors_one_launch_per_dtype():
     """300 ragged tensors in two dtypes: two launches, every output still exact."""
     seed = fresh_seed()

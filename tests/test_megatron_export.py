@@ -6,6 +6,7 @@ import os
 import re
 
 import modelopt.torch.quantization as mtq
+import pytest
 import torch
 from assertions import assert_bitwise_equal, checkpoint_tensors
 from distributed_harness import run_ranks, values
@@ -111,6 +112,7 @@ def _export_with_ranks(rank: int, world: int, out: str) -> list[str]:
     return sorted(os.listdir(out))
 
 
+@pytest.mark.slow  # two spawned ranks: about 45 s
 def test_expert_parallel_export_equals_single_process(tmp_path):
     """EP=2 on 2 gloo ranks (each holds half the experts) writes the same files, byte for byte, as 1 rank."""
     reference = tmp_path / "one"
@@ -143,6 +145,7 @@ def _export_failing_on_rank1(rank: int, world: int, out: str) -> str:
     return "no error"
 
 
+@pytest.mark.slow  # two spawned ranks: about 25 s
 def test_failure_on_one_rank_fails_every_rank_and_leaves_nothing(tmp_path):
     results = values(run_ranks(_export_failing_on_rank1, 2, str(tmp_path / "out"), timeout_s=300))
     assert results[1] == "MemoryError: injected on rank 1"
