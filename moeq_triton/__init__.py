@@ -21,7 +21,12 @@ __version__ = "0.1.0"
 _MODELOPT_QUANTIZATION = "modelopt.torch.quantization"
 _BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "register")
 _STATS = ("calibration_stats", "format_stats")
-_CONFIGS = ("NVFP4_WEIGHT_ONLY_CFG", "FP8_WEIGHT_ONLY_CFG", "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG")
+_CONFIGS = (
+    "NVFP4_WEIGHT_ONLY_CFG",
+    "FP8_WEIGHT_ONLY_CFG",
+    "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG",
+    "FP8_BLOCK_WEIGHT_ONLY_CFG",
+)
 
 _EXPORTER = ("export_hf", "load_hf")
 

@@ -83,7 +83,11 @@ def _weight_only(base: dict, calibrator: str = CALIBRATOR) -> dict:
 
 
 def make_configs() -> dict[str, dict]:
-    """ModelOpt's own weight-only configs with the weight quantizers on "triton_grouped"."""
+    """ModelOpt's own weight-only configs with the weight quantizers on "triton_grouped".
+
+    ``FP8_BLOCK_WEIGHT_ONLY_CFG`` is ModelOpt's ``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG`` as it is: its 128x128
+    block amaxes stay on ModelOpt's ``max`` (the grouped calibrator computes per-tensor and per-channel
+    amaxes only); ``export_hf`` writes such a model in the engines' ``fp8-block`` layout."""
     ensure_registered()
     import modelopt.torch.quantization as mtq
 
@@ -91,4 +95,5 @@ def make_configs() -> dict[str, dict]:
         "NVFP4_WEIGHT_ONLY_CFG": _weight_only(mtq.W4A16_NVFP4_CFG),
         "FP8_WEIGHT_ONLY_CFG": _weight_only(mtq.FP8_DEFAULT_CFG),
         "FP8_PER_CHANNEL_WEIGHT_ONLY_CFG": _weight_only(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG),
+        "FP8_BLOCK_WEIGHT_ONLY_CFG": copy.deepcopy(mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG),
     }

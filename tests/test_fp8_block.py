@@ -263,9 +263,10 @@ def test_modelopt_whole_model_export_fails_on_straddling_blocks(ragged_source, t
 
 @pytest.mark.slow
 def test_command_and_export_hf_equal_modelopt_whole_model_export(tmp_path):
-    """moe_intermediate_size 128 (ModelOpt can export it): the command, export_hf of a model quantized with
-    ModelOpt's FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG, and ModelOpt's export_hf_checkpoint agree tensor for
-    tensor (their ``weight_scale`` (bn, 1, bk, 1) or 0-dim for one block == our ``weight_scale_inv``)."""
+    """moe_intermediate_size 128 (ModelOpt can export it): the command, export_hf of a model quantized
+    with moeq_triton.FP8_BLOCK_WEIGHT_ONLY_CFG (ModelOpt's FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG), and ModelOpt's
+    export_hf_checkpoint agree tensor for tensor (their ``weight_scale`` (bn, 1, bk, 1) or 0-dim for one
+    block == our ``weight_scale_inv``)."""
     import modelopt.torch.quantization as mtq
     from assertions import checkpoint_tensors
     from transformers import AutoModelForCausalLM
@@ -277,7 +278,8 @@ def test_command_and_export_hf_equal_modelopt_whole_model_export(tmp_path):
     modelopt_whole_model(source, tmp_path / "theirs")
     assert main(["quantize", "--model", source, "--out", str(tmp_path / "cmd"), "--format", "fp8-block"]) == 0
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    mtq.quantize(model, mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG)
+    assert moeq_triton.FP8_BLOCK_WEIGHT_ONLY_CFG == mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG  # the ready config
+    mtq.quantize(model, moeq_triton.FP8_BLOCK_WEIGHT_ONLY_CFG)
     moeq_triton.export_hf(model, tmp_path / "export")
     theirs = checkpoint_tensors(tmp_path / "theirs")
     for ours_dir in ("cmd", "export"):
