@@ -30,7 +30,10 @@ def output_bytes(results) -> int:
 WRITTEN = {"quantize_nvfp4": (1 / 2 + 1 / 16, 4), "quantize_fp8": (1, 4)}
 
 
-@pytest.mark.parametrize("row, quantize", [("quantize_nvfp4", quantize_nvfp4), ("quantize_fp8", quantize_fp8)])
+@pytest.mark.parametrize(
+    "row, quantize",
+    [pytest.param("quantize_nvfp4", quantize_nvfp4, marks=pytest.mark.slow), ("quantize_fp8", quantize_fp8)],
+)
 def test_bytes_moved_counts_every_input_and_output_byte(row, quantize):
     """The formula behind GB/s equals the format's definition and the bytes the kernels really allocate."""
     weights = run.expert_views(TINY, 2, 4, "cpu")

@@ -63,7 +63,7 @@ def fresh_seed() -> int:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 8, 64, 300])
+@pytest.mark.parametrize("n", [1, 8, 64, pytest.param(300, marks=pytest.mark.slow)])
 def test_grouped_amax_matches_reference(dtype, n):
     """A mis-indexed tensor or a dropped tile must not survive: every tensor has its own magnitude."""
     seed = fresh_seed()
@@ -85,7 +85,7 @@ def test_amax_of_views_without_copies():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 8, 64])
+@pytest.mark.parametrize("n", [1, 8, pytest.param(64, marks=pytest.mark.slow)])  # 64: 30-40 s interpreted
 def test_nvfp4_matches_reference_and_modelopt(dtype, n):
     seed = fresh_seed()
     weights = mixed_list(n, dtype, seed)
@@ -359,7 +359,7 @@ def test_native_cpu_path_matches_reference_and_modelopt(monkeypatch, dtype):
 # ---------------------------------------------------------------- structure
 
 
-@pytest.mark.parametrize("n", [1, 64])
+@pytest.mark.parametrize("n", [1, 8, pytest.param(64, marks=pytest.mark.slow)])
 def test_one_launch_per_dtype(n):
     """The launch count depends on dtypes, never on the number of tensors."""
     weights = mixed_list(n, torch.bfloat16, 5, max_k=32)

@@ -19,6 +19,7 @@ from moeq_triton.checkpoint_format import FORMATS
 from moeq_triton.model_free import dequantize
 
 
+@pytest.mark.slow  # about 19 s: a Megatron model, quantize, export
 def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_world, tmp_path):
     model = gpt_moe()
     mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
@@ -48,6 +49,7 @@ def test_every_expert_exported_with_names_shapes_scales_and_values(megatron_worl
     assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays unquantized
 
 
+@pytest.mark.slow  # about 30 s
 def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):
     """TEGroupedMLP spelling (linear_fc1.weight{e}, the TE-contract stand-in) == SequentialMLP's export."""
     sequential = gpt_moe()

@@ -56,7 +56,11 @@ def modelopt_export(source: str, fmt: str, out) -> None:
 
 @pytest.mark.parametrize(
     "fmt, engine",
-    [(f, "interpreter") for f in FORMATS if f != "fp8-block"]  # the engines' layout: tests/test_fp8_block.py
+    [  # fp8-block, the engines' layout: tests/test_fp8_block.py; nvfp4 interpreted takes about 20 s
+        pytest.param(f, "interpreter", marks=[pytest.mark.slow] if f == "nvfp4" else [])
+        for f in FORMATS
+        if f != "fp8-block"
+    ]
     + [("nvfp4", "native"), ("fp8", "reference")],
 )
 def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatch):
@@ -86,6 +90,7 @@ def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatc
                 assert_bitwise_equal(a[f"{p}.gate_proj.weight_scale_2"], a[f"{p}.up_proj.weight_scale_2"], p)
 
 
+@pytest.mark.slow  # about 15 s (interpreted kernels)
 def test_experts_only_keeps_attention(source, tmp_path):
     out = tmp_path / "experts-only"
     assert main(["quantize", "--model", source, "--out", str(out), "--experts-only", "--device", "cpu"]) == 0
@@ -142,6 +147,7 @@ def test_unknown_architecture(source, tmp_path):
     assert_clean_failure(cli("--model", str(broken), "--out", str(out)), "supported: Qwen3MoeForCausalLM", out)
 
 
+@pytest.mark.slow  # about 16 s: an interrupted run and a full rerun
 def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(source, tmp_path, monkeypatch):
     """A failure in the middle leaves only a hidden partial directory; the next run replaces it."""
     import moeq_triton.model_free as model_free
