@@ -15,23 +15,13 @@ import modelopt.torch.opt as mto
 import torch
 from assertions import assert_bitwise_equal
 from modelopt.torch.export import export_hf_checkpoint
-from models import heavy_tailed_, tiny_qwen3_moe  # noqa: F401 (re-exported to the calibration tests)
+from models import heavy_tailed_, qwen3_moe_config, tiny_qwen3_moe  # noqa: F401 (re-exported to the calibration tests)
 from safetensors.torch import load_file
 from torch import nn
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
 
 SEED = 0  # every model below is heavy_tailed_(model, seed) (tests/models.py) with this default
-
-
-def _moe_config(layers: int, experts: int) -> Qwen3MoeConfig:
-    cfg = Qwen3MoeConfig(
-        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
-        num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, vocab_size=128,
-    )  # fmt: skip
-    cfg.architectures = ["Qwen3MoeForCausalLM"]
-    return cfg
 
 
 class PerExpertLinears(nn.ModuleList):
@@ -52,7 +42,7 @@ class PerExpertMoeBlock(Qwen3MoeSparseMoeBlock):
 
 
 def per_expert_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = SEED) -> nn.Module:
-    cfg = _moe_config(layers, experts)
+    cfg = qwen3_moe_config(layers, experts)
     model = Qwen3MoeForCausalLM(cfg)
     for layer in model.model.layers:
         layer.mlp.__class__ = PerExpertMoeBlock

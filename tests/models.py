@@ -23,9 +23,9 @@ def heavy_tailed_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def tiny_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = 0) -> nn.Module:
-    """A Qwen3-MoE of hidden 64, experts of 32, bf16, heavy-tailed weights from ``seed``."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def qwen3_moe_config(layers: int = 2, experts: int = 4):
+    """The tiny Qwen3-MoE config of the tests: hidden 64, experts of 32."""
+    from transformers import Qwen3MoeConfig
 
     cfg = Qwen3MoeConfig(
         hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
@@ -33,7 +33,14 @@ def tiny_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = 0) -> nn.Modul
         head_dim=32, vocab_size=128,
     )  # fmt: skip
     cfg.architectures = ["Qwen3MoeForCausalLM"]
-    return heavy_tailed_(Qwen3MoeForCausalLM(cfg).to(torch.bfloat16), seed)
+    return cfg
+
+
+def tiny_qwen3_moe(layers: int = 2, experts: int = 4, seed: int = 0) -> nn.Module:
+    """A Qwen3-MoE of ``qwen3_moe_config``, bf16, heavy-tailed weights from ``seed``."""
+    from transformers import Qwen3MoeForCausalLM
+
+    return heavy_tailed_(Qwen3MoeForCausalLM(qwen3_moe_config(layers, experts)).to(torch.bfloat16), seed)
 
 
 def without_inputs(cfg: dict) -> dict:
