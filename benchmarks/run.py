@@ -204,11 +204,13 @@ def counted_launches(fn: Callable[[], object]) -> int:
 
 
 def modelopt_functions():
-    """ModelOpt's per-expert export calls (tests/modelopt_oracle.py), or None when it is not installed."""
-    try:
-        import modelopt_oracle
-    except ImportError:
+    """ModelOpt's per-expert export calls (benchmarks/modelopt_oracle.py), or None when ModelOpt is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("modelopt") is None:
         return None
+    from benchmarks import modelopt_oracle
+
     return modelopt_oracle
 
 

@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 from assertions import assert_bitwise_equal, assert_results_equal
-from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export
 from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import (
     grouped_amax_reference,
@@ -38,6 +37,8 @@ from moeq_triton.kernels.formats import E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import divisor_parts, e2m1_magnitude_code, float32_reciprocal, quotient
 from ptx_semantics import fma32, use_ptx_semantics
+
+from benchmarks.modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export
 
 BLOCK = 1 << 14
 LOW = 2.0**-100

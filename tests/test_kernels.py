@@ -8,7 +8,6 @@ import pytest
 import torch
 from assertions import assert_bitwise_equal, assert_results_equal
 from device import TEST_DEVICE
-from modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
 from moeq_triton.kernels import (
     FP8Weight,
     dequantize_nvfp4_reference,
@@ -28,6 +27,7 @@ from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES, E4M3_MAX, NVFP
 from moeq_triton.kernels.rounding import float32_reciprocal
 
 from benchmarks.common import MODEL_SHAPES
+from benchmarks.modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
