@@ -30,8 +30,5 @@ NVFP4_BLOCK_SIZE = 16
 NVFP4_SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
 """weight_scale_2 = amax / 2688: the largest block scale then maps to E4M3_MAX."""
 
-WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-"""Input dtypes the kernels accept."""
-
 FP8_BLOCK_SIZE = 128
 """Rows and columns under one float32 scale in the FP8-block layout (DeepSeek-V3, Qwen *-FP8; source or output)."""
