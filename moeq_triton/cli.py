@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 
 
-def _size(text: str) -> int:
+def byte_size(text: str) -> int:
     """'2GB', '500MB', '64MiB', '123' -> bytes (binary units)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not match:
@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
-    q.add_argument("--max-shard-size", type=_size, default=_size("2GB"))
-    q.add_argument("--batch-size", type=_size, default=_size("256MB"), help="source bytes held in memory at once")
+    q.add_argument("--max-shard-size", type=byte_size, default=byte_size("2GB"))
+    q.add_argument(
+        "--batch-size", type=byte_size, default=byte_size("256MB"), help="source bytes held in memory at once"
+    )
     q.add_argument(
         "--allow-nonfinite-kept", action="store_true", help="carry kept (unquantized) tensors holding NaN/Inf through"
     )

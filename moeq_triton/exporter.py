@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import collectives
+from . import collectives, modelopt_patches
 from .checkpoint_format import FORMATS, Format
 from .checkpoint_io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
 from .kernels.formats import NVFP4_BLOCK_SIZE
@@ -142,13 +142,13 @@ def detect_format(model: torch.nn.Module) -> Format | None:
 
     found = set()
     for name, module in model.named_modules():
-        if not isinstance(module, TensorQuantizer) or module._disabled:
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
             continue
         if getattr(module, "pre_quant_scale", None) is not None:
             raise CheckpointError(f"{name} has a pre_quant_scale (AWQ/SmoothQuant): use ModelOpt's exporter")
         if "weight_quantizer" not in name:
             continue
-        calibrator = getattr(module, "_calibrator", None)
+        calibrator = modelopt_patches.calibrator(module)
         if calibrator is not None and not isinstance(calibrator, MaxCalibrator):
             raise CheckpointError(
                 f"{name} was calibrated with {type(calibrator).__name__}; export_hf recomputes max amaxes "

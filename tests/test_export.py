@@ -87,12 +87,10 @@ def test_destination_rules_and_failure_midway(tmp_path, monkeypatch):
 
 def test_other_calibration_is_refused_not_silently_replaced(tmp_path):
     """export_hf recomputes max amaxes, so a weight quantizer calibrated otherwise must stop the export."""
-    from modelopt.torch.quantization.calib import HistogramCalibrator
-
     model = tiny_qwen3_moe()
     mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
     quantizer = model.model.layers[0].self_attn.q_proj.weight_quantizer
-    quantizer._calibrator = HistogramCalibrator(num_bits=4, axis=None, unsigned=False)
+    quantizer.set_from_attribute_config({"calibrator": "histogram"})  # ModelOpt's public setter
     with pytest.raises(CheckpointError, match=r"q_proj\.weight_quantizer was calibrated with HistogramCalibrator"):
         moeq_triton.export_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -194,9 +194,10 @@ def test_two_processes_write_the_same_files_as_one(source, tmp_path):
 
 
 def test_size_arguments_and_missing_cuda(capsys):
-    from moeq_triton.cli import _size
+    from moeq_triton.cli import byte_size
 
-    assert [_size("2GB"), _size("500MB"), _size("64MiB"), _size("123")] == [2 << 30, 500 << 20, 64 << 20, 123]
+    sizes = [byte_size(text) for text in ("2GB", "500MB", "64MiB", "123")]
+    assert sizes == [2 << 30, 500 << 20, 64 << 20, 123]
     if not torch.cuda.is_available():
         assert main(["quantize", "--device", "cuda", "--out", "unused"]) == 1
         assert "no CUDA device" in capsys.readouterr().err
