@@ -32,8 +32,13 @@ def sync_groups(module: torch.nn.Module, module_name: str, axis, shared: bool) -
     groups: list[Group] = []
     if state.data_parallel_group.is_initialized():
         groups.append((DATA, state.data_parallel_group.group))
-    split = (getattr(module, "_is_column_parallel", False) and axis is None) or (
-        getattr(module, "_is_row_parallel", False) and axis in (None, 0)
+    from modelopt.torch.quantization.utils import (
+        is_quantized_column_parallel_linear,
+        is_quantized_row_parallel_linear,
+    )
+
+    split = (is_quantized_column_parallel_linear(module) and axis is None) or (
+        is_quantized_row_parallel_linear(module) and axis in (None, 0)
     )
     if split and state.tensor_parallel_group.is_initialized():
         groups.append((TENSOR, state.tensor_parallel_group.group))
