@@ -20,6 +20,7 @@ equal a single-process export.  The destination is complete or absent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -137,6 +138,8 @@ def hf_config_dict(config) -> dict:
 
 def detect_format(model: torch.nn.Module) -> Format | None:
     """The format of the enabled weight quantizers (None: none enabled); mixed formats are refused."""
+    if importlib.util.find_spec("modelopt") is None:
+        return None  # without ModelOpt installed no model holds its quantizers: exported unquantized
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
 

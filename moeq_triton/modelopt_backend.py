@@ -18,6 +18,11 @@ NAMES = (CALIBRATOR, CALIBRATOR_SHARED)
 SUPPORTED_MODELOPT = modelopt_patches.SUPPORTED_MODELOPT
 UnsupportedModelOptError = modelopt_patches.UnsupportedModelOptError
 
+
+class MissingExtraError(ImportError):
+    """An integration was asked for whose optional dependency (a ``pip install moeq-triton[...]`` extra) is absent."""
+
+
 _registered = False
 _deferred_error: Exception | None = None  # a failure of the import-time registration, re-raised on use
 
@@ -26,11 +31,19 @@ def register() -> None:
     """Make "triton_grouped" and "triton_grouped_shared" valid calibrator names.  Idempotent.
 
     Raises UnsupportedModelOptError (naming the version found and the supported one) when the
-    installed ModelOpt is not one the patches were written for, or a patch target changed.
+    installed ModelOpt is not one the patches were written for, or a patch target changed, and
+    MissingExtraError (naming the extra) when ModelOpt is not installed.
     """
     global _registered, _deferred_error
     if _registered:
         return
+    try:
+        import modelopt  # noqa: F401
+    except ImportError as error:
+        raise MissingExtraError(
+            "moeq-triton's 'triton_grouped' calibrator and ready configs need NVIDIA ModelOpt, which is not "
+            f"installed ({error}): pip install 'moeq-triton[modelopt]'"
+        ) from error
     modelopt_patches.preflight()
     _deferred_error = None
     from . import calibration, weight_calibration

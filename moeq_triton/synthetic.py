@@ -7,14 +7,16 @@ it is not a trained model and its outputs mean nothing.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .kernels.native import cache_dir
 
-NAME = "synthetic-qwen3-moe-4x16"
+NAME = "synthetic-qwen3-moe-4x16-v2"  # v2: written without transformers (other weights than v1)
 SHAPE = dict(
     hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=2048,
@@ -50,28 +52,72 @@ def default_checkpoint(seed: int = 0) -> Path:
     path = cache_dir() / NAME
     if (path / "config.json").is_file():
         return path
-    try:
-        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    except ImportError as error:
-        raise ImportError(
-            "the SYNTHETIC default checkpoint is generated with transformers: pip install 'moeq-triton[hf]', "
-            "or pass --model DIR"
-        ) from error
-
-    config = Qwen3MoeConfig(**SHAPE)
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-                continue
-            p.copy_(heavy_tailed(p.shape, gen, p.dtype, scale=0.02, outlier_columns=max(1, p.shape[-1] // 64)))
     partial = path.parent / f".{NAME}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, max_shard_size="20MB")
+    partial.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in qwen3_moe_layout(SHAPE).items():
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            outliers = max(1, shape[-1] // 64)
+            tensors[name] = heavy_tailed(shape, gen, torch.bfloat16, scale=0.02, outlier_columns=outliers)
+    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+    (partial / "config.json").write_text(json.dumps(qwen3_moe_config(SHAPE), indent=2) + "\n")
     if not path.exists():
         partial.rename(path)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
     return path
+
+
+def qwen3_moe_config(shape: dict) -> dict:
+    """config.json of a Qwen3-MoE checkpoint of this shape, as Qwen's own checkpoints spell it."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **shape,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 32768,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def qwen3_moe_layout(shape: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Qwen3-MoE checkpoint on disk (per-expert names, as transformers saves it): name -> shape.
+
+    Written out so that the default checkpoint needs no transformers (the base install); a test checks
+    it against transformers' own ``save_pretrained`` of the same config.
+    """
+    hidden, heads, kv_heads = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim, ffn, vocab = shape["head_dim"], shape["moe_intermediate_size"], shape["vocab_size"]
+    layout: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(shape["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        layout |= {
+            f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
+            f"{prefix}.self_attn.q_norm.weight": (head_dim,),
+            f"{prefix}.self_attn.k_norm.weight": (head_dim,),
+            f"{prefix}.mlp.gate.weight": (shape["num_experts"], hidden),
+        }
+        for e in range(shape["num_experts"]):
+            layout |= {
+                f"{prefix}.mlp.experts.{e}.gate_proj.weight": (ffn, hidden),
+                f"{prefix}.mlp.experts.{e}.up_proj.weight": (ffn, hidden),
+                f"{prefix}.mlp.experts.{e}.down_proj.weight": (hidden, ffn),
+            }
+        layout |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+        }
+    return layout | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}

@@ -1,0 +1,106 @@
+"""The base install (no extras): the kernels and the command run without ModelOpt, Megatron or transformers.
+
+A subprocess hides those packages behind a meta-path finder (what a fresh ``pip install moeq-triton``
+sees), then quantizes and inspects the default SYNTHETIC checkpoint; the layout that checkpoint is written
+in without transformers is checked against transformers' own ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+
+from moeq_triton import synthetic
+
+EXTRAS = ("modelopt", "megatron", "transformers")
+
+BASE_INSTALL = """
+import importlib.abc, sys
+
+BLOCKED = {blocked!r}
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{fullname!r}} (blocked by the test)", name=fullname)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+import moeq_triton
+import moeq_triton.kernels
+from moeq_triton.cli import main
+
+out = sys.argv[1]
+print("QUANTIZE", main(["quantize", "--out", out, "--device", "cpu", "--verify"]), flush=True)
+print("INSPECT", main(["inspect", out, "--device", "cpu"]), flush=True)
+for name in ("NVFP4_WEIGHT_ONLY_CFG", "register"):
+    try:
+        value = getattr(moeq_triton, name)
+        if callable(value):
+            value()
+        print("NO ERROR", name)
+    except ImportError as error:
+        print("MISSING", name, type(error).__name__, error)
+print("LOADED", sorted({{m.split(".")[0] for m in sys.modules}} & BLOCKED))
+"""
+
+
+def test_command_and_kernels_without_the_extras(tmp_path):
+    """A module of the command's path that imports ModelOpt, Megatron or transformers (even lazily, on
+    the default checkpoint, the quantization, --verify or inspect) fails here; so does a ready config that
+    does not name the missing extra."""
+    env = {**os.environ, "MOEQ_TRITON_CACHE": str(tmp_path / "cache"), "TRITON_INTERPRET": "0"}
+    run = subprocess.run(
+        [sys.executable, "-c", BASE_INSTALL.format(blocked=set(EXTRAS)), str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "QUANTIZE 0" in lines and "INSPECT 0" in lines, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "SYNTHETIC" in run.stdout and "verify:" in run.stdout
+    for name in ("NVFP4_WEIGHT_ONLY_CFG", "register"):
+        line = next(line for line in lines if line.endswith(name) or f" {name} " in line)
+        assert line.startswith(f"MISSING {name} MissingExtraError"), line
+        assert "pip install 'moeq-triton[modelopt]'" in line, line
+    assert "LOADED []" in lines, lines[-1]
+
+
+def test_default_checkpoint_layout_is_what_transformers_saves(tmp_path):
+    """The default checkpoint is written without transformers (``qwen3_moe_layout``/``qwen3_moe_config``);
+    a wrong name, shape or config key (a checkpoint transformers would not load as it saves it) must not
+    survive.  The default shape with fewer layers, experts and vocabulary (the rules are per layer/expert)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shape = {**synthetic.SHAPE, "num_hidden_layers": 2, "num_experts": 4, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(synthetic.qwen3_moe_config(shape)))
+    config = Qwen3MoeConfig.from_pretrained(tmp_path)
+    for key, value in shape.items():
+        assert getattr(config, "num_local_experts" if key == "num_experts" else key) == value, key
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "reference")
+    with safe_open(tmp_path / "reference" / "model.safetensors", "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    ours = synthetic.qwen3_moe_layout(shape)
+    assert ours == saved, sorted(set(ours) ^ set(saved))[:10]
+    reference_config = json.loads((tmp_path / "reference" / "config.json").read_text())
+    assert reference_config["architectures"] == synthetic.qwen3_moe_config(shape)["architectures"]
+
+
+def test_default_checkpoint_is_generated_once(tmp_path, monkeypatch):
+    """Every tensor of ``qwen3_moe_layout`` written in bf16 (norms at 1), then the cached copy reused."""
+    monkeypatch.setenv("MOEQ_TRITON_CACHE", str(tmp_path))
+    path = synthetic.default_checkpoint()
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert synthetic.default_checkpoint() == path and (path / "model.safetensors").stat().st_mtime_ns == mtime
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()} == synthetic.qwen3_moe_layout(synthetic.SHAPE)
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
+        assert torch.equal(f.get_tensor("model.norm.weight"), torch.ones(256, dtype=torch.bfloat16))
+    assert not list(tmp_path.glob(".*partial"))
