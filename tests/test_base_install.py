@@ -1,18 +1,21 @@
 """The base install (no extras): the kernels and the command run without ModelOpt, Megatron or transformers.
 
-A subprocess hides those packages behind a meta-path finder (what a fresh ``pip install moeq-triton``
-sees), then quantizes and inspects the default SYNTHETIC checkpoint; the layout that checkpoint is written
-in without transformers is checked against transformers' own ``save_pretrained``.
+A subprocess hides every installed package outside the base install's dependency closure (what a fresh
+``pip install moeq-triton`` sees), then quantizes and inspects the default SYNTHETIC checkpoint, whose
+layout (written without transformers) is checked against transformers' own ``save_pretrained``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from safetensors import safe_open
 
 from moeq_triton import synthetic
@@ -52,13 +55,46 @@ print("LOADED", sorted({{m.split(".")[0] for m in sys.modules}} & BLOCKED))
 """
 
 
+def base_distributions() -> set[str]:
+    """moeq-triton's requirements without extras, closed over their own requirements (and the extras
+    they ask for, e.g. ``safetensors[torch]``), as canonical distribution names."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo: list[tuple[str, tuple[str, ...]]] = [("moeq-triton", ())]
+    while todo:
+        name, extras = todo.pop()
+        if (canonicalize_name(name), extras) in seen:
+            continue
+        seen.add((canonicalize_name(name), extras))
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a requirement whose marker holds here but that is not installed: nothing loads it
+        for text in requirements:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return {name for name, _ in seen}
+
+
+def not_in_base_install() -> set[str]:
+    """Top-level modules of the installed distributions a base install would not have."""
+    allowed = base_distributions()
+    owners = importlib.metadata.packages_distributions()
+    blocked = {m for m, dists in owners.items() if not {canonicalize_name(d) for d in dists} & allowed}
+    blocked -= {"moeq_triton", "kernels", "tests", "benchmarks"}  # this project (editable: no mapping)
+    assert set(EXTRAS) <= blocked, set(EXTRAS) - blocked
+    return blocked
+
+
 def test_command_and_kernels_without_the_extras(tmp_path):
     """A module of the command's path that imports ModelOpt, Megatron or transformers (even lazily, on
-    the default checkpoint, the quantization, --verify or inspect) fails here; so does a ready config that
-    does not name the missing extra."""
+    the default checkpoint, the quantization, --verify or inspect) fails here, and so does one that needs
+    any package the base install does not declare (every other installed distribution is hidden too:
+    safetensors.torch.save_file needs numpy, which only safetensors[torch] brings); so does a ready
+    config that does not name the missing extra."""
     env = {**os.environ, "MOEQ_TRITON_CACHE": str(tmp_path / "cache"), "TRITON_INTERPRET": "0"}
     run = subprocess.run(
-        [sys.executable, "-c", BASE_INSTALL.format(blocked=set(EXTRAS)), str(tmp_path / "out")],
+        [sys.executable, "-c", BASE_INSTALL.format(blocked=not_in_base_install()), str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
