@@ -210,6 +210,11 @@ def with_file(path: Path, text: str) -> Path:
     return path
 
 
+def bad_source_file(id: str, file: str, text: str, says: str) -> Fault:
+    """The source's ``file`` rewritten as ``text``: refused with exit 1 naming it, the destination as before."""
+    return Fault(id, lambda t, s, o, p: (with_file(s / file, text), [])[1], 1, says, "as before")
+
+
 def copy_prior(prior: Path, out: Path, extra: str | None = None) -> None:
     shutil.copytree(prior, out)
     if extra:
@@ -315,34 +320,10 @@ FAULTS = [
         "complete",
     ),
     # item 3: bad JSON
-    Fault(
-        "config-invalid-json",
-        lambda t, s, o, p: (with_file(s / "config.json", "{oops"), [])[1],
-        1,
-        "config.json: invalid JSON",
-        "as before",
-    ),
-    Fault(
-        "index-invalid-json",
-        lambda t, s, o, p: (with_file(s / INDEX, "[1,"), [])[1],
-        1,
-        f"{INDEX}: invalid JSON",
-        "as before",
-    ),
-    Fault(
-        "config-is-a-list",
-        lambda t, s, o, p: (with_file(s / "config.json", "[]"), [])[1],
-        1,
-        "config.json: expected a JSON object, found list",
-        "as before",
-    ),
-    Fault(
-        "index-without-weight-map",
-        lambda t, s, o, p: (with_file(s / INDEX, "{}"), [])[1],
-        1,
-        "no weight_map",
-        "as before",
-    ),
+    bad_source_file("config-invalid-json", "config.json", "{oops", "config.json: invalid JSON"),
+    bad_source_file("index-invalid-json", INDEX, "[1,", f"{INDEX}: invalid JSON"),
+    bad_source_file("config-is-a-list", "config.json", "[]", "config.json: expected a JSON object, found list"),
+    bad_source_file("index-without-weight-map", INDEX, "{}", "no weight_map"),
     # existing: the source's files
     Fault(
         "missing-config",
