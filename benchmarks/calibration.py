@@ -87,8 +87,8 @@ def worker(args: argparse.Namespace) -> dict:
     phases: dict[str, float] = {"algorithm": 0.0, "metadata": 0.0}
     timed = []
 
-    def timer(owner, attribute: str, phase: str) -> None:
-        original = getattr(owner, attribute)
+    def timer(holder, attribute: str, phase: str) -> None:
+        original = getattr(holder, attribute)
 
         def wrapper(*a, **k):
             start = time.perf_counter()
@@ -97,8 +97,8 @@ def worker(args: argparse.Namespace) -> dict:
             finally:
                 phases[phase] += time.perf_counter() - start
 
-        setattr(owner, attribute, wrapper)
-        timed.append((owner, attribute, original))
+        setattr(holder, attribute, wrapper)
+        timed.append((holder, attribute, original))
 
     model = build(layers, experts, args.layout, args.device)
     model = apply_mode(model, mode=[("quantize", cfg)], registry=qmode.QuantizeModeRegistry)
@@ -111,8 +111,8 @@ def worker(args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     result["calibrate_ms"] = (time.perf_counter() - t0) * 1e3
-    for owner, attribute, original in timed:
-        setattr(owner, attribute, original)
+    for holder, attribute, original in timed:
+        setattr(holder, attribute, original)
     result["algorithm_ms"] = phases["algorithm"] * 1e3
     result["metadata_ms"] = phases["metadata"] * 1e3
     result["other_ms"] = result["calibrate_ms"] - result["algorithm_ms"] - result["metadata_ms"]

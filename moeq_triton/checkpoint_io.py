@@ -4,7 +4,7 @@ No pickle anywhere: tensors are read with ``safe_open`` one at a time and writte
 A destination is either complete or as it was: everything is written into a hidden sibling directory
 that is renamed into place at the very end (signals deferred during the renames), and the sibling is
 removed on any failure.  ``--overwrite`` replaces only an empty directory or one this tool wrote
-(recognized by the ownership record in its index, which lists every file it wrote), never a file,
+(recognized by the manifest in its index, which lists every file it wrote), never a file,
 never a directory holding anything else, and never the source.
 """
 
@@ -54,8 +54,8 @@ SAFETENSORS_DTYPES = {
 """safetensors' dtype names (as shards and ``get_slice`` spell them) and the torch dtypes they hold."""
 
 
-OWNER_KEY = "moeq_triton"
-"""Key of the ownership record in the index's ``metadata``: ``{"version": ..., "files": [...]}``."""
+MANIFEST_KEY = "moeq_triton"
+"""Key of the manifest in the index's ``metadata``: ``{"version": ..., "files": [...]}``."""
 PARTIAL_MARK = ".moeq-triton-partial"
 """Written first into a partial directory: a stale partial is ours to discard only if it holds this."""
 
@@ -160,10 +160,10 @@ def refuse_overlap(destination: str | os.PathLike, source: str | os.PathLike) ->
         )
 
 
-def ownership(directory: Path) -> dict | None:
-    """The ownership record of a checkpoint this tool wrote (None when there is none)."""
+def manifest(directory: Path) -> dict | None:
+    """The manifest of a checkpoint this tool wrote (None when there is none)."""
     try:
-        record = json.loads((directory / INDEX).read_text()).get("metadata", {}).get(OWNER_KEY)
+        record = json.loads((directory / INDEX).read_text()).get("metadata", {}).get(MANIFEST_KEY)
     except (OSError, ValueError, AttributeError):
         return None
     ok = isinstance(record, dict) and isinstance(record.get("files"), list)
@@ -226,10 +226,10 @@ class AtomicCheckpointDir:
             return
         if not self.overwrite:
             raise CheckpointError(f"{dest}: exists and is not empty (pass --overwrite to replace it)")
-        record = ownership(dest)
+        record = manifest(dest)
         if record is None:
             raise CheckpointError(
-                f"{dest}: not written by moeq-triton (no ownership record in its {INDEX}); "
+                f"{dest}: not written by moeq-triton (no manifest in its {INDEX}); "
                 "--overwrite replaces only such a directory or an empty one: remove it yourself"
             )
         foreign = sorted(set(os.listdir(dest)) - set(record["files"]))
@@ -243,7 +243,7 @@ class AtomicCheckpointDir:
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
             for stale in (self.partial, self.old):
-                if stale.exists() and not (stale / PARTIAL_MARK).exists() and ownership(stale) is None:
+                if stale.exists() and not (stale / PARTIAL_MARK).exists() and manifest(stale) is None:
                     raise CheckpointError(f"{stale}: exists and was not made by moeq-triton; remove or rename it")
                 if stale.exists():
                     shutil.rmtree(stale)
@@ -274,9 +274,9 @@ class AtomicCheckpointDir:
             raise CheckpointError(f"{self.destination / path.name}: write failed ({_os_reason(error)})") from None
 
     def write_index(self, index: dict) -> None:
-        """The index, written last: its metadata carries the ownership record of every file written."""
+        """The index, written last: its metadata carries the manifest of every file written."""
         files = sorted({*os.listdir(self.partial), INDEX} - {PARTIAL_MARK})
-        metadata = {**index.get("metadata", {}), OWNER_KEY: {"version": __version__, "files": files}}
+        metadata = {**index.get("metadata", {}), MANIFEST_KEY: {"version": __version__, "files": files}}
         self.write_json(INDEX, {**index, "metadata": metadata})
 
     def commit(self, then: Callable[[], None] = lambda: None) -> None:

@@ -17,7 +17,7 @@ from . import __version__
 
 
 def byte_size(text: str) -> int:
-    """'2GB', '500MB', '64MiB', '123' -> bytes (binary units)."""
+    """'2GB', '500MB', '64MiB', '123' -> bytes (K, M, G, T are powers of 1024)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GB, 500MB)")

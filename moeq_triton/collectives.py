@@ -40,7 +40,7 @@ Group = tuple[int, "dist.ProcessGroup | None"]  # (stage, process group); None i
 class SyncItem:
     """A value that must be equal on every rank of each of its groups."""
 
-    key: str  # identical on every rank holding the same quantity (a quantizer or scale-family name)
+    key: str  # identical on every rank holding the same quantity (a quantizer's or a shared scale group's name)
     value: torch.Tensor  # float32, any shape; replaced by the reduced value
     groups: Sequence[Group] = field(default_factory=tuple)
 

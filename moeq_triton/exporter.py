@@ -107,7 +107,7 @@ def _first_local_expert(model: torch.nn.Module) -> int:
         if size > 1:
             raise NotImplementedError(
                 f"export of a {what}-parallel Megatron model (size {size}) is not supported yet: "
-                "gather the shards first (expert and data parallelism are supported)"
+                "gather the tensor-parallel slices first (expert and data parallelism are supported)"
             )
     experts = model.config.num_moe_experts or 0
     return parallel_state.get_expert_model_parallel_rank() * (

@@ -377,7 +377,7 @@ def pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list
 
 def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:
     """config.json with quantization_config, hf_quant_config.json, tokenizer/generation files, and
-    last the index (its metadata records every file written: the ownership record)."""
+    last the index (its metadata records every file written: the manifest)."""
     weight_map: dict[str, str] = {}
     total = 0
     for s, shard in enumerate(plan.shards):

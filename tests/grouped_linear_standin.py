@@ -78,7 +78,7 @@ class GroupedMoEStandIn(nn.Module):
         shared_quantizer: bool = False,
         tensor_parallel: int = 1,
     ):
-        """tensor_parallel > 1 builds one TP rank's shards: fc1 rows and fc2 columns divided by it."""
+        """tensor_parallel > 1 builds one TP rank's slices: fc1 rows and fc2 columns divided by it."""
         super().__init__()
         self.layers = nn.ModuleList()
         out1, in2 = 2 * ffn // tensor_parallel, ffn // tensor_parallel

@@ -31,10 +31,10 @@ def _count_all_reduce():
     return calls
 
 
-def _sharded_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode: str, megatron: bool = False) -> dict:
+def _split_moe(rank: int, world: int, tp: int, layers: int, experts: int, mode: str, megatron: bool = False) -> dict:
     """Experts split over EP = world / tp ranks, each expert's weight split over tp ranks.
 
-    Every rank generates the same full (unsharded) weights, keeps its shard, and checks that each
+    Every rank generates the same full weights, keeps its slice, and checks that each
     quantizer ends with the amax of the full weight (per expert) or of all experts (shared).
     megatron=True takes the groups and ranks from Megatron's initialized parallel_state (expert
     data / tensor / model parallel, as ModelOpt's TEGroupedMLP plugin hands them to the experts).
@@ -116,9 +116,9 @@ def _expected_collectives(world: int, tp: int, mode: str) -> int:
 
 @pytest.mark.parametrize("mode", ["per-expert", "shared"])
 @pytest.mark.parametrize(("world", "tp"), [(2, 1), (2, 2), (4, 2)])
-def test_sharded_experts_match_unsharded_amax(world, tp, mode):
-    """Every rank ends with the single-process amax of the unsharded model, bitwise."""
-    results = values(run_ranks(_sharded_moe, world, tp, 2, 4, mode))
+def test_split_experts_match_whole_model_amax(world, tp, mode):
+    """Every rank ends with the single-process amax of the whole (unsplit) model, bitwise."""
+    results = values(run_ranks(_split_moe, world, tp, 2, 4, mode))
     for rank, result in enumerate(results):
         assert result["checked"] > 1
         assert result["path"] == "whole-model", result
@@ -128,8 +128,8 @@ def test_sharded_experts_match_unsharded_amax(world, tp, mode):
 
 def test_collectives_do_not_grow_with_layers_or_experts():
     """2 layers x 4 experts and 16 layers x 64 experts: the same number of collectives."""
-    small = values(run_ranks(_sharded_moe, 2, 2, 2, 4, "per-expert"))
-    large = values(run_ranks(_sharded_moe, 2, 2, 16, 64, "per-expert"))
+    small = values(run_ranks(_split_moe, 2, 2, 2, 4, "per-expert"))
+    large = values(run_ranks(_split_moe, 2, 2, 16, 64, "per-expert"))
     assert [r["wrong"] for r in small + large] == [[], [], [], []]
     expected = _expected_collectives(2, 2, "per-expert")
     assert {r["collectives"] for r in small} == {r["collectives"] for r in large} == {expected}
@@ -173,7 +173,7 @@ def _megatron(rank: int, world: int) -> dict:
     """Real Megatron parallel_state (TP 2, EP 2 on 4 ranks) with megatron-core modules.
 
     ModelOpt refuses TP and EP together on SequentialMLP, so the experts here are the TE-contract
-    stand-in holding Megatron's expert groups (checked against the unsharded weights), and the
+    stand-in holding Megatron's expert groups (checked against the whole weights), and the
     dense part is a real megatron-core GPTModel with TP 2 (checked against ModelOpt's own max and sync).
     """
     import modelopt.torch.quantization as mtq
@@ -186,7 +186,7 @@ def _megatron(rank: int, world: int) -> dict:
     import moeq_triton
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2)
-    experts = _sharded_moe(rank, world, 2, 2, 4, "per-expert", megatron=True)
+    experts = _split_moe(rank, world, 2, 2, 4, "per-expert", megatron=True)
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
         ffn_hidden_size=128, gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True,
@@ -197,7 +197,7 @@ def _megatron(rank: int, world: int) -> dict:
 
     def build() -> GPTModel:
         model = GPTModel(config, spec, vocab_size=128, max_sequence_length=32).to(torch.bfloat16)
-        gen = torch.Generator().manual_seed(rank)  # every shard differs: reductions must really happen
+        gen = torch.Generator().manual_seed(rank)  # every rank's slice differs: reductions must really happen
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_((torch.randn(p.shape, generator=gen) ** 3).to(p.dtype))

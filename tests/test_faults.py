@@ -6,7 +6,7 @@ subprocess for real signals; real gloo processes for multi-rank rows) and then c
 that stderr names what went wrong in one line without a traceback, and the disk:
 - "as before": every file and directory under the test's folder is byte-identical to before the run
   (the source, the destination, and no hidden sibling left behind);
-- "complete": the destination is a complete checkpoint whose ownership record lists exactly its
+- "complete": the destination is a complete checkpoint whose manifest lists exactly its
   files, and everything else is as before.
 """
 
@@ -30,7 +30,7 @@ from distributed_harness import run_ranks, values
 from safetensors.torch import load_file, save_file
 
 from moeq_triton import cli
-from moeq_triton.checkpoint_io import INDEX, AtomicCheckpointDir, SourceCheckpoint, ownership
+from moeq_triton.checkpoint_io import INDEX, AtomicCheckpointDir, SourceCheckpoint, manifest
 
 SEED = 0
 HIDDEN, FFN, VOCAB, EXPERTS, LAYERS = 32, 16, 64, 2, 2
@@ -101,12 +101,12 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, object]:
 
 
 def assert_complete(out: Path) -> None:
-    """A checkpoint that loads, every tensor readable, and an ownership record listing exactly its files."""
+    """A checkpoint that loads, every tensor readable, and a manifest listing exactly its files."""
     checkpoint = SourceCheckpoint(out)
     assert len(checkpoint.names()) > 20
     for name in checkpoint.names():
         checkpoint.tensor(name)
-    record = ownership(out)
+    record = manifest(out)
     assert record is not None and sorted(record["files"]) == sorted(os.listdir(out)), record
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
 
@@ -481,15 +481,15 @@ PHASE_HOOKS = textwrap.dedent(
         print(f"FAULT-POINT {phase}", file=sys.stderr, flush=True)
         time.sleep(60 if threading.current_thread() is threading.main_thread() else 3)
 
-    def hook(owner, name):
-        original = getattr(owner, name)
+    def hook(holder, name):
+        original = getattr(holder, name)
 
         def paused(*args, **kwargs):
             pause()
-            setattr(owner, name, original)
+            setattr(holder, name, original)
             return original(*args, **kwargs)
 
-        setattr(owner, name, paused)
+        setattr(holder, name, paused)
 
     where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
              "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}

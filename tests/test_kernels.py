@@ -74,7 +74,7 @@ def test_grouped_amax_matches_reference(dtype, n):
 
 
 def test_amax_of_views_without_copies():
-    """Views of a stacked (E, N, K) parameter and column shards (row stride > K) read the right rows."""
+    """Views of a stacked (E, N, K) parameter and column slices of a TP split (row stride > K) read the right rows."""
     gen = torch.Generator().manual_seed(1)
     stacked = heavy_tailed((6, 19, 64), torch.bfloat16, gen)
     views = [stacked[e] for e in range(6)] + [stacked[2, :, 16:48], stacked[3, 5:11, :32]]
