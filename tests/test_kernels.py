@@ -177,8 +177,8 @@ def test_nvfp4_dequantize_round_trip_error_is_bounded():
     w = heavy_tailed((16, 64), torch.float32, gen)
     (r,) = quantize_nvfp4([w])
     err = (dequantize_nvfp4_reference(r) - w).abs().unflatten(-1, (-1, 16))
-    step = (r.weight_scale.float() * r.weight_scale_2).unsqueeze(-1)  # one unit of x
-    assert bool((err <= step * 1.0 + 1e-12).all())  # max E2M1 gap is 2 units, so error <= 1 unit
+    step = (r.weight_scale.float() * r.weight_scale_2).unsqueeze(-1)  # the value of E2M1 1.0 in each block
+    assert bool((err <= step * 1.0 + 1e-12).all())  # the largest E2M1 gap is 2 steps, so error <= 1 step
 
 
 # ---------------------------------------------------------------- FP8
