@@ -91,7 +91,7 @@ def test_command_and_kernels_without_the_extras(tmp_path):
     """A module of the command's path that imports ModelOpt, Megatron or transformers (even lazily, on
     the default checkpoint, the quantization, --verify or inspect) fails here, and so does one that needs
     any package the base install does not declare (every other installed distribution is hidden too:
-    safetensors.torch.save_file needs numpy, which only safetensors[torch] brings); so does a ready
+    safetensors.torch.save_file needs numpy, which neither torch nor safetensors declares); so does a ready
     config that does not name the missing extra."""
     cache = tmp_path / "cache"  # the default checkpoint is generated here; the compiled C loop is shared
     cache.mkdir()
