@@ -21,7 +21,7 @@ from .calibration import (
     Calibrated,
     TritonGroupedCalibrator,
     WeightBatch,
-    groupable_axis,
+    reduction_view,
     set_last_stats,
 )
 from .collectives import active
@@ -110,9 +110,9 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                 if (
                     not disabled
                     and isinstance(calibrator, TritonGroupedCalibrator)
-                    and groupable_axis(axis, weight)
                     and weight.device.type != "meta"
                     and (fast or mo.plain_max_collection(quantizer))
+                    and reduction_view(axis, weight) is not None
                 ):
                     if weight.numel():  # TensorQuantizer.forward returns early on an empty tensor
                         groups = sync_groups(module, module_name, axis, calibrator.shared)
