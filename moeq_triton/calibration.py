@@ -124,6 +124,10 @@ class WeightBatch:
         self._rows: list[torch.Tensor] = []
         self._row_owners: list[int | list[int]] = []
         self._row_shapes: list[tuple[int, ...] | None] = []  # a per-channel weight's keepdims amax shape
+        # amaxes of weights already reduced (``settle``): per-tensor values and their owners, per channel
+        self._values: list[torch.Tensor] = []
+        self._owners: list[int] = []
+        self._per_channel: dict[int, torch.Tensor] = {}
 
     def _entry(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> int:
         index = self._index.get(id(quantizer))
@@ -177,29 +181,37 @@ class WeightBatch:
                 entry.amax = by_dtype[entry.dtype][i].clone()  # its own storage, as ModelOpt's setter clones
         return self.entries
 
+    def settle(self) -> None:
+        """Reduce the weights recorded so far and drop every reference to them, keeping only their
+        float32 amaxes.  Under a weight-access hook (offload, FSDP2) a weight is materialized only
+        inside its module's context: settling there bounds memory by one module, not the model."""
+        singles = self._launch(grouped_amax, self._singles, self._single_owners)
+        rows = self._launch(grouped_row_amax, self._rows, self._row_owners)
+        if singles is not None:
+            self._values.append(singles)
+            self._owners += self._single_owners
+        for owner, shape, amax in zip(self._row_owners, self._row_shapes, rows or []):
+            if isinstance(owner, list):
+                self._values.append(amax)
+                self._owners += owner
+            else:
+                amax = amax.reshape(shape)
+                known = self._per_channel.get(owner)
+                self._per_channel[owner] = amax if known is None else torch.maximum(known, amax)
+        self._singles, self._single_owners = [], []
+        self._rows, self._row_owners, self._row_shapes = [], [], []
+
     def _amaxes(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """float32 [len(entries)] (the max over every weight fed to each per-tensor quantizer, 0 elsewhere)
         and float32 [N, 1, ...] (ModelOpt's keepdims shape) per per-channel quantizer, by position in entries."""
-        singles = self._launch(grouped_amax, self._singles, self._single_owners)
-        rows = self._launch(grouped_row_amax, self._rows, self._row_owners)
-        device = next((t.device for t in (singles, *(rows or [])) if t is not None), torch.device("cpu"))
-        values, owners = [], []
-        if singles is not None:
-            values.append(singles)
-            owners += self._single_owners
-        per_channel: dict[int, torch.Tensor] = {}
-        for owner, shape, amax in zip(self._row_owners, self._row_shapes, rows or []):
-            if isinstance(owner, list):
-                values.append(amax)
-                owners += owner
-            else:
-                amax = amax.reshape(shape)
-                per_channel[owner] = torch.maximum(per_channel[owner], amax) if owner in per_channel else amax
+        self.settle()
+        values, owners = self._values, self._owners
+        device = next((t.device for t in (*values, *self._per_channel.values())), torch.device("cpu"))
         per_tensor = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
         if values:  # amaxes are >= +0, so the zeros never win over a real value
             index = torch.tensor(owners, device=device)
             per_tensor.scatter_reduce_(0, index, torch.cat(values), reduce="amax")
-        return per_tensor, per_channel
+        return per_tensor, self._per_channel
 
     def _launch(self, reduce, weights: list[torch.Tensor], owners: list) -> torch.Tensor | list | None:
         if not weights:

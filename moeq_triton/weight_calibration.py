@@ -126,6 +126,9 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                 else:
                     quantizer(weight)  # ModelOpt's own collection (its calibrator, in calibration mode)
             _add_per_tensor(batch, per_tensor)
+            if contexts is not None:  # the weights are materialized only inside this module's context
+                batch.settle()
+                weight = per_tensor = None  # no reference outlives the context (the next module may feed none)
     entries = batch.reduce(member_of)
     missing = [
         found.names[id(q)]

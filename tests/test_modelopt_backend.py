@@ -174,6 +174,48 @@ def test_weight_without_a_copy_free_view_goes_through_modelopt_forward(monkeypat
     assert_same_amaxes(ours, theirs)
 
 
+@pytest.mark.slow  # disk offload and ModelOpt's per-module contexts: about 17 s on 2 cores
+def test_accelerate_offload_falls_back_to_modelopts_weight_access_with_max_amaxes(tmp_path, monkeypatch):
+    """A model dispatched by accelerate with its decoder layers offloaded to disk (parameters on meta,
+    an AlignDevicesHook per module) is detected: ModelOpt's max_calibrate runs and opens its accelerate
+    weight-access context per module, our grouped pass reads the weights inside it, and every amax
+    equals max's on the same model never offloaded.  The weights are reduced inside each context: no
+    materialized weight outlives its module's context (each is dead by the next context's end), so
+    memory stays bounded by a module as with ModelOpt's own per-module reduction."""
+    import gc
+    import weakref
+
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook
+
+    reference = tiny_qwen3_moe()
+    mtq.quantize(reference, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
+    model = tiny_qwen3_moe()
+    kept = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+    dispatch_model(model, {**dict.fromkeys(kept, "cpu"), "model.layers": "disk"}, "cpu", offload_dir=str(tmp_path))
+    assert model.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"
+
+    materialized: list[tuple[str, weakref.ref]] = []  # weights of contexts already closed
+    alive_later: list[str] = []
+    post_forward = AlignDevicesHook.post_forward
+
+    def closing(self, module, output):
+        gc.collect()
+        alive_later.extend(name for name, ref in materialized if ref() is not None)
+        materialized.extend(
+            (f"{type(module).__name__}.{n}", weakref.ref(p)) for n, p in module.named_parameters(recurse=False)
+        )
+        return post_forward(self, module, output)
+
+    monkeypatch.setattr(AlignDevicesHook, "post_forward", closing)
+    reset_launch_counts()
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    assert LAST_PATH.path == "modelopt" and "accelerate offload" in LAST_PATH.reason, LAST_PATH
+    assert len(materialized) > 8 and alive_later == [], alive_later[:6]
+    assert launch_counts().get("amax", 0) > 1  # one grouped launch per offloaded module context
+    assert_same_amaxes(model, reference)
+
+
 def test_te_stand_in_leaves_what_modelopt_max_leaves():
     """TE GroupedLinear's contract (per-expert GroupedQuantizer): amaxes, attributes and state as max's."""
     ours, theirs = heavy_tailed_(GroupedMoEStandIn(layers=2, experts=4)), heavy_tailed_(GroupedMoEStandIn(2, 4))
