@@ -45,9 +45,35 @@ class TritonGroupedCalibrator(MaxCalibrator):
         super().reset()
 
 
-def groupable_axis(axis, weight: torch.Tensor) -> bool:
-    """Per tensor (axis None) or per output channel of a 2-D weight (axis 0)."""
-    return axis is None or (axis in (0, -2, (0,), [0]) and weight.dim() == 2)
+def reduction_view(axis, weight: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose grouped amax is this quantizer's amax of ``weight``: the same elements, no copy.
+
+    Per tensor (axis None): ``weight`` itself when its last dim has stride 1 (the kernels' contract),
+    else the permutation of its dims that is contiguous, if any (ModelOpt feeds Llama-4's and
+    GPT-OSS's stacked experts [E, in, out] as the transposed view [E, out, in]; the max of every
+    element does not depend on their order).  Per channel (an axis that keeps dim 0 only, ModelOpt's
+    ``convert_quantization_axis_to_reduce_axis``): ``weight`` when 2-D with the last dim at stride 1
+    (one row per channel), else dims 1.. permuted to be contiguous behind dim 0 and viewed as
+    [channels, -1] (each row holds exactly the elements of one channel).  None: no such view (another
+    axis, a strided or overlapping layout); ModelOpt's own forward collects that weight instead.
+    """
+    if axis is None:
+        return weight if weight.dim() == 0 or weight.stride(-1) == 1 else _contiguous_permutation(weight, 0)
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    dims = weight.dim()
+    if [i for i in range(dims) if i in axes or i - dims in axes] != [0]:
+        return None
+    if dims == 2 and weight.stride(-1) == 1:
+        return weight
+    dense = _contiguous_permutation(weight, 1)
+    return None if dense is None else dense.view(weight.shape[0], -1)
+
+
+def _contiguous_permutation(weight: torch.Tensor, fixed: int) -> torch.Tensor | None:
+    """``weight`` with its dims from ``fixed`` on reordered by decreasing stride, if that view is contiguous."""
+    order = sorted(range(fixed, weight.dim()), key=lambda d: -weight.stride(d))
+    view = weight.permute(*range(fixed), *order)
+    return view if view.is_contiguous() else None
 
 
 _EXPERT_INDEX = re.compile(r"(?<=experts)\.\d+(?=\.)|\.\d+$")
@@ -82,7 +108,7 @@ class Calibrated:
     per_channel: bool
     groups: tuple[Group, ...] = ()
     shapes: list[tuple[int, ...]] = field(default_factory=list)
-    amax: torch.Tensor | None = None  # 0-dim per tensor, [N, 1] per channel; its own storage
+    amax: torch.Tensor | None = None  # 0-dim per tensor, [N, 1, ...] per channel (keepdims); own storage
 
 
 class WeightBatch:
@@ -97,6 +123,11 @@ class WeightBatch:
         # expert weights viewed as [experts, -1] (owners: one entry per row)
         self._rows: list[torch.Tensor] = []
         self._row_owners: list[int | list[int]] = []
+        self._row_shapes: list[tuple[int, ...] | None] = []  # a per-channel weight's keepdims amax shape
+        # amaxes of weights already reduced (``settle``): per-tensor values and their owners, per channel
+        self._values: list[torch.Tensor] = []
+        self._owners: list[int] = []
+        self._per_channel: dict[int, torch.Tensor] = {}
 
     def _entry(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> int:
         index = self._index.get(id(quantizer))
@@ -107,12 +138,18 @@ class WeightBatch:
         return index
 
     def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+        """A weight as ModelOpt feeds it; per_channel: its quantizer's axis keeps dim 0 only.  The caller
+        checked ``reduction_view`` (it is reduced through that view; its shape is what is recorded)."""
         index = self._entry(quantizer, name, weight, per_channel, groups)
+        view = reduction_view(0 if per_channel else None, weight)
+        if view is None:
+            raise ValueError(f"weight of {name} (shape {tuple(weight.shape)}) has no copy-free reduction view")
         if per_channel:
-            self._rows.append(weight)
+            self._rows.append(view)
             self._row_owners.append(index)
+            self._row_shapes.append((weight.shape[0],) + (1,) * (weight.dim() - 1))
         else:
-            self._singles.append(weight)
+            self._singles.append(view)
             self._single_owners.append(index)
 
     def add_stack(self, pairs: list[tuple], stacked: torch.Tensor) -> None:
@@ -124,6 +161,7 @@ class WeightBatch:
         owners = [self._entry(q, name, weight, False, groups) for q, name, weight, groups in pairs]
         self._rows.append(stacked.view(len(pairs), -1))
         self._row_owners.append(owners)
+        self._row_shapes.append(None)
 
     @torch.no_grad()
     def reduce(self, member_of: tuple[Group, ...] | None) -> list[Calibrated]:
@@ -143,29 +181,37 @@ class WeightBatch:
                 entry.amax = by_dtype[entry.dtype][i].clone()  # its own storage, as ModelOpt's setter clones
         return self.entries
 
-    def _amaxes(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """float32 [len(entries)] (the max over every weight fed to each per-tensor quantizer, 0 elsewhere)
-        and float32 [N, 1] per per-channel quantizer, by position in entries."""
+    def settle(self) -> None:
+        """Reduce the weights recorded so far and drop every reference to them, keeping only their
+        float32 amaxes.  Under a weight-access hook (offload, FSDP2) a weight is materialized only
+        inside its module's context: settling there bounds memory by one module, not the model."""
         singles = self._launch(grouped_amax, self._singles, self._single_owners)
         rows = self._launch(grouped_row_amax, self._rows, self._row_owners)
-        device = next((t.device for t in (singles, *(rows or [])) if t is not None), torch.device("cpu"))
-        values, owners = [], []
         if singles is not None:
-            values.append(singles)
-            owners += self._single_owners
-        per_channel: dict[int, torch.Tensor] = {}
-        for owner, amax in zip(self._row_owners, rows or []):
+            self._values.append(singles)
+            self._owners += self._single_owners
+        for owner, shape, amax in zip(self._row_owners, self._row_shapes, rows or []):
             if isinstance(owner, list):
-                values.append(amax)
-                owners += owner
+                self._values.append(amax)
+                self._owners += owner
             else:
-                amax = amax.reshape(-1, 1)
-                per_channel[owner] = torch.maximum(per_channel[owner], amax) if owner in per_channel else amax
+                amax = amax.reshape(shape)
+                known = self._per_channel.get(owner)
+                self._per_channel[owner] = amax if known is None else torch.maximum(known, amax)
+        self._singles, self._single_owners = [], []
+        self._rows, self._row_owners, self._row_shapes = [], [], []
+
+    def _amaxes(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """float32 [len(entries)] (the max over every weight fed to each per-tensor quantizer, 0 elsewhere)
+        and float32 [N, 1, ...] (ModelOpt's keepdims shape) per per-channel quantizer, by position in entries."""
+        self.settle()
+        values, owners = self._values, self._owners
+        device = next((t.device for t in (*values, *self._per_channel.values())), torch.device("cpu"))
         per_tensor = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
         if values:  # amaxes are >= +0, so the zeros never win over a real value
             index = torch.tensor(owners, device=device)
             per_tensor.scatter_reduce_(0, index, torch.cat(values), reduce="amax")
-        return per_tensor, per_channel
+        return per_tensor, self._per_channel
 
     def _launch(self, reduce, weights: list[torch.Tensor], owners: list) -> torch.Tensor | list | None:
         if not weights:

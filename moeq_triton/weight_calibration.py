@@ -21,7 +21,7 @@ from .calibration import (
     Calibrated,
     TritonGroupedCalibrator,
     WeightBatch,
-    groupable_axis,
+    reduction_view,
     set_last_stats,
 )
 from .collectives import active
@@ -110,9 +110,9 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                 if (
                     not disabled
                     and isinstance(calibrator, TritonGroupedCalibrator)
-                    and groupable_axis(axis, weight)
                     and weight.device.type != "meta"
                     and (fast or mo.plain_max_collection(quantizer))
+                    and reduction_view(axis, weight) is not None
                 ):
                     if weight.numel():  # TensorQuantizer.forward returns early on an empty tensor
                         groups = sync_groups(module, module_name, axis, calibrator.shared)
@@ -126,6 +126,9 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                 else:
                     quantizer(weight)  # ModelOpt's own collection (its calibrator, in calibration mode)
             _add_per_tensor(batch, per_tensor)
+            if contexts is not None:  # the weights are materialized only inside this module's context
+                batch.settle()
+                weight = per_tensor = None  # no reference outlives the context (the next module may feed none)
     entries = batch.reduce(member_of)
     missing = [
         found.names[id(q)]

@@ -48,3 +48,43 @@ def without_inputs(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["quant_cfg"].append({"quantizer_name": "*input_quantizer", "enable": False})
     return cfg
+
+
+class FusedExpertsAlone(nn.Module):
+    """A model that is one fused-experts module called on fixed routing (ModelOpt's own Qwen3-VL-MoE
+    fixture in tests/unit/torch/quantization/plugins/test_fused_experts.py is this shape: the experts
+    module alone, every expert routed, ``forward()`` without arguments)."""
+
+    def __init__(
+        self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ):
+        super().__init__()
+        self.experts = experts
+        self.routing = (hidden, top_k_index, top_k_weights)
+
+    def forward(self) -> torch.Tensor:
+        return self.experts(*self.routing)
+
+
+def qwen3_vl_moe_experts(seed: int = 0, experts: int = 4, top_k: int = 2) -> FusedExpertsAlone:
+    """transformers' ``Qwen3VLMoeTextExperts`` at ModelOpt's fixture sizes (hidden 32, experts of 12,
+    4 experts, top-2, eager experts), float32 N(0, 0.02) weights from ``seed``; the routing sends
+    token t to experts 2t and 2t + 1, so every expert is hit."""
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    cfg = Qwen3VLMoeTextConfig(
+        hidden_size=32, intermediate_size=32, moe_intermediate_size=12, num_experts=experts,
+        num_experts_per_tok=top_k, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    cfg._experts_implementation = "eager"  # the implementation that calls F.linear on each expert's slice
+    module = Qwen3VLMoeTextExperts(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():  # created with torch.empty
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    tokens = experts // top_k
+    hidden = torch.randn(tokens, 32, generator=gen)
+    index = torch.arange(experts).reshape(tokens, top_k)
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=-1)
+    return FusedExpertsAlone(module, hidden, index, weights)

@@ -142,19 +142,8 @@ def test_llama4_multimodal_against_the_references(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "family, calibrator",
-    [(f, "triton_grouped") for f in MODELOPT_CPU if f != "llama4_text"]
-    + [
-        ("llama4_text", "max"),
-        pytest.param(
-            "llama4_text", "triton_grouped",
-            marks=pytest.mark.xfail(
-                strict=True, raises=ValueError,
-                reason="modelopt_backend feeds triton_grouped ModelOpt's transposed (non-contiguous) view of "
-                "Llama-4's stacked experts, which the kernels refuse (last-dim stride != 1): issue 13's file",
-            ),
-        ),
-    ],
-)  # fmt: skip
+    [(f, "triton_grouped") for f in MODELOPT_CPU] + [("llama4_text", "max")],
+)
 def test_export_hf_equals_modelopt_export(family, calibrator, tmp_path):
     """export_hf of each family's transformers model (fused experts in memory, disk names from
     transformers' reverse conversion) == ModelOpt's export_hf_checkpoint of the same model."""

@@ -25,12 +25,13 @@ from calibration_models import (
     with_calibrator,
     without_inputs,
 )
+from families import llama4_text
 from grouped_linear_standin import GroupedMoEStandIn
 from modelopt.torch.quantization.calib import MaxCalibrator
 from moeq_triton.kernels import launch_counts, reset_launch_counts
 
 import moeq_triton
-from moeq_triton.calibration import TritonGroupedCalibrator, scale_family
+from moeq_triton.calibration import TritonGroupedCalibrator, reduction_view, scale_family
 from moeq_triton.weight_calibration import LAST_PATH
 
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
@@ -89,6 +90,130 @@ def test_forward_loop_path_leaves_what_modelopt_max_leaves(model, tmp_path):
     assert_same_quantizer_attributes(ours, theirs)
     assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     assert_same_export(ours, theirs, tmp_path)
+
+
+INPUTS_ON = {
+    "nvfp4": mtq.W4A16_NVFP4_CFG,
+    "fp8": mtq.FP8_DEFAULT_CFG,
+    "fp8-per-channel": mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG,
+}
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["weights-only", "forward-loop"])
+@pytest.mark.parametrize("fmt", list(PAIRS))
+def test_llama4_transposed_stacked_experts_leave_what_max_leaves(fmt, loop, tmp_path):
+    """Llama-4's experts hold gate_up_proj / down_proj stacked [E, in, out], one quantizer each, and
+    ModelOpt feeds that quantizer the transposed view [E, out, in] (last-dim stride != 1, which the
+    kernels refuse).  We reduce the contiguous parameter behind the view, without a copy: the same
+    _amax as max (0-dim for NVFP4 and FP8, [E, 1, 1] per expert for FP8 per-channel, whose axis 0
+    keeps the expert dim of the 3-D view), attributes, state and export bytes.  With a forward loop
+    (ModelOpt's configs, inputs on) ModelOpt's max_calibrate runs with our grouped weight pass inside."""
+    ours_cfg = with_calibrator(INPUTS_ON[fmt], moeq_triton.CALIBRATOR) if loop else PAIRS[fmt][0]
+    theirs_cfg = with_calibrator(ours_cfg, "max")
+    ours, theirs = llama4_text(), llama4_text()
+    reset_launch_counts()
+    mtq.quantize(ours, ours_cfg, forward_loop=token_loop() if loop else None)
+    assert LAST_PATH.path == ("modelopt" if loop else "whole-model"), LAST_PATH
+    assert launch_counts() == ({"row_amax": 1} if fmt == "fp8-per-channel" else {"amax": 1})
+    mtq.quantize(theirs, theirs_cfg, forward_loop=token_loop() if loop else None)
+    experts = ours.model.layers[1].feed_forward.experts
+    for projection in ("gate_up_proj", "down_proj"):
+        amax = getattr(experts, f"{projection}_weight_quantizer").amax
+        shape = (4, 1, 1) if fmt == "fp8-per-channel" else ()
+        assert amax.shape == shape and amax.dtype == torch.bfloat16, (projection, amax.shape, amax.dtype)
+    assert_same_amaxes(ours, theirs)
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
+    assert_same_export(ours, theirs, tmp_path)
+
+
+def test_reduction_view_is_a_copy_free_view_of_the_same_elements():
+    """The tensor reduced for a quantizer's amax: the same storage (no copy), and the amax ModelOpt's
+    reduce over the fed view gives.  Non-square dims, so a transposition mistake changes a shape."""
+    gen = torch.Generator().manual_seed(7)
+    stacked = torch.randn(3, 5, 7, generator=gen, dtype=torch.float32)  # [E, in, out] as Llama-4 holds it
+    fed = stacked.transpose(-1, -2)  # what ModelOpt yields: [E, out, in], strides (35, 1, 7)
+    per_tensor = reduction_view(None, fed)
+    assert per_tensor.is_contiguous() and per_tensor.data_ptr() == stacked.data_ptr()
+    assert_bitwise_equal(per_tensor.abs().amax(), fed.abs().amax(), "per tensor")
+    for axis in (0, (0,), [0], -3):  # every spelling of "keep dim 0" in ModelOpt's axis convention
+        rows = reduction_view(axis, fed)
+        assert rows.shape == (3, 35) and rows.data_ptr() == stacked.data_ptr(), axis
+        assert_bitwise_equal(rows.abs().amax(-1), fed.abs().amax(dim=(1, 2)), f"per expert, axis {axis}")
+    assert reduction_view(-2, fed) is None  # keeps dim 1 of a 3-D weight: not rows of dim 0
+    assert reduction_view((0, 1), fed) is None
+    weight = stacked[0]
+    assert reduction_view(0, weight) is weight and reduction_view(-2, weight) is weight  # 2-D: rows as they are
+    assert reduction_view(None, weight[::2]) is not None  # row stride free, last-dim stride 1: as it is
+    assert reduction_view(None, weight[:, ::2]) is None  # last-dim stride 2, not dense
+    assert reduction_view(0, weight.t()) is None  # channels along the stride-1 dim: no row layout
+    assert reduction_view(None, fed[:, ::2]) is None  # not dense: ModelOpt's forward collects it
+    assert reduction_view(None, stacked[:1, :1].expand(3, 5, 7).transpose(-1, -2)) is None  # overlapping
+
+
+def test_weight_without_a_copy_free_view_goes_through_modelopt_forward(monkeypatch):
+    """A fed view that no permutation makes contiguous (every other column of Llama-4's transposed
+    experts) is collected by ModelOpt's own forward: the whole model falls back, same amaxes as max."""
+    from modelopt.torch.quantization.plugins.huggingface import _TransposedExpertsCalibMixin
+
+    def every_other_column(self):
+        for projection in ("gate_up_proj", "down_proj"):
+            yield (
+                getattr(self, projection).transpose(-1, -2)[:, :, ::2],
+                getattr(self, f"{projection}_weight_quantizer"),
+            )
+
+    monkeypatch.setattr(_TransposedExpertsCalibMixin, "iter_weights_for_calibration", every_other_column)
+    ours, theirs = llama4_text(), llama4_text()
+    mtq.quantize(ours, moeq_triton.FP8_WEIGHT_ONLY_CFG)
+    assert LAST_PATH.path == "modelopt" and "gate_up_proj_weight_quantizer" in LAST_PATH.reason, LAST_PATH
+    mtq.quantize(theirs, with_calibrator(moeq_triton.FP8_WEIGHT_ONLY_CFG, "max"))
+    experts = ours.model.layers[1].feed_forward.experts
+    expected = experts.down_proj.transpose(-1, -2)[:, :, ::2].abs().amax()
+    assert_bitwise_equal(experts.down_proj_weight_quantizer.amax, expected, "down_proj, every other column")
+    assert_same_amaxes(ours, theirs)
+
+
+@pytest.mark.slow  # disk offload and ModelOpt's per-module contexts: about 17 s on 2 cores
+def test_accelerate_offload_falls_back_to_modelopts_weight_access_with_max_amaxes(tmp_path, monkeypatch):
+    """A model dispatched by accelerate with its decoder layers offloaded to disk (parameters on meta,
+    an AlignDevicesHook per module) is detected: ModelOpt's max_calibrate runs and opens its accelerate
+    weight-access context per module, our grouped pass reads the weights inside it, and every amax
+    equals max's on the same model never offloaded.  The weights are reduced inside each context: no
+    materialized weight outlives its module's context (each is dead by the next context's end), so
+    memory stays bounded by a module as with ModelOpt's own per-module reduction."""
+    import gc
+    import weakref
+
+    from accelerate import dispatch_model
+    from accelerate.hooks import AlignDevicesHook
+
+    reference = tiny_qwen3_moe()
+    mtq.quantize(reference, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
+    model = tiny_qwen3_moe()
+    kept = ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+    dispatch_model(model, {**dict.fromkeys(kept, "cpu"), "model.layers": "disk"}, "cpu", offload_dir=str(tmp_path))
+    assert model.model.layers[1].mlp.experts.gate_up_proj.device.type == "meta"
+
+    materialized: list[tuple[str, weakref.ref]] = []  # weights of contexts already closed
+    alive_later: list[str] = []
+    post_forward = AlignDevicesHook.post_forward
+
+    def closing(self, module, output):
+        gc.collect()
+        alive_later.extend(name for name, ref in materialized if ref() is not None)
+        materialized.extend(
+            (f"{type(module).__name__}.{n}", weakref.ref(p)) for n, p in module.named_parameters(recurse=False)
+        )
+        return post_forward(self, module, output)
+
+    monkeypatch.setattr(AlignDevicesHook, "post_forward", closing)
+    reset_launch_counts()
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    assert LAST_PATH.path == "modelopt" and "accelerate offload" in LAST_PATH.reason, LAST_PATH
+    assert len(materialized) > 8 and alive_later == [], alive_later[:6]
+    assert launch_counts().get("amax", 0) > 1  # one grouped launch per offloaded module context
+    assert_same_amaxes(model, reference)
 
 
 def test_te_stand_in_leaves_what_modelopt_max_leaves():
