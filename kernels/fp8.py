@@ -35,6 +35,7 @@ from .grouping import (
     weight_rows,
 )
 from .rounding import (
+    casts_scalar_divisor,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
@@ -219,10 +220,8 @@ def quantize_fp8(
 
 
 def _scale_kind(quotient_kind: int, device: torch.device) -> int:
-    """On CUDA torch casts the 0-dim float32 scale to the weight dtype before dividing; on CPU it
-    keeps it float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
-    H200 run in benchmarks/RESULTS.md)."""
-    return quotient_kind if device.type == "cuda" else 0
+    """The dtype the per-tensor scale is rounded to before the division (see casts_scalar_divisor)."""
+    return quotient_kind if casts_scalar_divisor(device) else 0
 
 
 def _amaxes(

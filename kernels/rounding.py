@@ -180,6 +180,16 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def casts_scalar_divisor(device: torch.device) -> bool:
+    """Does torch cast a 0-dim float32 divisor to the dividend's dtype (``bf16_tensor / scale``)?
+
+    On CUDA yes (the 0-dim tensor becomes a CPU-scalar-like operand of the weight's dtype); on CPU the
+    division promotes to float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
+    H200 run in benchmarks/RESULTS.md).
+    """
+    return device.type == "cuda"
+
+
 def float32_reciprocal(c: float) -> float:
     """float32(1 / c), correctly rounded, as torch's CUDA kernel computes it for the scalar c."""
     return (torch.tensor(1.0) / torch.tensor(c, dtype=torch.float32)).item()
