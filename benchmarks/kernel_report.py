@@ -237,12 +237,16 @@ def loops(instrs, labels) -> list[tuple[int, int]]:
 REG = re.compile(r"\bR(\d+)(\.64)?\b")
 
 
-def load_chain(instrs, first_load: int) -> int:
+def load_chain(instrs, first_load: int, skip: list[tuple[int, int]] = ()) -> int:
     """Dependent global loads before the main loop's first load: the deepest chain of loads whose
-    results feed other loads' addresses (or the loop's) before it, counting the last one."""
+    results feed other loads' addresses (or the loop's) before it, counting the last one.  The bodies
+    of earlier loops (``skip``) are left out: straight-line register tracking cannot follow their
+    back edges (a first pass over the rows, as fp8_channel+amax makes, would count its own loads)."""
     depth: dict[int, int] = {}
     deepest = 0
     for i, text in instrs[: first_load + 1]:
+        if any(a <= i <= b for a, b in skip):
+            continue
         op = opcode(text)
         operands = re.sub(r"^@!?U?P\w+\s+", "", text)[len(op) :]
         parts = [p.strip() for p in operands.split(",")]
@@ -300,7 +304,7 @@ def analyze(launch: Launch, arch: int) -> Report:
         min((width(o) for o in stores), default=0),
         spill,
         sync,
-        load_chain(instrs, first_load),
+        load_chain(instrs, first_load, [(a, b) for a, b in loops(instrs, labels) if b < start]),
         len(body),
         regs,
     )
