@@ -237,16 +237,12 @@ def loops(instrs, labels) -> list[tuple[int, int]]:
 REG = re.compile(r"\bR(\d+)(\.64)?\b")
 
 
-def load_chain(instrs, first_load: int, skip: list[tuple[int, int]] = ()) -> int:
-    """Dependent global loads before the main loop's first load: the deepest chain of loads whose
-    results feed other loads' addresses (or the loop's) before it, counting the last one.  The bodies
-    of earlier loops (``skip``) are left out: straight-line register tracking cannot follow their
-    back edges (a first pass over the rows, as fp8_channel+amax makes, would count its own loads)."""
+def load_chain(instrs, first_load: int) -> int:
+    """Dependent global loads before the first weight load (``first_load``): the deepest chain of
+    loads whose results feed other loads' addresses before it, counting the last one."""
     depth: dict[int, int] = {}
     deepest = 0
     for i, text in instrs[: first_load + 1]:
-        if any(a <= i <= b for a, b in skip):
-            continue
         op = opcode(text)
         operands = re.sub(r"^@!?U?P\w+\s+", "", text)[len(op) :]
         parts = [p.strip() for p in operands.split(",")]
@@ -295,7 +291,10 @@ def analyze(launch: Launch, arch: int) -> Report:
     elements = sum(width(o) for o in loads) / launch.elem_bits
     spill = sum(width(opcode(t)) // 8 for _, t in instrs if opcode(t).startswith("STL"))
     sync = sum(o.startswith(("BAR", "SHFL")) for o in ops)
-    first_load = next(i for i in range(start, end + 1) if is_global_load(opcode(instrs[i][1])))
+    # the first weight byte: the kernel's first load of the main loop's kind (a first pass over the
+    # rows, or a pipelined or unrolled prologue, reads weights before the main loop does)
+    weight_load = min((width(o), o) for o in loads)[1]
+    first_load = next(i for i, t in instrs if opcode(t) == weight_load)
     return Report(
         launch.name,
         arch,
@@ -304,7 +303,7 @@ def analyze(launch: Launch, arch: int) -> Report:
         min((width(o) for o in stores), default=0),
         spill,
         sync,
-        load_chain(instrs, first_load, [(a, b) for a, b in loops(instrs, labels) if b < start]),
+        load_chain(instrs, first_load),
         len(body),
         regs,
     )

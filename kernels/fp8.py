@@ -78,7 +78,7 @@ def _e4m3_byte(q, HW: tl.constexpr):
 
 
 @triton.jit
-def _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
+def fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
     """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
     if HW:
         q = quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse)
@@ -144,13 +144,13 @@ def _fp8_kernel(
         c = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask)
     if k_full < K:
         c = k_full + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
