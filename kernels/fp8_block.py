@@ -105,8 +105,8 @@ def _fp8_block_kernel(
             r = step_r + i
             x = _load_float32(x_ptr, r * stride + c, (r < rows) & (c < K), BF16_BITS)
             acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        b = tl.max(tl.max(acc, axis=1), axis=0)  # once per block
-        seen = tl.maximum(seen, flag_nan(b))
+        b = tl.max(tl.max(flag_nan(acc), axis=1), axis=0)  # once per block; inf when non-finite
+        seen = tl.maximum(seen, b)
         b = tl.where(b == 0.0, _E4M3_MAX, tl.maximum(b, TINY))
         scale = divide_by_constant(b, _E4M3_MAX, _INV_E4M3_MAX, RECIPROCAL)
         tl.store(s_ptr + strip * blocks_k + kb, scale)
