@@ -44,6 +44,7 @@ from .rounding import (
     float32_reciprocal,
     quotient,
     round_to_dtype,
+    with_sign_of,
 )
 
 
@@ -81,9 +82,7 @@ def _e4m3_byte(q, HW: tl.constexpr):
 def fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
     """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
     if HW:
-        q = quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse)
-        sign = x.to(tl.int32, bitcast=True) & -2147483648
-        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        q = with_sign_of(quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse), x)
     else:
         q = tl.div_rn(x, divisor)
     return _e4m3_byte(round_to_dtype(q, QUOTIENT_KIND, HW), HW)

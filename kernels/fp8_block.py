@@ -129,6 +129,10 @@ rows of one loop step (STEP_R): on CUDA 32 rows x 128 columns, 16 elements per t
 the interpreter the whole block in one step."""
 
 
+def _dtype_constexprs(dtype: torch.dtype) -> dict:
+    return {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16}
+
+
 def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     """FP8-block-quantize every 2-D weight; one launch per dtype, no amax pass (block amaxes are local).
 
@@ -154,21 +158,11 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     results = [
         FP8BlockWeight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_block_layout(w.shape))) for w in weights
     ]
-    outs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    tiles = tiles_for(TILES, device)
-    launch(
-        "fp8_block",
-        _fp8_block_kernel,
-        weights,
-        tiles,
-        (nonfinite,),
-        outputs=outs,
-        per_dtype=lambda dtype: {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16},
-        STEP_R=tiles.cols,
-        RECIPROCAL=divides_by_reciprocal(device),
-        HW=hardware_math(device),
-    )
+    step = tiles_for(TILES, device)
+    outputs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
+    constexprs = {"STEP_R": step.cols, "RECIPROCAL": divides_by_reciprocal(device), "HW": hardware_math(device)}
+    launch("fp8_block", _fp8_block_kernel, weights, step, (nonfinite,), outputs, _dtype_constexprs, **constexprs)
     problems = Problems(weights)
     problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()
