@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from moeq_triton.kernels import amax as amax_module  # noqa: E402
 from moeq_triton.kernels import fp8 as fp8_module  # noqa: E402
+from moeq_triton.kernels import fp8_block as fp8_block_module  # noqa: E402
 from moeq_triton.kernels import grouping  # noqa: E402
 from moeq_triton.kernels import nvfp4 as nvfp4_module  # noqa: E402
 from triton import knobs  # noqa: E402
@@ -40,7 +41,17 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from moeq_triton import kernels  # noqa: E402
 
-KERNEL_MODULES = (amax_module, fp8_module, nvfp4_module)
+KERNEL_MODULES = (amax_module, fp8_module, fp8_block_module, nvfp4_module)
+
+# Every host decision that depends on the device, answered as on CUDA.  A kernel module that decides on
+# ``device.type`` anywhere else compiles a CPU specialization here (tests/test_kernel_budget.py checks).
+CUDA_DECISIONS = {
+    "tiles_for": lambda table, device: table["cuda"],
+    "hardware_math": lambda device: True,
+    "divides_by_reciprocal": lambda device: True,
+    "casts_scalar_divisor": lambda device: True,
+    "use_triton": lambda device: True,
+}
 
 # Issue 12, sm_90, bf16 weights, the tiles the launchers choose on CUDA.
 BUDGETS = {
@@ -49,6 +60,8 @@ BUDGETS = {
     "nvfp4": {"sass_per_el": 16.0, "ld_bits": 128, "st_bits": 32, "spill": 0, "sync": 0, "chain": 2},
     "fp8": {"sass_per_el": 12.0, "ld_bits": 128, "st_bits": 32, "spill": 0, "sync": 0, "chain": 2},
     "fp8_channel": {"sass_per_el": 12.0, "ld_bits": 128, "st_bits": 32, "spill": 0, "sync": 0, "chain": 2},
+    "fp8_channel+amax": {"sass_per_el": 12.0, "ld_bits": 128, "st_bits": 32, "spill": 0, "sync": 0, "chain": 2},
+    "fp8_block": {"sass_per_el": 12.0, "ld_bits": 128, "st_bits": 32, "spill": 0, "sync": 0, "chain": 2},
 }
 BUDGET_ARCH = 90
 
@@ -121,13 +134,7 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
                 Launch(label, kernel, signature, constexprs_by_name, attrs, tiles.warps, g.dtype.itemsize * 8)
             )
 
-    patched = {
-        "launch": recorder,
-        "tiles_for": lambda table, device: table["cuda"],
-        "hardware_math": lambda device: True,
-        "divides_by_reciprocal": lambda device: True,
-        "use_triton": lambda device: True,
-    }
+    patched = {"launch": recorder, **CUDA_DECISIONS}
     saved = []
     for module in (*KERNEL_MODULES, grouping):
         for attr, value in patched.items():
@@ -147,6 +154,7 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
             lambda: kernels.quantize_fp8(weights, amax),
             lambda: kernels.quantize_fp8(weights, rows, per_channel=True),
             lambda: kernels.quantize_fp8(weights, per_channel=True),
+            lambda: kernels.quantize_fp8_block(weights),
         )
         for call in calls:
             try:
@@ -230,8 +238,8 @@ REG = re.compile(r"\bR(\d+)(\.64)?\b")
 
 
 def load_chain(instrs, first_load: int) -> int:
-    """Dependent global loads before the main loop's first load: the deepest chain of loads whose
-    results feed other loads' addresses (or the loop's) before it, counting the last one."""
+    """Dependent global loads before the first weight load (``first_load``): the deepest chain of
+    loads whose results feed other loads' addresses before it, counting the last one."""
     depth: dict[int, int] = {}
     deepest = 0
     for i, text in instrs[: first_load + 1]:
@@ -283,7 +291,10 @@ def analyze(launch: Launch, arch: int) -> Report:
     elements = sum(width(o) for o in loads) / launch.elem_bits
     spill = sum(width(opcode(t)) // 8 for _, t in instrs if opcode(t).startswith("STL"))
     sync = sum(o.startswith(("BAR", "SHFL")) for o in ops)
-    first_load = next(i for i in range(start, end + 1) if is_global_load(opcode(instrs[i][1])))
+    # the first weight byte: the kernel's first load of the main loop's kind (a first pass over the
+    # rows, or a pipelined or unrolled prologue, reads weights before the main loop does)
+    weight_load = min((width(o), o) for o in loads)[1]
+    first_load = next(i for i, t in instrs if opcode(t) == weight_load)
     return Report(
         launch.name,
         arch,

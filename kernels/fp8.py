@@ -35,6 +35,7 @@ from .grouping import (
     weight_rows,
 )
 from .rounding import (
+    casts_scalar_divisor,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
@@ -43,6 +44,7 @@ from .rounding import (
     float32_reciprocal,
     quotient,
     round_to_dtype,
+    with_sign_of,
 )
 
 
@@ -77,12 +79,10 @@ def _e4m3_byte(q, HW: tl.constexpr):
 
 
 @triton.jit
-def _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
+def fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
     """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
     if HW:
-        q = quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse)
-        sign = x.to(tl.int32, bitcast=True) & -2147483648
-        q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        q = with_sign_of(quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse), x)
     else:
         q = tl.div_rn(x, divisor)
     return _e4m3_byte(round_to_dtype(q, QUOTIENT_KIND, HW), HW)
@@ -108,6 +108,7 @@ def _fp8_kernel(
     TINY: tl.constexpr,
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     t, tile, index, flat_row = tile_entry(tile_map)
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
@@ -138,17 +139,17 @@ def _fp8_kernel(
     r_in = tl.minimum(r, rows - 1)
     k_full = K // BLOCK_K * BLOCK_K
     seen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, k_full, BLOCK_K):
+    for k0 in tl.range(0, k_full, BLOCK_K, loop_unroll_factor=UNROLL):
         c = k0 + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask)
     if k_full < K:
         c = k_full + tl.arange(0, BLOCK_K)[None, :]
         x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = _fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
@@ -191,7 +192,15 @@ def quantize_fp8(
 
     def per_dtype(dtype: torch.dtype) -> dict:
         kind = 0 if per_channel else DTYPE_CODES[dtype]  # per channel the quotient stays float32
-        return {"QUOTIENT_KIND": kind, "SCALE_KIND": _scale_kind(kind, device), "TINY": torch.finfo(dtype).tiny}
+        return {
+            "QUOTIENT_KIND": kind,
+            "SCALE_KIND": _scale_kind(kind, device),
+            "TINY": torch.finfo(dtype).tiny,
+            "UNROLL": 2 if kind else 1,  # two K steps per iteration where registers allow: 16-bit, per tensor
+            # the same bytes per row step as 16-bit weights: float32 at the full width needs 168 registers
+            # and spills (per channel, sm_90)
+            "BLOCK_K": tiles.cols if dtype.itemsize <= 2 else tiles.cols // 2,
+        }
 
     tiles = tiles_for(TILES, device)
     launch(
@@ -207,7 +216,6 @@ def quantize_fp8(
         ),
         outputs=([r.weight for r in results], [r.weight_scale for r in results]),
         per_dtype=per_dtype,
-        BLOCK_K=tiles.cols,
         PER_CHANNEL=per_channel,
         HAS_ROW_AMAX=row_amax is not None,
         RECIPROCAL=divides_by_reciprocal(device),
@@ -219,10 +227,8 @@ def quantize_fp8(
 
 
 def _scale_kind(quotient_kind: int, device: torch.device) -> int:
-    """On CUDA torch casts the 0-dim float32 scale to the weight dtype before dividing; on CPU it
-    keeps it float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
-    H200 run in benchmarks/RESULTS.md)."""
-    return quotient_kind if device.type == "cuda" else 0
+    """The dtype the per-tensor scale is rounded to before the division (see casts_scalar_divisor)."""
+    return quotient_kind if casts_scalar_divisor(device) else 0
 
 
 def _amaxes(

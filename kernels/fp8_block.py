@@ -22,13 +22,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .amax import flag_nan
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
+from .fp8 import fp8_codes
 from .grouping import (
     MAX_ENTRY_ELEMENTS,
     NonFiniteWeightError,
     Problems,
     Tiles,
     describe,
+    hardware_math,
     launch,
     output_ptr,
     row_stride,
@@ -38,7 +41,7 @@ from .grouping import (
     validate,
     weight_rows,
 )
-from .rounding import divide_by_constant, divides_by_reciprocal, e4m3_bits, e4m3_round, float32_reciprocal
+from .rounding import divide_by_constant, divides_by_reciprocal, divisor_parts, float32_reciprocal
 
 
 class FP8BlockWeight(NamedTuple):
@@ -78,36 +81,56 @@ def _fp8_block_kernel(
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    STEP_R: tl.constexpr,
     TINY: tl.constexpr,
     RECIPROCAL: tl.constexpr,
     BF16_BITS: tl.constexpr,
+    HW: tl.constexpr,
 ):
-    """One program per 128-row strip of one tensor (the launcher's tile); it walks the strip's 128x128 blocks."""
+    """One program per 128-row strip of one tensor (the launcher's tile); it walks the strip's 128x128
+    blocks, each in two passes of [STEP_R, 128] steps: the block amax (a running max per thread, one
+    reduction after the pass), then the codes (the block is read again, from cache).  Neither pass has a
+    barrier or shuffle inside its loop."""
     t, strip, index, _ = tile_entry(tile_map)
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
     s_ptr = output_ptr(out_table, t, 1, tl.float32, False)
-    r = strip * _BLOCK + tl.arange(0, _BLOCK)[:, None]
-    row_mask = r < rows
+    step_r = strip * _BLOCK + tl.arange(0, STEP_R)[:, None]
     blocks_k = (K + _BLOCK - 1) // _BLOCK
-    bad = 0
+    seen = tl.zeros([], dtype=tl.float32)
     for kb in range(0, blocks_k):
         c = kb * _BLOCK + tl.arange(0, _BLOCK)[None, :]
-        mask = row_mask & (c < K)
-        x = _load_float32(x_ptr, r * stride + c, mask, BF16_BITS)
-        a = tl.abs(x)
-        bad += tl.sum(tl.sum(tl.where(a < float("inf"), 0, 1), axis=1), axis=0)
-        b = tl.max(tl.max(a, axis=1), axis=0)
+        acc = tl.zeros([STEP_R, _BLOCK], dtype=tl.float32)
+        for i in range(0, _BLOCK, STEP_R):
+            r = step_r + i
+            x = _load_float32(x_ptr, r * stride + c, (r < rows) & (c < K), BF16_BITS)
+            acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        b = tl.max(tl.max(flag_nan(acc), axis=1), axis=0)  # once per block; inf when non-finite
+        seen = tl.maximum(seen, b)
         b = tl.where(b == 0.0, _E4M3_MAX, tl.maximum(b, TINY))
         scale = divide_by_constant(b, _E4M3_MAX, _INV_E4M3_MAX, RECIPROCAL)
         tl.store(s_ptr + strip * blocks_k + kb, scale)
-        q = e4m3_round(tl.div_rn(x, scale))
-        tl.store(q_ptr + r * K + c, e4m3_bits(q), mask=mask)
-    tl.atomic_max(nonfinite + index, bad)
+        minus_S, D, minus_inverse = divisor_parts(scale)  # HW: x / scale without a division
+        minus_top = -512.0 * D
+        for i in range(0, _BLOCK, STEP_R):
+            r = step_r + i
+            mask = (r < rows) & (c < K)
+            x = _load_float32(x_ptr, r * stride + c, mask, BF16_BITS)
+            # ModelOpt divides by an expanded float32 tensor: the quotient stays float32 (kind 0)
+            q = fp8_codes(x, scale, minus_S, D, minus_inverse, minus_top, 0, HW)
+            tl.store(q_ptr + r * K + c, q, mask=mask)
+    if seen == float("inf"):  # once per strip
+        tl.store(nonfinite + index, 1)
 
 
-TILES = {"cuda": Tiles(FP8_BLOCK_SIZE, FP8_BLOCK_SIZE, 8), "cpu": Tiles(FP8_BLOCK_SIZE, FP8_BLOCK_SIZE)}
-"""One 128x128 block per loop step: the block is the unit of the scale, so the tile is fixed."""
+TILES = {"cuda": Tiles(FP8_BLOCK_SIZE, 32, 8), "cpu": Tiles(FP8_BLOCK_SIZE, FP8_BLOCK_SIZE)}
+"""A program per 128-row strip (the block is the unit of the scale, so rows are fixed); ``cols`` is the
+rows of one loop step (STEP_R): on CUDA 32 rows x 128 columns, 16 elements per thread of 8 warps; in
+the interpreter the whole block in one step."""
+
+
+def _dtype_constexprs(dtype: torch.dtype) -> dict:
+    return {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16}
 
 
 def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
@@ -135,19 +158,11 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     results = [
         FP8BlockWeight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_block_layout(w.shape))) for w in weights
     ]
-    outs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    tiles = tiles_for(TILES, device)
-    launch(
-        "fp8_block",
-        _fp8_block_kernel,
-        weights,
-        tiles,
-        (nonfinite,),
-        outputs=outs,
-        per_dtype=lambda dtype: {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16},
-        RECIPROCAL=divides_by_reciprocal(device),
-    )
+    step = tiles_for(TILES, device)
+    outputs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
+    constexprs = {"STEP_R": step.cols, "RECIPROCAL": divides_by_reciprocal(device), "HW": hardware_math(device)}
+    launch("fp8_block", _fp8_block_kernel, weights, step, (nonfinite,), outputs, _dtype_constexprs, **constexprs)
     problems = Problems(weights)
     problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()

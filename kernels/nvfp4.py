@@ -111,47 +111,14 @@ def _nvfp4_kernel(
     num_blocks = K // _BLOCK
     full = num_blocks // BLOCKS * BLOCKS
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
+    lanes = (r2, j3, nibble)
+    out = (q_ptr, s_ptr, K, scale_2)
+    unit = (minus_S_u, D_u, minus_I_u, Z_u)  # the division by scale_unit
     for b0 in range(0, full, BLOCKS):
-        seen = _nvfp4_step(
-            x_ptr + r_in,
-            q_ptr,
-            s_ptr,
-            r2,
-            b0 + blk2,
-            r2 < rows,
-            j3,
-            nibble,
-            K,
-            scale_2,
-            minus_S_u,
-            D_u,
-            minus_I_u,
-            Z_u,
-            seen,
-            False,
-            HW,
-        )
+        seen = _nvfp4_step(x_ptr + r_in, lanes, b0 + blk2, r2 < rows, out, unit, seen, False, HW)
     if full < num_blocks:
         blk = full + blk2
-        seen = _nvfp4_step(
-            x_ptr + r_in,
-            q_ptr,
-            s_ptr,
-            r2,
-            blk,
-            (r2 < rows) & (blk < num_blocks),
-            j3,
-            nibble,
-            K,
-            scale_2,
-            minus_S_u,
-            D_u,
-            minus_I_u,
-            Z_u,
-            seen,
-            True,
-            HW,
-        )
+        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, (r2 < rows) & (blk < num_blocks), out, unit, seen, True, HW)
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
 
@@ -162,26 +129,14 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _nvfp4_step(
-    rows_ptr,
-    q_ptr,
-    s_ptr,
-    r2,
-    blk,
-    mask,
-    j3,
-    nibble,
-    K,
-    scale_2,
-    minus_S_u,
-    D_u,
-    minus_I_u,
-    Z_u,
-    seen,
-    MASKED: tl.constexpr,
-    HW: tl.constexpr,
-):
-    """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block."""
+def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexpr, HW: tl.constexpr):
+    """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block.
+
+    lanes = (row, element-in-half-block, its nibble shift); out = (codes, scales, K, weight_scale_2);
+    unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_kernel)."""
+    r2, j3, nibble = lanes
+    q_ptr, s_ptr, K, scale_2 = out
+    minus_S_u, D_u, minus_I_u, Z_u = unit
     col = blk[:, :, None] * _BLOCK + j3
     if MASKED:
         lo = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0.0).to(tl.float32)

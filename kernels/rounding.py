@@ -49,6 +49,13 @@ def round_mantissa(a, DROP: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_ST
 
 
 @triton.jit
+def with_sign_of(magnitude, x):
+    """``magnitude`` (>= 0, or +0.0) with the sign bit of ``x``: -0.0 and NaN signs kept, one bit OR."""
+    sign = x.to(tl.int32, bitcast=True) & (-(1 << 31))
+    return (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def round_to_dtype(x, KIND: tl.constexpr, HW: tl.constexpr):
     """Round float32 ``x`` onto the grid of KIND (0: float32, 1: bfloat16, 2: float16), keeping it float32.
 
@@ -68,9 +75,7 @@ def round_to_dtype(x, KIND: tl.constexpr, HW: tl.constexpr):
         r = round_mantissa(a, 16, 0.0, 1.0)
     else:
         r = round_mantissa(a, 13, _FP16_MIN_NORMAL, _FP16_SUBNORMAL_STEPS)
-    sign = x.to(tl.int32, bitcast=True) & (-(1 << 31))
-    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return tl.where(special, x, r)
+    return tl.where(special, x, with_sign_of(r, x))
 
 
 @triton.jit
@@ -80,9 +85,7 @@ def e4m3_round(v):
     nan = a != a
     a = tl.where(nan | (a > _E4M3_MAX), tl.where(nan, 0.0, _E4M3_MAX), a)
     r = round_mantissa(a, 20, _E4M3_MIN_NORMAL, _E4M3_SUBNORMAL_STEPS)
-    sign = v.to(tl.int32, bitcast=True) & (-(1 << 31))
-    r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return tl.where(nan, v, r)
+    return tl.where(nan, v, with_sign_of(r, v))
 
 
 @triton.jit
@@ -176,6 +179,16 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     H200, benchmarks/RESULTS.md); on CPU a float32 tensor is divided exactly.  ModelOpt computes its
     export scales this way (``amax.float() / 448.0``, ``amax.float() / (6.0 * 448.0)``), so the two
     devices can differ by one ulp and each kernel follows the device it runs on.
+    """
+    return device.type == "cuda"
+
+
+def casts_scalar_divisor(device: torch.device) -> bool:
+    """Does torch cast a 0-dim float32 divisor to the dividend's dtype (``bf16_tensor / scale``)?
+
+    On CUDA yes (the 0-dim tensor becomes a CPU-scalar-like operand of the weight's dtype); on CPU the
+    division promotes to float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
+    H200 run in benchmarks/RESULTS.md).
     """
     return device.type == "cuda"
 

@@ -111,7 +111,8 @@ def to_unit_binade(x: torch.Tensor) -> torch.Tensor:
 
 
 def divisor_mantissas(seed: int) -> torch.Tensor:
-    """Divisor mantissas the kernels form from a bf16 / fp16 amax, plus random float32 ones."""
+    """Divisor mantissas the kernels form from a bf16 / fp16 amax, plus random float32 ones.  FP8 per
+    channel and the 128x128 blocks of fp8_block divide by amax * fl32(1/448) (CUDA) or amax / 448."""
     amax = mantissas(torch.float16)  # bf16 mantissas are a subset
     e4m3 = torch.arange(8, 16, dtype=torch.float32) / 8  # E4M3 mantissas (subnormals repeat them)
     parts = [amax, amax * float32_reciprocal(E4M3_MAX), amax / E4M3_MAX]

@@ -23,7 +23,9 @@ from moeq_triton.kernels import (
     quantize_fp8_block_reference,
     reset_launch_counts,
 )
+from moeq_triton.kernels import fp8_block as fp8_block_module
 from moeq_triton.kernels.formats import E4M3_MAX, FP8_BLOCK_SIZE
+from ptx_semantics import use_ptx_semantics
 
 from benchmarks.common import MODEL_SHAPES
 from moeq_triton import synthetic
@@ -121,6 +123,45 @@ def test_crafted_edges(dtype):
     assert ours.weight.view(torch.uint8)[0, 0].item() == 0x80  # -0.0 stays negative zero
     assert ours.weight.view(torch.uint8)[128, 256].item() == 0x7E  # 448
     assert ours.weight.view(torch.uint8)[129, 257].item() == 0xFE  # -448
+
+
+def e4m3_grid_blocks(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A (200, 300) weight whose blocks hold every E4M3 value, midpoint and the float32 neighbours of
+    each midpoint (block amax 448: scale exactly 1, so every tie is a tie of the quotient), the same
+    values times 2^-20 (a small scale), a zero block, a block below the dtype's smallest normal (clamped
+    amax) and heavy-tailed rest (seed recorded by the caller)."""
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[torch.isfinite(finite)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    values = torch.cat([finite, mids, mids.nextafter(torch.tensor(-1e9)), mids.nextafter(torch.tensor(1e9))])
+    values = torch.cat([values, -values, torch.tensor([-0.0, 1e-30])])
+    gen = torch.Generator().manual_seed(seed)
+    w = synthetic.heavy_tailed((200, 300), gen, outlier_columns=4, outlier_gain=40.0)
+    grid = torch.zeros(128 * 128)
+    grid[: len(values)] = values
+    grid[len(values) :] = values[torch.randint(len(values), (128 * 128 - len(values),), generator=gen)]
+    w[:128, :128] = grid.reshape(128, 128)
+    w[:128, 128:256] = grid.reshape(128, 128) * 2.0**-20
+    w[128:, :128] = 0.0
+    w[128:, 128:256] *= 2.0**-140 if dtype != torch.float16 else 2.0**-30  # below the smallest normal
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_path_equals_reference_and_modelopt(monkeypatch, dtype):
+    """The kernel as CUDA runs it (HW: no division, x / scale as rounding.quotient, the E4M3 byte from
+    cvt.rn.satfinite.e4m3x2.f32), run here under the PTX semantics of those instructions
+    (tests/ptx_semantics.py).  The divisors it forms, fl32(block amax) / 448 and fl32(block amax) *
+    fl32(1/448), are among those tests/test_exact_division.py proves exact for every bf16 / fp16
+    dividend; this checks the kernel wires them the same way, on every E4M3 tie."""
+    use_ptx_semantics(monkeypatch)
+    monkeypatch.setattr(fp8_block_module, "hardware_math", lambda device: True)
+    seed = 43
+    w = e4m3_grid_blocks(dtype, seed)
+    view = torch.cat([w, w], dim=1)[:, 3 : 3 + w.shape[1]]  # not 16-byte aligned: the plain path
+    for i, (x, r) in enumerate(zip((w, view), quantize_fp8_block([w, view]))):
+        assert_results_equal(r, quantize_fp8_block_reference(x), f"seed {seed}, {dtype}, weights[{i}] vs reference")
+        assert_results_equal(r, modelopt_fp8_block(x), f"seed {seed}, {dtype}, weights[{i}] vs ModelOpt")
 
 
 def test_dequantized_within_the_format_error():
