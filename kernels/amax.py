@@ -126,11 +126,11 @@ def row_amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, pr
     else:
         parts = [w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()]
         flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
-    owner = torch.repeat_interleave(
+    tensor_of = torch.repeat_interleave(
         torch.arange(len(weights), device=device), torch.tensor(rows, device=device), output_size=sum(rows)
     )
     bad_rows = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    problems.add_nonfinite(bad_rows.index_add_(0, owner, (~torch.isfinite(flat)).int()) > 0)
+    problems.add_nonfinite(bad_rows.index_add_(0, tensor_of, (~torch.isfinite(flat)).int()) > 0)
     return flat
 
 

@@ -257,10 +257,10 @@ def _amaxes(
         flat.append(a)
     counts = torch.tensor([len(a) for a in flat], device=device)
     total = sum(len(a) for a in flat)
-    owner = torch.repeat_interleave(torch.arange(len(weights), device=device), counts, output_size=total)
+    tensor_of = torch.repeat_interleave(torch.arange(len(weights), device=device), counts, output_size=total)
     flat = torch.cat(flat)
     invalid = torch.zeros(len(weights), dtype=torch.int32, device=device)
-    invalid.index_add_(0, owner, (~(torch.isfinite(flat) & (flat >= 0))).int())
+    invalid.index_add_(0, tensor_of, (~(torch.isfinite(flat) & (flat >= 0))).int())
 
     def message(i: int) -> ValueError:
         return ValueError(f"weight_amax[{i}] for {describe(i, weights[i])}: values must be finite and >= 0")

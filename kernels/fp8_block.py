@@ -124,7 +124,7 @@ def _fp8_block_kernel(
 
 
 TILES = {"cuda": Tiles(FP8_BLOCK_SIZE, 32, 8), "cpu": Tiles(FP8_BLOCK_SIZE, FP8_BLOCK_SIZE)}
-"""A program per 128-row strip (the block is the unit of the scale, so rows are fixed); ``cols`` is the
+"""A program per 128-row strip (one scale covers one block, so rows are fixed); ``cols`` is the
 rows of one loop step (STEP_R): on CUDA 32 rows x 128 columns, 16 elements per thread of 8 warps; in
 the interpreter the whole block in one step."""
 
