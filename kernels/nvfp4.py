@@ -38,11 +38,12 @@ from .grouping import (
     weight_rows,
 )
 from .rounding import (
+    E2M1_CODE_BIAS,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
+    e2m1_biased_code,
     e2m1_code,
-    e2m1_magnitude_code,
     e4m3_bits,
     e4m3_round,
     float32_reciprocal,
@@ -63,6 +64,7 @@ _INV_DIVISOR = tl.constexpr(float32_reciprocal(NVFP4_SCALE_2_DIVISOR))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
 _MIN_SUBNORMAL = tl.constexpr(2.0**-149)  # the smallest positive float32
+_WORD_BIAS = tl.constexpr((E2M1_CODE_BIAS.value * 0x11111111 + 2**31) % 2**32 - 2**31)  # 8 biases, as int32
 
 
 @triton.jit
@@ -79,6 +81,7 @@ def _nvfp4_kernel(
     BLOCKS: tl.constexpr,
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     t, tile, index, _ = tile_entry(tile_map)
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
@@ -108,10 +111,14 @@ def _nvfp4_kernel(
     blk2 = tl.arange(0, BLOCKS)[None, :]
     j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
     nibble = (4 * j3).to(tl.int32)
+    WORDS: tl.constexpr = HW and BF16 and ALIGNED  # bf16 pairs as 32-bit words: one integer op unpacks each
+    if WORDS:
+        j3 = tl.arange(0, _HALF_BLOCK // 2)[None, None, :]  # word j holds elements 2j (low half), 2j + 1
+        nibble = (8 * j3).to(tl.int32)
     num_blocks = K // _BLOCK
     full = num_blocks // BLOCKS * BLOCKS
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
-    lanes = (r2, j3, nibble)
+    lanes = (r2, j3, nibble, WORDS)
     out = (q_ptr, s_ptr, K, scale_2)
     unit = (minus_S_u, D_u, minus_I_u, Z_u)  # the division by scale_unit
     for b0 in range(0, full, BLOCKS):
@@ -132,19 +139,42 @@ def _max_nan(a, b):
 def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexpr, HW: tl.constexpr):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block.
 
-    lanes = (row, element-in-half-block, its nibble shift); out = (codes, scales, K, weight_scale_2);
+    lanes = (row, element-in-half-block, its nibble shift, WORDS); with WORDS (bf16 on the GPU path,
+    aligned rows) the lane is a 32-bit word of two elements, the even one's nibble given, the odd one's
+    4 above; out = (codes, scales, K, weight_scale_2);
     unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_kernel)."""
-    r2, j3, nibble = lanes
+    r2, j3, nibble, WORDS = lanes
     q_ptr, s_ptr, K, scale_2 = out
     minus_S_u, D_u, minus_I_u, Z_u = unit
-    col = blk[:, :, None] * _BLOCK + j3
-    if MASKED:
-        lo = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0.0).to(tl.float32)
-        hi = tl.load(rows_ptr + col + _HALF_BLOCK, mask=mask[:, :, None], other=0.0).to(tl.float32)
+    if WORDS:  # rows_ptr: bf16, 16-byte aligned rows; a word's low half is the even element
+        col = blk[:, :, None] * _HALF_BLOCK + j3
+        w_ptr = rows_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        if MASKED:
+            lo_w = tl.load(w_ptr + col, mask=mask[:, :, None], other=0)
+            hi_w = tl.load(w_ptr + col + _HALF_BLOCK // 2, mask=mask[:, :, None], other=0)
+        else:
+            lo_w = tl.load(w_ptr + col)
+            hi_w = tl.load(w_ptr + col + _HALF_BLOCK // 2)
+        lo = (lo_w << 16).to(tl.float32, bitcast=True)  # elements 0, 2, 4, 6 of the half-block
+        lo_odd = (lo_w & -65536).to(tl.float32, bitcast=True)  # elements 1, 3, 5, 7
+        hi = (hi_w << 16).to(tl.float32, bitcast=True)
+        hi_odd = (hi_w & -65536).to(tl.float32, bitcast=True)
+        both = tl.maximum(
+            tl.maximum(tl.abs(lo), tl.abs(lo_odd), propagate_nan=tl.PropagateNan.ALL),
+            tl.maximum(tl.abs(hi), tl.abs(hi_odd), propagate_nan=tl.PropagateNan.ALL),
+            propagate_nan=tl.PropagateNan.ALL,
+        )
     else:
-        lo = tl.load(rows_ptr + col).to(tl.float32)
-        hi = tl.load(rows_ptr + col + _HALF_BLOCK).to(tl.float32)
-    block_amax = tl.reduce(tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL), 2, _max_nan)
+        col = blk[:, :, None] * _BLOCK + j3
+        if MASKED:
+            lo = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0.0).to(tl.float32)
+            hi = tl.load(rows_ptr + col + _HALF_BLOCK, mask=mask[:, :, None], other=0.0).to(tl.float32)
+        else:
+            lo = tl.load(rows_ptr + col).to(tl.float32)
+            hi = tl.load(rows_ptr + col + _HALF_BLOCK).to(tl.float32)
+        lo_odd, hi_odd = lo, hi  # unused
+        both = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
+    block_amax = tl.reduce(both, 2, _max_nan)
     seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
     if HW:
         scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)  # exact above 2^-100, tiny below
@@ -169,8 +199,14 @@ def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexp
         minus_S, D, minus_I = divisor_parts(d)
         # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
         minus_Z = -(tl.floor(d * 0.5) * _MIN_SUBNORMAL)
-        word_lo = _codes(lo, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
-        word_hi = _codes(hi, minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None], nibble)
+        parts = (minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None])
+        word_lo = _codes(lo, parts, nibble)
+        word_hi = _codes(hi, parts, nibble)
+        if WORDS:
+            word_lo += _codes(lo_odd, parts, nibble + 4)
+            word_hi += _codes(hi_odd, parts, nibble + 4)
+        word_lo -= _WORD_BIAS
+        word_hi -= _WORD_BIAS
     else:
         denom = d[:, :, None]
         word_lo = tl.sum(e2m1_code(tl.div_rn(lo, denom)) << nibble, axis=2)
@@ -182,11 +218,14 @@ def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexp
 
 
 @triton.jit
-def _codes(x, minus_S, D, minus_I, minus_Z, nibble):
-    """8 E2M1 codes of x / d (d = D / S) packed into a 32-bit word, element j in nibble j."""
-    code = e2m1_magnitude_code(quotient(tl.abs(x) * minus_S, D, minus_I))
-    code = code | tl.where(x < minus_Z, 8, 0)
-    return tl.sum(code << nibble, axis=2)
+def _codes(x, parts, nibble):
+    """E2M1 codes of x / d (d = D / S; parts = (-S, D, -I, -Z)) packed into a 32-bit word at their
+    nibbles, each plus E2M1_CODE_BIAS (the caller subtracts _WORD_BIAS once the word is whole)."""
+    minus_S, D, minus_I, minus_Z = parts
+    biased = e2m1_biased_code(quotient(tl.abs(x) * minus_S, D, minus_I))  # code + E2M1_CODE_BIAS
+    biased = biased + tl.where(x < minus_Z, 8, 0)  # the sign: bit 3 (the code is <= 7), in the same add
+    # the bias leaves once per word: sum((c_j + B) << 4j) - B * 0x11111111 == sum(c_j << 4j) mod 2^32
+    return tl.sum(biased << nibble, axis=2)
 
 
 TILES = {"cuda": Tiles(16, 8, 4), "cpu": Tiles(32, 16)}  # cols = 16-blocks; benchmarks/tile_sweep.py
@@ -249,6 +288,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
             BLOCKS=tiles.cols,
             RECIPROCAL=divides_by_reciprocal(device),
             HW=hardware_math(device),
+            per_dtype=lambda dtype: {"BF16": dtype == torch.bfloat16},
         )
         problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()

@@ -165,11 +165,23 @@ def e2m1_magnitude_code(q):
     2 or 4 for the binade.  min(q, 6) first sends NaN and everything above 6 to code 7 (PTX min.f32
     returns the non-NaN operand).
     """
+    return e2m1_biased_code(q) - E2M1_CODE_BIAS
+
+
+E2M1_CODE_BIAS = tl.constexpr(0x4A800000 >> 22)
+"""What ``e2m1_biased_code`` adds to the code (the bits of 2^22 >> 22)."""
+
+
+@triton.jit
+def e2m1_biased_code(q):
+    """``e2m1_magnitude_code(q) + E2M1_CODE_BIAS`` (see there), without the constant: a caller that
+    packs codes into a word subtracts the bias once per word (integer addition is linear mod 2^32),
+    and its three-input add is then free for another term (NVFP4's sign)."""
     q = tl.minimum(q, 6.0)
     qb = q.to(tl.int32, bitcast=True)
     c = tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)  # bits of C = 2^(22 + binade), >= 2^22
     t = (q + c.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
-    return t - c + (c >> 22) - (0x4A800000 >> 22)
+    return t - c + (c >> 22)
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:
