@@ -16,6 +16,7 @@ from calibration_models import (
     assert_same_export,
     assert_same_modelopt_state,
     assert_same_quantizer_attributes,
+    assert_same_shared_states,
     assert_save_restore,
     heavy_tailed_,
     per_expert_qwen3_moe,
@@ -68,6 +69,7 @@ def test_whole_model_path_leaves_what_modelopt_max_leaves(fmt, model, tmp_path):
     mtq.quantize(theirs, theirs_cfg)
     assert_same_amaxes(ours, theirs)
     assert_same_quantizer_attributes(ours, theirs)
+    assert_same_shared_states(ours, theirs)
     assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     assert_same_export(ours, theirs, tmp_path)
 
