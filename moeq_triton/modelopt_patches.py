@@ -228,6 +228,11 @@ def patch_calibrator_constructor(names: tuple[str, ...], constructor: Callable[[
 # ---------------------------------------------------------------------------------------------
 # 3. max_calibrate: the "max" algorithm's entry (MaxCalibrateModeDescriptor._calib_func).  Our
 #    dispatcher runs the whole-model grouped calibration or hands the call to ModelOpt's function.
+#    Why not a mode of its own (``CalibrateModeRegistry.register_mode``, ModelOpt's supported way): a
+#    calibration mode is chosen by the config's ``algorithm`` ("max" in every ModelOpt config), not by the
+#    quantizers' ``calibrator``, so ``"calibrator": "triton_grouped"`` alone would never reach it; its
+#    name would be recorded in ``mto.modelopt_state`` in place of "max_calibrate" (the saved state would
+#    differ from max's); and ``register_mode`` refuses the existing name "max_calibrate".
 
 MAX_CALIBRATE_PARAMS = [
     "model",
