@@ -1,6 +1,7 @@
 """Weight calibration inside ModelOpt: ``triton_grouped`` vs ModelOpt's ``max``, at real expert counts.
 
     python benchmarks/calibration.py [--model qwen3-30b-a3b] [--layout fused per-expert] [--repeats 3]
+                                     [--per-expert-max-repeats 1]
 
 Python cost depends on how many modules and quantizers a model has, not on tensor sizes, so the
 models have the real layer and expert counts (Qwen3-30B-A3B: 48 x 128, Qwen3-235B-A22B: 94 x 128) and
@@ -8,6 +9,8 @@ tiny dimensions.  Two layouts: transformers' fused experts (3-D ``gate_up_proj``
 ``nn.Linear`` per expert projection.  Each measurement runs in a fresh process (interleaved between
 the two calibrators), best of ``--repeats``; ``mtq.quantize`` and ``mtq.calibrate`` alone are timed
 in the same process, with the phase breakdown of the latter.  Runs on CPU and GPU (``--device``).
+``max`` with one module per expert takes minutes per process at full counts (its weight-access name
+scan grows with the square of the module count): ``--per-expert-max-repeats`` caps its repeats.
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(COUNTS))
     parser.add_argument("--layout", nargs="+", default=["fused", "per-expert"], choices=["fused", "per-expert"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--per-expert-max-repeats", type=int, default=0, help="repeats of max, per-expert layout (0: --repeats)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=0, help="override the layer count (0: the model's)")
     parser.add_argument("--calibrator", default=None, help=argparse.SUPPRESS)
@@ -150,8 +156,11 @@ def main() -> None:
     for model in args.model:
         for layout in args.layout:
             best: dict[str, dict] = {}
-            for _ in range(args.repeats):  # interleaved: both calibrators see the same machine load
+            max_repeats = args.per_expert_max_repeats if layout == "per-expert" else 0
+            for repeat in range(args.repeats):  # interleaved: both calibrators see the same machine load
                 for calibrator in CALIBRATORS:
+                    if calibrator == "max" and max_repeats and repeat >= max_repeats:
+                        continue
                     r = run_once(model, [layout], calibrator, args.device, args.layers)
                     b = best.setdefault(calibrator, r)
                     for key in ("quantize_s", "calibrate_ms"):
@@ -159,6 +168,7 @@ def main() -> None:
                             best[calibrator] = r if key == "calibrate_ms" else {**b, key: r[key]}
                             b = best[calibrator]
             rows.append((model, layout, best))
+            print(f"load average after {model} {layout}: {os.getloadavg()}", flush=True)
             print_rows([rows[-1]])
     print()
     print_rows(rows)

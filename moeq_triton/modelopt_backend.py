@@ -56,6 +56,8 @@ def register() -> None:
     modelopt_patches.patch_max_calibrate(weight_calibration.max_calibrate)
     modelopt_patches.patch_weight_only_quantize(weight_calibration.grouped_weight_only_quantize)
     modelopt_patches.patch_distributed_sync(lambda q: getattr(modelopt_patches.calibrator(q), "synced", False))
+    modelopt_patches.patch_validate_attr()
+    modelopt_patches.patch_modelopt_state_properties()
     _registered = True
 
 

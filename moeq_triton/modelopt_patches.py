@@ -78,6 +78,37 @@ def preflight() -> None:
         "distributed_sync",
         "TensorQuantizer.sync_amax_across_distributed_group is gone",
     )
+    _preflight_calibrate_steps()
+
+
+def _preflight_calibrate_steps() -> None:
+    """Targets of patches 7-8 and of the shared-state accessors."""
+    from modelopt.torch.quantization import model_quant
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    validate = PATCHES["checked_amax"].original if "checked_amax" in PATCHES else TensorQuantizer.validate_attr
+    params = list(inspect.signature(validate).parameters)
+    _expect(
+        params == VALIDATE_ATTR_PARAMS, "checked_amax", f"TensorQuantizer.validate_attr's parameters are now {params}"
+    )
+    code = inspect.unwrap(model_quant.calibrate).__code__
+    constants = [c for const in code.co_consts for c in (const if isinstance(const, tuple) else (const,))]
+    _expect(
+        "validate_attr" in code.co_names and "_amax" in constants,
+        "checked_amax",
+        "mtq.calibrate no longer validates each quantizer's _amax",
+    )
+    properties = (
+        PATCHES["modelopt_state_properties"].original
+        if "modelopt_state_properties" in PATCHES
+        else TensorQuantizer._get_properties_for_modelopt_state
+    )
+    names = properties.__code__.co_names
+    _expect(
+        {"Module", "__dict__", "keys", "_skip_properties_for_save_restore"} <= set(names),
+        "modelopt_state_properties",
+        f"_get_properties_for_modelopt_state reads {names}",
+    )
 
 
 def _replacements() -> tuple:
@@ -197,6 +228,11 @@ def patch_calibrator_constructor(names: tuple[str, ...], constructor: Callable[[
 # ---------------------------------------------------------------------------------------------
 # 3. max_calibrate: the "max" algorithm's entry (MaxCalibrateModeDescriptor._calib_func).  Our
 #    dispatcher runs the whole-model grouped calibration or hands the call to ModelOpt's function.
+#    Why not a mode of its own (``CalibrateModeRegistry.register_mode``, ModelOpt's supported way): a
+#    calibration mode is chosen by the config's ``algorithm`` ("max" in every ModelOpt config), not by the
+#    quantizers' ``calibrator``, so ``"calibrator": "triton_grouped"`` alone would never reach it; its
+#    name would be recorded in ``mto.modelopt_state`` in place of "max_calibrate" (the saved state would
+#    differ from max's); and ``register_mode`` refuses the existing name "max_calibrate".
 
 MAX_CALIBRATE_PARAMS = [
     "model",
@@ -252,6 +288,94 @@ def patch_distributed_sync(already_synced: Callable[[object], bool]) -> None:
         return check_moe_calibration_complete
 
     _install("moe_completeness", model_calib, "_check_moe_calibration_complete", make_check)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. checked_amax: ``mtq.calibrate`` validates every quantizer's ``_amax`` after the algorithm (three
+#    reductions and host reads per quantizer).  An amax that the whole-model path wrote and checked in
+#    one batch, and that is still the same tensor at the same version, is not checked again.
+
+VALIDATE_ATTR_PARAMS = ["self", "attr_value", "attr_name", "raise_error", "warn_error", "name"]
+
+
+def patch_validate_attr() -> None:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    def make(modelopt_validate):
+        def validate_attr(self, attr_value=None, attr_name="amax", raise_error=False, warn_error=False, name=""):
+            if attr_value is None and attr_name == "_amax" and amax_still_checked(self):
+                return True
+            return modelopt_validate(self, attr_value, attr_name, raise_error, warn_error, name)
+
+        return validate_attr
+
+    _install("checked_amax", TensorQuantizer, "validate_attr", make)
+
+
+def amax_buffer(quantizer) -> torch.Tensor | None:
+    """The quantizer's registered ``_amax`` buffer (what ``validate_attr`` reads), or None."""
+    return quantizer._buffers.get("_amax")
+
+
+def mark_amax_checked(quantizer, amax: torch.Tensor) -> None:
+    """Record that ``amax``, the quantizer's current ``_amax`` buffer, was found finite and non-negative."""
+    quantizer._calibrator.checked_amax = (amax, amax._version)
+
+
+def amax_still_checked(quantizer) -> bool:
+    mark = getattr(quantizer.__dict__.get("_calibrator"), "checked_amax", None)
+    if mark is None:
+        return False
+    amax = quantizer._buffers.get("_amax")
+    return mark[0] is amax and amax._version == mark[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. modelopt_state_properties: ``TensorQuantizer._get_properties_for_modelopt_state`` builds a fresh
+#    ``nn.Module()`` per quantizer (twice per quantizer in every ``mtq.calibrate``) to learn the
+#    attribute names every module has; the names are the same each time, so they are taken once.
+
+
+def patch_modelopt_state_properties() -> None:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    module_attributes = frozenset(torch.nn.Module().__dict__)
+
+    def make(modelopt_properties):
+        def _get_properties_for_modelopt_state(self):
+            return self.__dict__.keys() - module_attributes - self._skip_properties_for_save_restore
+
+        return _get_properties_for_modelopt_state
+
+    _install("modelopt_state_properties", TensorQuantizer, "_get_properties_for_modelopt_state", make)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared weight-amax states (``max_calibrate``'s q/k/v and gate/up groups): what ModelOpt's
+# ``SharedWeightGlobalAmaxState.attach`` reads and writes, for ``shared_weight_amax``.
+
+
+def enabled_weight_quantizer(module: torch.nn.Module):
+    """The module's weight quantizer when ModelOpt's group discovery counts it (present, enabled), else None."""
+    quantizer = getattr(module, "weight_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "_disabled") and not quantizer._disabled:
+        return quantizer
+    return None
+
+
+def shared_state_list(parent: torch.nn.Module) -> torch.nn.ModuleList:
+    """The parent's list of shared states, created (as a submodule) when it has none."""
+    states = getattr(parent, "_shared_quant_states", None)
+    if states is None:
+        states = torch.nn.ModuleList()
+        parent._shared_quant_states = states
+    return states
+
+
+def calibrated_amax(quantizer) -> torch.Tensor | None:
+    """The quantizer's ``_amax`` as ``SharedWeightGlobalAmaxState.finalize`` reads it (None when absent or meta)."""
+    amax = getattr(quantizer, "_amax", None)
+    return None if amax is None or amax.is_meta else amax
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import modelopt_patches as mo
+from . import shared_weight_amax
 from .calibration import (
     CALIBRATOR,
     Calibrated,
@@ -37,20 +38,31 @@ class ModelWalk:
     leaves: list[torch.nn.Module] = field(default_factory=list)  # every TensorQuantizer
     ours: int = 0  # enabled quantizers with a triton_grouped calibrator
     hook: str | None = None  # the first weight-access hook found (FSDP2, offload, HF TP)
+    modules: list[tuple[str, torch.nn.Module]] = field(default_factory=list)  # named_modules(), in order
+    parents: dict[int, torch.nn.Module] = field(default_factory=dict)  # id(child) -> parent (the last one)
+    shared_states: int = 0  # ModelOpt shared quant states already attached (an earlier calibration)
 
 
 def walk(model: torch.nn.Module) -> ModelWalk:
     from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+    from modelopt.torch.quantization.utils import SharedQuantState
 
     found = ModelWalk()
-    for name, module in model.named_modules():
+    found.modules = list(model.named_modules())
+    parents = found.parents
+    for name, module in found.modules:
         found.names[id(module)] = name
+        for child in module._modules.values():
+            if child is not None:
+                parents[id(child)] = module
         if isinstance(module, TensorQuantizer):
             found.leaves.append(module)
             if isinstance(mo.calibrator(module), TritonGroupedCalibrator) and not mo.is_disabled(module):
                 found.ours += 1
         elif isinstance(module, QuantModule):
             found.quant_modules.append((name, module))
+        elif isinstance(module, SharedQuantState):
+            found.shared_states += 1
         if found.hook is None:
             found.hook = mo.weight_access_hook(module)
     return found
@@ -248,13 +260,19 @@ def max_calibrate(
         _took("modelopt", f"quantizer {error} is fed in a way only ModelOpt's forward reproduces")
         return modelopt_max(model, *args)
     _took("whole-model")
-    mo.attach_shared_state(model)  # max_calibrate's first step; it depends on the module tree only
+    # max_calibrate's first step, which depends on the module tree only: the q/k/v and gate/up groups
+    # (ModelOpt's own attach when an earlier calibration left states to reuse)
+    groups = None if found.shared_states else shared_weight_amax.attach(model, found.modules, found.parents)
+    if groups is None:
+        mo.attach_shared_state(model)
     for q in found.leaves:
         if not mo.is_disabled(q):
             mo.finish_flags(q)
+    synced = member_of is not None
     for entry in entries:
         mo.load_amax(entry.quantizer, entry.amax)
-        mo.calibrator(entry.quantizer).synced = member_of is not None
+        mo.calibrator(entry.quantizer).synced = synced
+    _mark_checked(entries)
     if missing:  # ModelOpt's SequentialMLP step calibrates an expert left without amax from its weight
         for module in model.modules():
             if hasattr(module, "layer_sync_moe_local_experts_amax"):
@@ -262,5 +280,21 @@ def max_calibrate(
     # max_calibrate's ending: the q/k/v and gate/up shared states take the max of their members' amax
     # (a non-persistent buffer, synced over EP/TP).  Promotion touches static-block quantizers only,
     # and none is on this path.
-    mo.finalize_shared_state(model)
+    if groups is None or not shared_weight_amax.populate(groups):
+        mo.finalize_shared_state(model)
     _report(entries, missing)
+
+
+def _mark_checked(entries: list[Calibrated]) -> None:
+    """What ``mtq.calibrate`` checks afterwards quantizer by quantizer (every ``_amax`` finite and >= 0),
+    in one reduction per dtype; the buffers that pass are not checked again (``checked_amax`` patch)."""
+    buffers = [(e.quantizer, amax) for e in entries if (amax := mo.amax_buffer(e.quantizer)) is not None]
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for _, amax in buffers:
+        by_kind.setdefault((amax.dtype, amax.device, amax.dim() == 0), []).append(amax)
+    for (_, _, scalar), amaxes in by_kind.items():
+        values = torch.stack(amaxes) if scalar else torch.cat([a.reshape(-1) for a in amaxes])
+        if not bool((values.isfinite() & (values >= 0)).all()):
+            return  # ModelOpt's own check names the offending quantizers
+    for quantizer, amax in buffers:
+        mo.mark_amax_checked(quantizer, amax)

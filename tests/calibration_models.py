@@ -148,6 +148,45 @@ def assert_same_quantizer_attributes(ours: nn.Module, theirs: nn.Module) -> None
     assert not diff, f"{len(diff)} quantizer attributes differ: {diff[:6]}"
 
 
+def assert_same_shared_states(ours: nn.Module, theirs: nn.Module) -> None:
+    """The q/k/v and gate/up shared weight-amax states max_calibrate attaches: the same modules at the same
+    names, the same members, the same non-persistent ``_global_amax`` (value, dtype, device) and buffers."""
+    from modelopt.torch.quantization.utils import SharedQuantState
+
+    def states(model: nn.Module) -> dict[str, tuple]:
+        names = {id(m): n for n, m in model.named_modules()}
+        return {
+            n: (
+                type(m),
+                [names[id(x)] for x in m.members],
+                m.global_amax,
+                dict(m._buffers),
+                m._non_persistent_buffers_set,
+            )
+            for n, m in model.named_modules()
+            if isinstance(m, SharedQuantState)
+        }
+
+    a, b = states(ours), states(theirs)
+    assert a.keys() == b.keys() and a, sorted(set(a) ^ set(b))[:8]
+    diff = [
+        d
+        for name in a
+        for d in _differences(list(a[name][:2]) + list(a[name][3:]), list(b[name][:2]) + list(b[name][3:]), name)
+    ]
+    for name in a:
+        x, y = a[name][2], b[name][2]
+        if x is None or y is None:
+            diff += [] if x is y else [f"{name}._global_amax: {x} != {y}"]
+        else:
+            assert (x.dtype, x.device, x.shape) == (y.dtype, y.device, y.shape), name
+            assert_bitwise_equal(x, y, f"{name}._global_amax")
+    assert not diff, f"{len(diff)} shared-state entries differ: {diff[:6]}"
+    filled = [v[2] for v in a.values() if v[2] is not None]
+    storages = {t.untyped_storage().data_ptr() for t in filled}
+    assert len(storages) == len(filled), "two shared states hold one global_amax storage"
+
+
 def assert_same_export(ours: nn.Module, theirs: nn.Module, tmp_path) -> None:
     """ModelOpt's export_hf_checkpoint of both models: the same files, tensors and configs, byte for byte."""
     for tag, model in (("ours", ours), ("theirs", theirs)):

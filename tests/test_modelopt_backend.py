@@ -16,6 +16,7 @@ from calibration_models import (
     assert_same_export,
     assert_same_modelopt_state,
     assert_same_quantizer_attributes,
+    assert_same_shared_states,
     assert_save_restore,
     heavy_tailed_,
     per_expert_qwen3_moe,
@@ -69,8 +70,27 @@ def test_whole_model_path_leaves_what_modelopt_max_leaves(fmt, model, tmp_path):
     mtq.quantize(theirs, theirs_cfg)
     assert_same_amaxes(ours, theirs)
     assert_same_quantizer_attributes(ours, theirs)
+    assert_same_shared_states(ours, theirs)
     assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
     assert_same_export(ours, theirs, tmp_path)
+
+
+def test_second_calibration_reuses_the_shared_states_as_max_does():
+    """A second mtq.calibrate finds the q/k/v and gate/up states of the first: ModelOpt's attach keeps them
+    (no duplicate) and populate refills them; ours leaves the same states, amaxes and modelopt_state."""
+    ours, theirs = per_expert_qwen3_moe(), per_expert_qwen3_moe()
+    mtq.quantize(ours, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    mtq.quantize(theirs, with_calibrator(moeq_triton.NVFP4_WEIGHT_ONLY_CFG, "max"))
+    for model in (ours, theirs):
+        with torch.no_grad():
+            model.model.layers[0].mlp.experts[1].up_proj.weight.mul_(3)
+        mtq.calibrate(model, algorithm="max")
+        if model is ours:
+            assert (LAST_PATH.path, LAST_PATH.reason) == ("whole-model", None)
+    assert_same_amaxes(ours, theirs)
+    assert_same_shared_states(ours, theirs)
+    assert_same_quantizer_attributes(ours, theirs)
+    assert_same_modelopt_state(ours, theirs, moeq_triton.CALIBRATOR)
 
 
 @pytest.mark.parametrize("model", ["qwen3-moe", "per-expert"])

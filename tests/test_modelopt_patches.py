@@ -13,6 +13,7 @@ import sys
 
 import modelopt.torch.quantization as mtq
 import pytest
+import torch
 from modelopt.torch.quantization import model_calib
 from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.mode import MaxCalibrateModeDescriptor
@@ -29,6 +30,8 @@ EXPECTED = {
     "weight_only_quantize",
     "distributed_sync",
     "moe_completeness",
+    "checked_amax",
+    "modelopt_state_properties",
 }
 
 
@@ -133,3 +136,51 @@ def test_unsupported_modelopt_version_fails_loudly_in_the_users_call_only():
     assert len(raised) == 2, run.stdout + run.stderr[-2000:]
     for line in raised:
         assert "UnsupportedModelOptError" in line and "found 0.48.0" in line and "0.47.x" in line, line
+
+
+def test_checked_amax_patch_skips_only_an_unchanged_checked_amax():
+    """A marked amax is not checked again only while it is the same tensor at the same version: the
+    mark is put on a negative amax here (the whole-model path marks only amaxes it found valid) to
+    show the skip; an in-place change or a new buffer is checked by ModelOpt's code again."""
+    moeq_triton.register()
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(calibrator="triton_grouped"))
+    quantizer.register_buffer("_amax", torch.tensor(-1.0))
+    with pytest.warns(UserWarning, match="contains invalid values"):
+        assert not quantizer.validate_attr(attr_name="_amax", warn_error=True, name="q")
+    modelopt_patches.mark_amax_checked(quantizer, quantizer._buffers["_amax"])
+    assert quantizer.validate_attr(attr_name="_amax", warn_error=True)  # skipped: no warning, True
+    assert not quantizer.validate_attr(attr_name="amax")  # other names: ModelOpt's check
+    quantizer._buffers["_amax"].mul_(2)  # in place: the version moves on
+    with pytest.warns(UserWarning, match="contains invalid values"):
+        assert not quantizer.validate_attr(attr_name="_amax", warn_error=True, name="q")
+    modelopt_patches.mark_amax_checked(quantizer, quantizer._buffers["_amax"])
+    quantizer._buffers["_amax"] = torch.tensor(float("inf"))  # another tensor
+    with pytest.warns(UserWarning, match="contains invalid values"):
+        assert not quantizer.validate_attr(attr_name="_amax", warn_error=True, name="q")
+
+
+def test_modelopt_state_properties_patch_gives_modelopts_own_answer():
+    """The cached module attribute names give the same property set (hence the same quantizer_state) as
+    ModelOpt's function, which builds a fresh nn.Module() each call, on fresh and calibrated quantizers."""
+    from calibration_models import per_expert_qwen3_moe
+
+    moeq_triton.register()
+    original = modelopt_patches.original("modelopt_state_properties")
+    model = per_expert_qwen3_moe(layers=1, experts=2)
+    mtq.quantize(model, moeq_triton.NVFP4_WEIGHT_ONLY_CFG)
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)] + [TensorQuantizer()]
+    assert any(modelopt_patches.has_amax(q) for q in quantizers)
+    for quantizer in quantizers:
+        assert quantizer._get_properties_for_modelopt_state() == original(quantizer)
+
+
+def test_shared_pattern_tails_are_understood():
+    """The group discovery looks at module names ending in ModelOpt's pattern tails only; a pattern of
+    another form would silently fall back to matching every name (correct, slower): catch it here."""
+    from modelopt.torch.quantization.utils import SHARED_PATTERNS, SharedWeightGlobalAmaxState
+
+    from moeq_triton.shared_weight_amax import pattern_tails
+
+    patterns = SharedWeightGlobalAmaxState.resolve_patterns(shared_states=None)
+    assert patterns == list(SHARED_PATTERNS)
+    assert pattern_tails(patterns) == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
