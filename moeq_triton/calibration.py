@@ -1,7 +1,7 @@
 """The triton_grouped calibrator and the grouped reduction of a batch of recorded weights.
 
 A calibration pass records (quantizer, weight) pairs in a ``WeightBatch``; ``WeightBatch.reduce`` turns
-them into every quantizer's amax with one grouped launch per dtype, shares amaxes within a scale family
+them into every quantizer's amax with one grouped launch per dtype, shares amaxes within a scale group
 in the shared mode, and reduces them across ranks with one collective per process group.
 """
 
@@ -24,7 +24,7 @@ class TritonGroupedCalibrator(MaxCalibrator):
 
     The grouped pass writes ``_calib_amax`` directly (see ``weight_calibration``).  A tensor fed
     outside that pass (a forward loop, a per-module ModelOpt algorithm) goes through ModelOpt's own
-    ``collect``, which keeps the max with what is there: a shared family amax stays the family max
+    ``collect``, which keeps the max with what is there: a shared scale group's amax stays the group max
     when the same weight comes again, and a value that grows is marked for ModelOpt's own sync.
     """
 
@@ -79,8 +79,8 @@ def _contiguous_permutation(weight: torch.Tensor, fixed: int) -> torch.Tensor | 
 _EXPERT_INDEX = re.compile(r"(?<=experts)\.\d+(?=\.)|\.\d+$")
 
 
-def scale_family(quantizer_name: str) -> str:
-    """Quantizers of one grouped linear share a family: the expert index becomes '*'.
+def shared_scale_group(quantizer_name: str) -> str:
+    """Quantizers of one grouped linear form one scale group in the shared mode: the expert index becomes '*'.
 
     'layers.0.mlp.experts.linear_fc1.weight_quantizer.3' (TE GroupedLinear),
     'layers.0.mlp.experts.gate_up_proj_weight_quantizers.3' (HF fused experts) and
@@ -118,15 +118,15 @@ class WeightBatch:
         self.entries: list[Calibrated] = []
         self._index: dict[int, int] = {}  # id(quantizer) -> position in entries
         self._singles: list[torch.Tensor] = []  # per-tensor weights: grouped_amax
-        self._single_owners: list[int] = []
-        # grouped_row_amax inputs: a per-channel weight (owner: its entry) or a stack of per-tensor
-        # expert weights viewed as [experts, -1] (owners: one entry per row)
+        self._single_entry_of: list[int] = []
+        # grouped_row_amax inputs: a per-channel weight (entry_of: its entry) or a stack of per-tensor
+        # expert weights viewed as [experts, -1] (entry_of: one entry per row)
         self._rows: list[torch.Tensor] = []
-        self._row_owners: list[int | list[int]] = []
+        self._row_entry_of: list[int | list[int]] = []
         self._row_shapes: list[tuple[int, ...] | None] = []  # a per-channel weight's keepdims amax shape
-        # amaxes of weights already reduced (``settle``): per-tensor values and their owners, per channel
+        # amaxes of weights already reduced (``settle``): per-tensor values and their entries, per channel
         self._values: list[torch.Tensor] = []
-        self._owners: list[int] = []
+        self._entry_of: list[int] = []
         self._per_channel: dict[int, torch.Tensor] = {}
 
     def _entry(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> int:
@@ -146,11 +146,11 @@ class WeightBatch:
             raise ValueError(f"weight of {name} (shape {tuple(weight.shape)}) has no copy-free reduction view")
         if per_channel:
             self._rows.append(view)
-            self._row_owners.append(index)
+            self._row_entry_of.append(index)
             self._row_shapes.append((weight.shape[0],) + (1,) * (weight.dim() - 1))
         else:
             self._singles.append(view)
-            self._single_owners.append(index)
+            self._single_entry_of.append(index)
 
     def add_stack(self, pairs: list[tuple], stacked: torch.Tensor) -> None:
         """Per-tensor weights that are the consecutive slices ``stacked[i]`` of one contiguous parameter:
@@ -158,21 +158,21 @@ class WeightBatch:
 
         pairs: (quantizer, name, weight, groups) for i = 0 .. len(pairs) - 1.
         """
-        owners = [self._entry(q, name, weight, False, groups) for q, name, weight, groups in pairs]
+        entry_of = [self._entry(q, name, weight, False, groups) for q, name, weight, groups in pairs]
         self._rows.append(stacked.view(len(pairs), -1))
-        self._row_owners.append(owners)
+        self._row_entry_of.append(entry_of)
         self._row_shapes.append(None)
 
     @torch.no_grad()
     def reduce(self, member_of: tuple[Group, ...] | None) -> list[Calibrated]:
-        """Every quantizer's amax: one grouped launch per dtype and kind, then family and rank reductions.
+        """Every quantizer's amax: one grouped launch per dtype and kind, then scale-group and rank reductions.
 
         member_of: the process groups of this rank (None: no cross-rank reduction).
         """
         per_tensor, per_channel = self._amaxes()
-        families = _share_within_families(self.entries, per_tensor)
+        groups = _share_within_scale_groups(self.entries, per_tensor)
         if member_of is not None:
-            _reduce_across_ranks(self.entries, per_tensor, per_channel, families, member_of)
+            _reduce_across_ranks(self.entries, per_tensor, per_channel, groups, member_of)
         by_dtype = {dtype: per_tensor.to(dtype) for dtype in {e.dtype for e in self.entries if not e.per_channel}}
         for i, entry in enumerate(self.entries):
             if entry.per_channel:
@@ -185,91 +185,91 @@ class WeightBatch:
         """Reduce the weights recorded so far and drop every reference to them, keeping only their
         float32 amaxes.  Under a weight-access hook (offload, FSDP2) a weight is materialized only
         inside its module's context: settling there bounds memory by one module, not the model."""
-        singles = self._launch(grouped_amax, self._singles, self._single_owners)
-        rows = self._launch(grouped_row_amax, self._rows, self._row_owners)
+        singles = self._launch(grouped_amax, self._singles, self._single_entry_of)
+        rows = self._launch(grouped_row_amax, self._rows, self._row_entry_of)
         if singles is not None:
             self._values.append(singles)
-            self._owners += self._single_owners
-        for owner, shape, amax in zip(self._row_owners, self._row_shapes, rows or []):
-            if isinstance(owner, list):
+            self._entry_of += self._single_entry_of
+        for entry_of, shape, amax in zip(self._row_entry_of, self._row_shapes, rows or []):
+            if isinstance(entry_of, list):
                 self._values.append(amax)
-                self._owners += owner
+                self._entry_of += entry_of
             else:
                 amax = amax.reshape(shape)
-                known = self._per_channel.get(owner)
-                self._per_channel[owner] = amax if known is None else torch.maximum(known, amax)
-        self._singles, self._single_owners = [], []
-        self._rows, self._row_owners, self._row_shapes = [], [], []
+                known = self._per_channel.get(entry_of)
+                self._per_channel[entry_of] = amax if known is None else torch.maximum(known, amax)
+        self._singles, self._single_entry_of = [], []
+        self._rows, self._row_entry_of, self._row_shapes = [], [], []
 
     def _amaxes(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """float32 [len(entries)] (the max over every weight fed to each per-tensor quantizer, 0 elsewhere)
         and float32 [N, 1, ...] (ModelOpt's keepdims shape) per per-channel quantizer, by position in entries."""
         self.settle()
-        values, owners = self._values, self._owners
+        values, entry_of = self._values, self._entry_of
         device = next((t.device for t in (*values, *self._per_channel.values())), torch.device("cpu"))
         per_tensor = torch.zeros(len(self.entries), dtype=torch.float32, device=device)
         if values:  # amaxes are >= +0, so the zeros never win over a real value
-            index = torch.tensor(owners, device=device)
+            index = torch.tensor(entry_of, device=device)
             per_tensor.scatter_reduce_(0, index, torch.cat(values), reduce="amax")
         return per_tensor, self._per_channel
 
-    def _launch(self, reduce, weights: list[torch.Tensor], owners: list) -> torch.Tensor | list | None:
+    def _launch(self, reduce, weights: list[torch.Tensor], entry_of: list) -> torch.Tensor | list | None:
         if not weights:
             return None
         try:
             return reduce(weights)
         except NonFiniteWeightError as error:
-            weight, owner = weights[error.index], owners[error.index]
-            if isinstance(owner, list):  # a stack: name the expert whose row holds the NaN/Inf
+            weight, entries = weights[error.index], entry_of[error.index]
+            if isinstance(entries, list):  # a stack: name the expert whose row holds the NaN/Inf
                 row = int((~torch.isfinite(weight).all(dim=1)).nonzero()[0])
-                entry = self.entries[owner[row]]
+                entry = self.entries[entries[row]]
                 shape = entry.shapes[0]
             else:
-                entry, shape = self.entries[owner], tuple(weight.shape)
+                entry, shape = self.entries[entries], tuple(weight.shape)
             raise ValueError(f"weight of {entry.name} (shape {shape}) contains NaN or Inf") from None
 
 
-def _share_within_families(entries: list[Calibrated], per_tensor: torch.Tensor) -> dict[str, list[int]]:
-    """Shared mode: every per-tensor amax of a family becomes the family's max; returns the families."""
-    families: dict[str, list[int]] = {}
+def _share_within_scale_groups(entries: list[Calibrated], per_tensor: torch.Tensor) -> dict[str, list[int]]:
+    """Shared mode: every per-tensor amax of a scale group becomes the group's max; returns the groups."""
+    groups: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):
         if not entry.per_channel and calibrator(entry.quantizer).shared:
-            families.setdefault(scale_family(entry.name), []).append(i)
-    for members in families.values():
+            groups.setdefault(shared_scale_group(entry.name), []).append(i)
+    for members in groups.values():
         index = torch.tensor(members, device=per_tensor.device)
         per_tensor[index] = per_tensor[index].amax()
-    return families
+    return groups
 
 
 def _reduce_across_ranks(
     entries: list[Calibrated],
     per_tensor: torch.Tensor,
     per_channel: dict[int, torch.Tensor],
-    families: dict[str, list[int]],
+    groups: dict[str, list[int]],
     member_of: tuple[Group, ...],
 ) -> None:
-    """One SyncItem per quantizer (or per shared family), one collective per process group."""
-    in_family = {i for members in families.values() for i in members}
-    singles = [i for i in range(len(entries)) if i not in in_family]
+    """One SyncItem per quantizer (or per shared scale group), one collective per process group."""
+    in_group = {i for members in groups.values() for i in members}
+    singles = [i for i in range(len(entries)) if i not in in_group]
     items = [
         SyncItem(entries[i].name, per_channel[i] if entries[i].per_channel else per_tensor[i], entries[i].groups)
         for i in singles
     ]
-    family_items = [
+    group_items = [
         SyncItem(
-            f"family:{family}",
+            f"scale group:{group}",
             per_tensor[members[0]],
             tuple(dict.fromkeys(g for i in members for g in entries[i].groups)),
         )
-        for family, members in families.items()
+        for group, members in groups.items()
     ]
-    max_reduce([*items, *family_items], member_of)
+    max_reduce([*items, *group_items], member_of)
     for i, item in zip(singles, items):
         if entries[i].per_channel:
             per_channel[i] = item.value
         else:
             per_tensor[i] = item.value
-    for members, item in zip(families.values(), family_items):
+    for members, item in zip(groups.values(), group_items):
         per_tensor[torch.tensor(members, device=per_tensor.device)] = item.value
 
 

@@ -120,7 +120,7 @@ class Patch:
     """One replaced attribute: where it lives, what it held, and what replaced it."""
 
     name: str
-    owner: object
+    holder: object
     attribute: str
     original: object
     replacement: object
@@ -137,14 +137,14 @@ def _expect(condition: bool, patch: str, what: str) -> None:
         )
 
 
-def _install(name: str, owner: object, attribute: str, make: Callable[[object], object]) -> None:
+def _install(name: str, holder: object, attribute: str, make: Callable[[object], object]) -> None:
     if name in PATCHES:
         return
-    original = getattr(owner, attribute)
+    original = getattr(holder, attribute)
     replacement = make(original)
     replacement.__wrapped__ = original
-    setattr(owner, attribute, replacement)
-    PATCHES[name] = Patch(name, owner, attribute, original, replacement)
+    setattr(holder, attribute, replacement)
+    PATCHES[name] = Patch(name, holder, attribute, original, replacement)
 
 
 def original(name: str):

@@ -115,13 +115,13 @@ def populate(groups: list[SharedGroup]) -> bool:
     from modelopt.torch.quantization.utils import reduce_amax
 
     scalars: list[torch.Tensor] = []
-    owners: list[int] = []
+    group_of: list[int] = []
     for i, group in enumerate(groups):
         for quantizer in group.quantizers:
             amax = mo.calibrated_amax(quantizer)
             if amax is not None:
                 scalars.append(amax if amax.dim() == 0 else reduce_amax(amax, axis=None))
-                owners.append(i)
+                group_of.append(i)
     if not scalars:
         return True
     devices = {s.device for s in scalars}
@@ -136,10 +136,10 @@ def populate(groups: list[SharedGroup]) -> bool:
     values = values.abs()  # reduce_amax of a 0-dim amax: max(|a|, |a|)
     if bool(values.isnan().any()):
         return False
-    index = torch.tensor(owners, device=device)
+    index = torch.tensor(group_of, device=device)
     maxima = torch.zeros(len(groups), dtype=torch.float32, device=device)
     maxima.scatter_reduce_(0, index, values, reduce="amax", include_self=False)
-    filled = sorted(set(owners))
+    filled = sorted(set(group_of))
     for i, value in zip(filled, maxima[filled].unbind()):
         state = groups[i].state
         state.global_amax = value.clone()

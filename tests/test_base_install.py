@@ -80,8 +80,8 @@ def base_distributions() -> set[str]:
 def not_in_base_install() -> set[str]:
     """Top-level modules of the installed distributions a base install would not have."""
     allowed = base_distributions()
-    owners = importlib.metadata.packages_distributions()
-    blocked = {m for m, dists in owners.items() if not {canonicalize_name(d) for d in dists} & allowed}
+    distributions_of = importlib.metadata.packages_distributions()
+    blocked = {m for m, dists in distributions_of.items() if not {canonicalize_name(d) for d in dists} & allowed}
     blocked -= {"moeq_triton", "kernels", "tests", "benchmarks"}  # this project (editable: no mapping)
     assert set(EXTRAS) <= blocked, set(EXTRAS) - blocked
     return blocked

@@ -32,7 +32,7 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 from moeq_triton.kernels import launch_counts, reset_launch_counts
 
 import moeq_triton
-from moeq_triton.calibration import TritonGroupedCalibrator, reduction_view, scale_family
+from moeq_triton.calibration import TritonGroupedCalibrator, reduction_view, shared_scale_group
 from moeq_triton.weight_calibration import LAST_PATH
 
 warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
@@ -375,17 +375,17 @@ def test_quantizer_without_weight_is_reported():
     assert rows["layers.0.mlp.experts.linear_fc2.weight_quantizer.2"].amax is None
 
 
-def test_scale_family_drops_only_the_expert_index():
-    assert scale_family("decoder.layers.3.mlp.experts.linear_fc1.weight_quantizer.7") == (
+def test_shared_scale_group_drops_only_the_expert_index():
+    assert shared_scale_group("decoder.layers.3.mlp.experts.linear_fc1.weight_quantizer.7") == (
         "decoder.layers.3.mlp.experts.linear_fc1.weight_quantizer.*"
     )
-    assert scale_family("model.layers.3.mlp.experts.gate_up_proj_weight_quantizers.7") == (
+    assert shared_scale_group("model.layers.3.mlp.experts.gate_up_proj_weight_quantizers.7") == (
         "model.layers.3.mlp.experts.gate_up_proj_weight_quantizers.*"
     )
-    assert scale_family("decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight_quantizer") == (
+    assert shared_scale_group("decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight_quantizer") == (
         "decoder.layers.3.mlp.experts.local_experts.*.linear_fc2.weight_quantizer"
     )
-    assert scale_family("model.layers.3.self_attn.q_proj.weight_quantizer") == (
+    assert shared_scale_group("model.layers.3.self_attn.q_proj.weight_quantizer") == (
         "model.layers.3.self_attn.q_proj.weight_quantizer"
     )
 
@@ -426,29 +426,29 @@ def test_light_import_then_registration_after_modelopt_import():
     assert run.returncode == 0 and "registered" in run.stdout, run.stderr[-2000:]
 
 
-def _family_amaxes(model) -> dict[str, set[float]]:
-    """Distinct per-expert weight amaxes of each fused-experts family (gate_up_proj / down_proj per layer)."""
-    families: dict[str, set[float]] = {}
+def _scale_group_amaxes(model) -> dict[str, set[float]]:
+    """Distinct per-expert weight amaxes of each fused-experts scale group (gate_up_proj / down_proj per layer)."""
+    groups: dict[str, set[float]] = {}
     for name, buffer in amax_buffers(model).items():
         if "_weight_quantizers." in name:
-            families.setdefault(scale_family(name.removesuffix("._amax")), set()).add(buffer.float().item())
-    return families
+            groups.setdefault(shared_scale_group(name.removesuffix("._amax")), set()).add(buffer.float().item())
+    return groups
 
 
-def test_shared_family_amax_survives_a_forward_loop():
+def test_shared_scale_group_amax_survives_a_forward_loop():
     """Issue 13 item 4: in "triton_grouped_shared" mode a forward loop after the weight pass fed each
-    expert's weight again, and a later flush replaced the family's shared amax by per-expert values
-    (1 distinct amax per family without a loop, 4 with one).  Fused experts, FP8_DEFAULT_CFG (inputs on)."""
+    expert's weight again, and a later flush replaced the scale group's shared amax by per-expert values
+    (1 distinct amax per scale group without a loop, 4 with one).  Fused experts, FP8_DEFAULT_CFG (inputs on)."""
     cfg = with_calibrator(mtq.FP8_DEFAULT_CFG, moeq_triton.CALIBRATOR_SHARED)
     without_loop, with_loop = tiny_qwen3_moe(), tiny_qwen3_moe()
     mtq.quantize(without_loop, cfg)
     mtq.quantize(with_loop, cfg, forward_loop=token_loop())
-    families = _family_amaxes(with_loop)
-    assert len(families) == 2 * 2, families.keys()  # 2 layers x (gate_up_proj, down_proj)
-    assert all(len(values) == 1 for values in families.values()), families
-    assert families == _family_amaxes(without_loop)
+    groups = _scale_group_amaxes(with_loop)
+    assert len(groups) == 2 * 2, groups.keys()  # 2 layers x (gate_up_proj, down_proj)
+    assert all(len(values) == 1 for values in groups.values()), groups
+    assert groups == _scale_group_amaxes(without_loop)
     experts = with_loop.model.layers[1].mlp.experts
-    assert families[scale_family("model.layers.1.mlp.experts.down_proj_weight_quantizers.0")] == {
+    assert groups[shared_scale_group("model.layers.1.mlp.experts.down_proj_weight_quantizers.0")] == {
         experts.down_proj.abs().amax().float().item()
     }
 
