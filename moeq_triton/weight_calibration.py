@@ -52,9 +52,8 @@ def walk(model: torch.nn.Module) -> ModelWalk:
     parents = found.parents
     for name, module in found.modules:
         found.names[id(module)] = name
-        for child in module._modules.values():
-            if child is not None:
-                parents[id(child)] = module
+        for child in module.children():
+            parents[id(child)] = module
         if isinstance(module, TensorQuantizer):
             found.leaves.append(module)
             if isinstance(mo.calibrator(module), TritonGroupedCalibrator) and not mo.is_disabled(module):
