@@ -151,29 +151,6 @@ def to_dev_full(method: str, when: Callable[[str], bool]) -> Callable:
     return install
 
 
-SENT: list[str] = []  # what sigint_between_renames did, for the failure message
-
-
-def sigint_between_renames(monkeypatch) -> None:
-    """A real SIGINT to this thread right after the commit's first rename (old output moved aside).
-
-    ``raise_signal`` is thread-directed, so the C handler has run when it returns.  With ``os.kill`` of
-    the process two of four full default-tier runs (2026-11-29) exited 0; the cause was not pinned down
-    (suspects: delivery on tqdm's monitor thread, a KeyboardInterrupt dropped in a finalizer), so a
-    failure here says whether the signal was sent."""
-    original = Path.rename
-    SENT.clear()
-
-    def rename(self, target):
-        result = original(self, target)
-        if str(target).endswith(".moeq-triton-old"):
-            SENT.append(f"SIGINT after {self.name} -> {Path(target).name}")
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(Path, "rename", rename)
-
-
 MOUNTS: list[Path] = []  # unmounted after each test
 
 
@@ -452,7 +429,8 @@ FAULTS = [
         130,
         "out had already been written completely",
         "complete",
-        inject=sigint_between_renames,
+        signal_at="committing",
+        marks=[SLOW],
     ),
     # a rank failing in a 2-process run; item 13: every collective on the device NCCL requires
     Fault(
@@ -503,7 +481,22 @@ PHASE_HOOKS = textwrap.dedent(
 
     where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
              "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
-    hook(*where[phase.split(":")[0]])
+    if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
+        import pathlib, signal
+
+        original = pathlib.Path.rename
+
+        def rename(self, target):
+            result = original(self, target)
+            if str(target).endswith(".moeq-triton-old"):
+                moved = f"{self.name} -> {pathlib.Path(target).name}"
+                print(f"FAULT-POINT {phase}: after {moved}", file=sys.stderr, flush=True)
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        pathlib.Path.rename = rename
+    else:
+        hook(*where[phase.split(":")[0]])
     sys.exit(cli.main(sys.argv[2:]))
     """
 )
@@ -521,7 +514,8 @@ def run_with_signal(argv: list[str], phase: str) -> tuple[int, str]:
     for line in proc.stderr:
         seen.append(line)
         if line.startswith("FAULT-POINT"):
-            proc.send_signal(number)
+            if phase != "committing":  # there the process has raised it itself, at the exact point
+                proc.send_signal(number)
             break
     rest = proc.communicate(timeout=120)[1]
     return proc.returncode, "".join(seen) + rest
@@ -586,7 +580,7 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         from moeq_triton.kernels import native
 
         native.library.cache_clear()  # no-c-compiler: the next run finds the real compiler again
-    assert code == fault.code, (SENT if fault.inject is sigint_between_renames else None, err[-2000:])
+    assert code == fault.code, err[-2000:]
     assert fault.says in err, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     if code not in (0, 2):
