@@ -194,9 +194,8 @@ def signals_deferred() -> Iterator[None]:
         for number in dict.fromkeys(received):
             handler = previous[number]
             if callable(handler):
-                # called here, not re-raised: a re-raised signal runs its Python handler at the next
-                # bytecode check, which can fall inside a finalizer run by the GC, where the
-                # KeyboardInterrupt is printed and dropped (a lost Ctrl-C; seen once under load in CI)
+                # called here, not re-raised: a re-raised signal runs its Python handler at some
+                # later bytecode check (possibly inside a GC finalizer, where an exception is dropped)
                 handler(number, None)
             elif handler != signal.SIG_IGN:
                 signal.raise_signal(number)
