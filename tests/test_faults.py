@@ -460,9 +460,12 @@ def run_inline(argv: list[str], capsys) -> tuple[int, str]:
 
 PHASE_HOOKS = textwrap.dedent(
     """
-    import os, sys, threading, time
+    import os, signal, sys, threading, time
     from moeq_triton import checkpoint_io, cli, model_free
 
+    # Ctrl-C as a terminal user has it: a parent started in the background (nohup, `&` without job control)
+    # passes SIGINT down ignored, and an ignored SIGINT is rightly ignored by the command too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     phase = sys.argv[1]
 
     def pause(*args, **kwargs):
@@ -482,7 +485,7 @@ PHASE_HOOKS = textwrap.dedent(
     where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
              "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
     if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
-        import pathlib, signal
+        import pathlib
 
         original = pathlib.Path.rename
 
