@@ -463,3 +463,77 @@ def test_calibrator_keeps_its_synced_mark_only_while_its_amax_is_unchanged():
     assert calibrator.synced and calibrator._calib_amax.item() == 4.0
     calibrator.collect(torch.tensor([[-5.0, 1.0]], dtype=torch.bfloat16))
     assert not calibrator.synced and calibrator._calib_amax.item() == 5.0
+
+
+def _shared_group(*amaxes: torch.Tensor | None):
+    """A q/k/v-like group built the way ``attach`` builds it: members holding weight quantizers with
+    the given ``_amax`` buffers (None: uncalibrated), one ModelOpt state over them."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.utils import SharedWeightGlobalAmaxState
+
+    from moeq_triton.shared_weight_amax import SharedGroup
+
+    members = []
+    for amax in amaxes:
+        member = torch.nn.Module()
+        member.weight_quantizer = TensorQuantizer()
+        if amax is not None:
+            member.weight_quantizer.amax = amax
+        members.append(member)
+    state = SharedWeightGlobalAmaxState()
+    state.set_members(torch.nn.Module(), members)
+    return SharedGroup(state, [m.weight_quantizer for m in members])
+
+
+@pytest.mark.parametrize(
+    "amaxes",
+    [
+        (torch.tensor(0.5), torch.tensor([[0.25], [3.0]]), None),  # per tensor and per channel, one uncalibrated
+        (torch.tensor(-2.0, dtype=torch.bfloat16), torch.tensor(1.5)),  # dtypes mixed; a negative amax
+        (None, None),  # nothing calibrated: the state stays empty, as ModelOpt's finalize leaves it
+    ],
+    ids=["per-channel", "mixed-dtypes", "empty"],
+)
+def test_populate_fills_the_group_as_modelopt_finalize_does(amaxes):
+    from moeq_triton.shared_weight_amax import populate
+
+    ours, theirs = _shared_group(*amaxes), _shared_group(*amaxes)
+    assert populate([ours])
+    theirs.state.finalize()
+    if theirs.state.global_amax is None:
+        assert ours.state.global_amax is None
+    else:
+        assert_bitwise_equal(ours.state.global_amax, theirs.state.global_amax)
+
+
+@pytest.mark.parametrize(
+    "amaxes",
+    [(torch.tensor(1.0), torch.tensor(float("nan"))), (torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64))],
+    ids=["nan", "float64"],
+)
+def test_populate_leaves_the_cases_it_does_not_reproduce_untouched(amaxes):
+    """NaN (torch.max propagates it, our scatter would not) and a dtype outside the float formats:
+    nothing is written, so the caller's fallback, ModelOpt's own populate, decides."""
+    from moeq_triton.shared_weight_amax import populate
+
+    group = _shared_group(*amaxes)
+    assert not populate([group])
+    assert group.state.global_amax is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_paused_gives_the_caller_back_its_setting(enabled):
+    """The whole-model path pauses Python's collector; the caller's setting returns, also on an error."""
+    import gc
+
+    from moeq_triton.weight_calibration import collector_paused
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        with pytest.raises(RuntimeError), collector_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("inside")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable() if was else gc.disable()
