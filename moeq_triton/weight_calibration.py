@@ -10,10 +10,7 @@ own ``max_calibrate``, whose weight loop is then ``grouped_weight_only_quantize`
 
 from __future__ import annotations
 
-import gc
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -242,44 +239,25 @@ def max_calibrate(
     skip_forward_without_activation_calib: bool = False,
 ) -> None:
     """The "max" algorithm: the whole-model grouped path when it applies, else ModelOpt's ``max_calibrate``."""
-    with collector_paused():
-        refusal = _whole_model_max(model, forward_loop, distributed_sync, sync_expert_weight_amax, shared_states)
-    if refusal is not None:
-        _took("modelopt", refusal)
-        args = (forward_loop, distributed_sync, sync_expert_weight_amax, shared_states)
-        return mo.original("max_calibrate")(model, *args, skip_forward_without_activation_calib)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the duration, as it was before afterwards.
-
-    The whole-model path allocates ~10^5 short-lived containers per 50,000 quantizers (the walk's
-    tuples and maps, the batch); under the collector they survive into the oldest generation and push
-    CPython into a full collection of a model with millions of objects (~0.9 s at Qwen3-30B counts,
-    benchmarks/RESULTS.md).  Reference counting frees them at the end of the block, uncollected.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _whole_model_max(model, forward_loop, distributed_sync, sync_expert_weight_amax, shared_states) -> str | None:
-    """Calibrate every weight in one walk and one grouped launch per dtype; or say why not (then
-    nothing was written and ModelOpt's max_calibrate runs)."""
+    modelopt_max = mo.original("max_calibrate")
+    args = (
+        forward_loop,
+        distributed_sync,
+        sync_expert_weight_amax,
+        shared_states,
+        skip_forward_without_activation_calib,
+    )
     found = walk(model)
     refusal = fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states)
     if not found.ours or refusal:
-        return refusal or f"no enabled {CALIBRATOR!r} quantizer"
+        _took("modelopt", refusal or f"no enabled {CALIBRATOR!r} quantizer")
+        return modelopt_max(model, *args)
     member_of = rank_groups() if distributed_sync else None
     try:
         entries, missing = _feed(model, found, fast=True, member_of=member_of)
     except _NotPlain as error:
-        return f"quantizer {error} is fed in a way only ModelOpt's forward reproduces"
+        _took("modelopt", f"quantizer {error} is fed in a way only ModelOpt's forward reproduces")
+        return modelopt_max(model, *args)
     _took("whole-model")
     # max_calibrate's first step, which depends on the module tree only: the q/k/v and gate/up groups
     # (ModelOpt's own attach when an earlier calibration left states to reuse)
@@ -304,7 +282,6 @@ def _whole_model_max(model, forward_loop, distributed_sync, sync_expert_weight_a
     if groups is None or not shared_weight_amax.populate(groups):
         mo.finalize_shared_state(model)
     _report(entries, missing)
-    return None
 
 
 def _mark_checked(entries: list[Calibrated]) -> None:

@@ -519,21 +519,3 @@ def test_populate_leaves_the_cases_it_does_not_reproduce_untouched(amaxes):
     group = _shared_group(*amaxes)
     assert not populate([group])
     assert group.state.global_amax is None
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_collector_paused_gives_the_caller_back_its_setting(enabled):
-    """The whole-model path pauses Python's collector; the caller's setting returns, also on an error."""
-    import gc
-
-    from moeq_triton.weight_calibration import collector_paused
-
-    was = gc.isenabled()
-    try:
-        gc.enable() if enabled else gc.disable()
-        with pytest.raises(RuntimeError), collector_paused():
-            assert not gc.isenabled()
-            raise RuntimeError("inside")
-        assert gc.isenabled() == enabled
-    finally:
-        gc.enable() if was else gc.disable()
