@@ -155,6 +155,20 @@ def quotient(minus_n, D, minus_I):  # noqa: N803 - D and I as in the docstring
 
 
 @triton.jit
+def negated_quotient(x, d, minus_J):
+    """-fl32(x / d) given -J = -fl32(1 / d), for a divisor whose range makes a prescale unnecessary
+    (NVFP4's common regime, d in [2^-85, 2^14]): y = x * J within an ulp, the FMA residual x - y*d exact,
+    one more FMA rounds once (Markstein), all signs arranged so that nothing is negated per element.
+    Exact wherever the intermediates are normal, i.e. for quotients the codes depend on; elsewhere a
+    tiny quotient stays tiny and an overflowing one is inf or NaN (E2M1 and E4M3 saturate both: PTX
+    min.f32 returns the non-NaN operand).  tests/test_exact_division.py proves it over every bf16 and
+    fp16 value against the regime's divisors."""
+    minus_y = x * minus_J
+    residual = tl.fma(minus_y, d, x)  # x - y*d, exact
+    return tl.fma(residual, minus_J, minus_y)
+
+
+@triton.jit
 def e2m1_magnitude_code(q):
     """E2M1 code (0..7) of float32 q >= 0 (or NaN -> 7): round half to even onto {0, .5, 1, 1.5, 2, 3,
     4, 6}, saturating, with one float add doing the rounding.

@@ -33,9 +33,15 @@ from moeq_triton.kernels import (
     quantize_nvfp4_reference,
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
-from moeq_triton.kernels.formats import E4M3_MAX, NVFP4_SCALE_2_DIVISOR
+from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
-from moeq_triton.kernels.rounding import divisor_parts, e2m1_magnitude_code, float32_reciprocal, quotient
+from moeq_triton.kernels.rounding import (
+    divisor_parts,
+    e2m1_magnitude_code,
+    float32_reciprocal,
+    negated_quotient,
+    quotient,
+)
 from ptx_semantics import fma32, use_ptx_semantics
 
 from benchmarks.modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export
@@ -56,6 +62,17 @@ def _quotient_probe(a_ptr, d_ptr, q_ptr, N, BLOCK: tl.constexpr):
 def _code_probe(q_ptr, c_ptr, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(c_ptr + i, e2m1_magnitude_code(tl.load(q_ptr + i, mask=i < N, other=0.0)), mask=i < N)
+
+
+@triton.jit
+def _common_probe(x_ptr, d_ptr, q_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    """NVFP4's common-regime division as the kernel does it: -fl(1/d) once, then negated_quotient."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < N, other=1.0)
+    d = tl.load(d_ptr + i, mask=i < N, other=1.0)
+    minus_q = negated_quotient(x, d, tl.div_rn(-1.0, d))
+    tl.store(q_ptr + i, minus_q, mask=i < N)
+    tl.store(c_ptr + i, e2m1_magnitude_code(tl.abs(minus_q)), mask=i < N)
 
 
 def run_quotient(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -141,8 +158,110 @@ def test_quotient_every_mantissa_pair(ptx):
         check_quotients(pairs_a, pairs_d, f"mantissas (seed {seed}, dividends {lo}..)")
 
 
+def common_regime_divisors() -> dict[str, tuple[float, float]]:
+    """[smallest, largest] divisor of NVFP4's common regime, from its amax bounds, for both forms of
+    amax / 2688 (CUDA: amax * fl32(1/2688); CPU: IEEE): the block scale's d = fl(E4M3 scale * s2), scale in
+    [2^-9, 448], and the block-scale division's scale_unit = fl(6 * s2)."""
+    out = {}
+    for dtype, amax_max in nvfp4_module.COMMON_AMAX_MAX.items():
+        ends = torch.tensor([nvfp4_module.COMMON_AMAX_MIN, amax_max], dtype=torch.float32)
+        s2 = torch.cat([ends * float32_reciprocal(NVFP4_SCALE_2_DIVISOR), ends / NVFP4_SCALE_2_DIVISOR])
+        d = torch.cat([s2 * 2.0**-9, s2 * E4M3_MAX, s2 * 6.0])
+        out[str(dtype)] = (d.min().item(), d.max().item())
+    return out
+
+
+def every_finite(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of a 16-bit dtype, both signs (-0.0 included), as float32."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    return every[torch.isfinite(every)]
+
+
+def check_common_quotients(x: torch.Tensor, d: torch.Tensor, what: str) -> None:
+    """What the common-regime kernel needs of ``negated_quotient``: -q bit-exact where |x / d| is in
+    [2^-10, 2^10] (E2M1 codes change in [0.25, 6], E4M3 block scales in [2^-9, 448]); the E2M1 magnitude
+    code of |q| right everywhere (NaN from an overflow -> 7, as min.f32 gives); below 2^-10 |q| stays
+    below 2^-9 (the scale clamp), above 2^10 above 448 or NaN (saturation); and no non-zero x has an
+    IEEE quotient of +-0 (so the sign of a code is x < 0)."""
+    minus_q = torch.empty_like(x)
+    code = torch.empty(x.shape, dtype=torch.int32)
+    _common_probe[(triton.cdiv(x.numel(), BLOCK),)](x, d, minus_q, code, x.numel(), BLOCK)
+    exact = x / d  # IEEE float32 division (torch on CPU)
+    mag = exact.abs()
+    middle = (mag >= 2.0**-10) & (mag <= 2.0**10)
+    assert_bitwise_equal(-minus_q[middle], exact[middle], f"{what}: quotient in [2^-10, 2^10]")
+    expected = (e2m1_codes_reference(mag) & 7).to(torch.int32)
+    assert_bitwise_equal(code, expected, f"{what}: E2M1 magnitude codes")
+    got = minus_q.abs()
+    assert bool((got[mag < 2.0**-10] < 2.0**-9).all()), f"{what}: a quotient below 2^-10 came out >= 2^-9"
+    big = got[mag > 2.0**10]
+    assert bool(((big > E4M3_MAX) | big.isnan()).all()), f"{what}: a quotient above 2^10 came out <= 448"
+    assert bool(((exact != 0) | (x == 0)).all()), f"{what}: a non-zero x / d underflowed to 0"
+
+
+def test_common_regime_bounds_are_the_proven_ones():
+    """The divisor ranges the common-regime proof below covers contain what the regime's amax bounds give."""
+    ranges = common_regime_divisors()
+    for lo, hi in ranges.values():
+        assert COMMON_D_MIN <= lo and hi <= COMMON_D_MAX_16
+    assert ranges[str(torch.float32)][1] < 2.0  # float32 weights: 2^-149 / d must not round to 0
+
+
+COMMON_D_MIN = 2.0**-85  # below every divisor of the regime
+COMMON_D_MAX_16 = 2.0**14  # above every divisor of the regime (16-bit weights)
+
+
+def common_divisors(hi: float) -> torch.Tensor:
+    """Divisors at the regime's exponents, extremes included: a spread of mantissas (ends, middle, NVFP4
+    products) at exponents from 2^-85 to ``hi``, plus the exact extreme divisors."""
+    m = torch.cat([torch.tensor([1.0, 1 + 2.0**-23, 1.5, 2 - 2.0**-23, 4 / 3]), divisor_mantissas(12)[::6000]])
+    top = int(torch.tensor(hi).log2().ceil().item())
+    # every exponent near the ends (where x * J, the residual or the quotient leave the normal range),
+    # a spread in between (where everything is normal and scales exactly)
+    exps = torch.tensor([*range(-85, -69), -64, -48, -32, -16, *range(max(-15, top - 10), top)], dtype=torch.float64)
+    d = (m[:, None].double() * torch.pow(2.0, exps[None, :])).reshape(-1).float()
+    ends = torch.tensor([v for pair in common_regime_divisors().values() for v in pair])
+    d = torch.cat([d, ends])
+    return d[(d >= COMMON_D_MIN) & (d <= hi)].unique()
+
+
+@pytest.mark.slow
+def test_common_regime_every_16bit_value_at_every_divisor_exponent(ptx):
+    """Every finite bf16 and fp16 value (both signs, subnormals, -0.0) against divisors at every exponent of
+    the regime (2^-85 .. 2^14): where intermediates are normal the computation scales with powers of two,
+    so with test_quotient_every_mantissa_pair (the same three operations up to exact negations, every
+    mantissa pair) this covers every divisor mantissa too; at the ends it is where subnormals appear."""
+    x = torch.cat([every_finite(torch.bfloat16), every_finite(torch.float16)]).unique()
+    d = common_divisors(COMMON_D_MAX_16)
+    for lo in range(0, len(d), 8):
+        chunk = d[lo : lo + 8]
+        pairs_x = x[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        pairs_d = chunk[:, None].expand(-1, len(x)).reshape(-1).contiguous()
+        check_common_quotients(pairs_x, pairs_d, f"common regime (divisors {chunk.tolist()})")
+
+
+@pytest.mark.slow
+def test_common_regime_float32_values(ptx):
+    """float32 weights (regime amax <= 8, divisors below 1.34): every exponent, both signs, ends and random
+    mantissas (seed 14), including the smallest subnormal."""
+    seed = 14
+    gen = torch.Generator().manual_seed(seed)
+    mant = torch.cat([torch.tensor([0, 1, (1 << 23) - 1, 1 << 22]), torch.randint(0, 1 << 23, (28,), generator=gen)])
+    exps = torch.arange(0, 255)  # biased; 0 is subnormal (mantissa 0 there: +-0.0)
+    bits = (exps[:, None] << 23) | mant[None, :]
+    x = bits.reshape(-1).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, -x])
+    d = common_divisors(common_regime_divisors()[str(torch.float32)][1])
+    for lo in range(0, len(d), 16):
+        chunk = d[lo : lo + 16]
+        pairs_x = x[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        pairs_d = chunk[:, None].expand(-1, len(x)).reshape(-1).contiguous()
+        check_common_quotients(pairs_x, pairs_d, f"common regime, float32 (seed {seed}, divisors {chunk.tolist()})")
+
+
 @pytest.mark.slow
 def test_quotient_extreme_exponents(ptx):
+
     finite = []
     for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
         every = torch.arange(0, 1 << 15, dtype=torch.int32).to(bits).view(dtype).float()
@@ -268,3 +387,70 @@ def test_nvfp4_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
         for i, (w, a, r) in enumerate(zip(weights, given, quantize_nvfp4(weights, given))):
             assert_results_equal(r, quantize_nvfp4_reference(w, a), f"reference weights[{i}], seed {seed}")
             assert_results_equal(r, nvfp4_export(w, a), f"modelopt weights[{i}], seed {seed}")
+
+
+def scaled_to(w: torch.Tensor, amax: float) -> torch.Tensor:
+    """``w`` rescaled (in float64) so that its amax is about ``amax`` (at most the dtype's largest value)."""
+    amax = min(amax, torch.finfo(w.dtype).max)
+    return (w.double() * (amax / w.double().abs().max())).to(w.dtype)
+
+
+def near_midpoints(dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(rows, amax): weight_scale_2 = 2^-12, every block scale 15 (its first element is 6 * 15 * 2^-12),
+    so d = 15 * 2^-12, whose reciprocal's rounding shows in fl(x * fl(1/d)) for most midpoints; the other
+    elements are each E2M1 midpoint times d (exact ties) and its two neighbours in ``dtype``, both signs:
+    quotients that a 1-ulp division error rounds the other way."""
+    s2, scale = 2.0**-12, 15.0
+    d = scale * s2
+    mids = (torch.tensor(E2M1_BOUNDS, dtype=torch.float64) * d).to(dtype)
+    bits = mids.view(torch.int16) if dtype != torch.float32 else mids.view(torch.int32)
+    near = torch.cat([bits, bits + 1, bits - 1]).view(dtype)
+    near = torch.cat([near, -near])
+    rows = -(-len(near) // 15)
+    body = torch.cat([near, torch.zeros(rows * 15 - len(near), dtype=dtype)]).reshape(rows, 15)
+    first = torch.full((rows, 1), E2M1_MAX * d, dtype=dtype)
+    return torch.cat([first, body], dim=1), NVFP4_SCALE_2_DIVISOR * s2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype):
+    """amax at each bound of the common regime and one float32 step outside it, tensors of both kinds in
+    one call, -0.0, zero blocks and saturated (overflowing) quotients in the common regime; then each
+    launch alone: the COMMON launch must produce exactly the common-regime tensors, the general launch
+    the others (so the regime split is exercised, not only the general path); then the general launch
+    alone for all of them."""
+    seed = 41
+    lo, hi = nvfp4_module.COMMON_AMAX_MIN, nvfp4_module.COMMON_AMAX_MAX[dtype]
+    below = torch.tensor(lo).nextafter(torch.tensor(0.0)).item()
+    above = torch.tensor(hi).nextafter(torch.tensor(float("inf"))).item()
+    edges = nvfp4_edges(dtype)
+    edges_amax = edges.float().abs().max().item()
+    mids, mid_amax = near_midpoints(dtype)
+    cases = [  # (weight, amax given, in the common regime)
+        (scaled_to(heavy((3, 48), dtype, seed), lo), lo, True),
+        (scaled_to(heavy((3, 48), dtype, seed + 1), lo), below, False),
+        (scaled_to(heavy((2, 64), dtype, seed + 2), hi), hi, True),
+        (scaled_to(heavy((2, 64), dtype, seed + 3), hi), above, False),
+        (heavy((4, 32), dtype, seed + 4), 1.0, True),  # clipped: most blocks saturate
+        (mids, mid_amax, True),
+        (edges, 1.0, True),  # -0.0, ties, zero blocks, the dtype's largest values (quotients overflow)
+        (edges, edges_amax, lo <= edges_amax <= hi),
+    ]
+    weights = [w for w, _, _ in cases]
+    given = torch.tensor([a for _, a, _ in cases], dtype=torch.float32)
+    assert any(c for _, _, c in cases) and not all(c for _, _, c in cases)
+    expected = [quantize_nvfp4_reference(w, a) for w, a in zip(weights, given)]
+    for i, (r, e) in enumerate(zip(quantize_nvfp4(weights, given), expected)):
+        assert_results_equal(r, e, f"both launches, weights[{i}] (amax {given[i].item()})")
+        if given[i].to(dtype).float() == given[i]:  # ModelOpt holds amax in the weight's dtype
+            assert_results_equal(r, nvfp4_export(weights[i], given[i]), f"modelopt weights[{i}]")
+    for common in (True, False):
+        monkeypatch.setattr(nvfp4_module, "nvfp4_launches", lambda hw, c=common: [("nvfp4", c)])
+        results = quantize_nvfp4(weights, given)
+        for i, (r, e) in enumerate(zip(results, expected)):
+            if cases[i][2] == common:
+                assert_results_equal(r, e, f"{'common' if common else 'general'} launch alone, weights[{i}]")
+    # the general launch stays exact for every tensor (an empty common regime sends all of them there)
+    monkeypatch.setattr(nvfp4_module, "COMMON_AMAX_MAX", dict.fromkeys(nvfp4_module.COMMON_AMAX_MAX, 0.0))
+    for i, (r, e) in enumerate(zip(quantize_nvfp4(weights, given), expected)):
+        assert_results_equal(r, e, f"general launch for all, weights[{i}] (amax {given[i].item()})")
