@@ -43,6 +43,7 @@ from .rounding import (
     divides_by_reciprocal,
     divisor_parts,
     e2m1_biased_code,
+    e2m1_biased_signed_code,
     e2m1_code,
     e4m3_bits,
     e4m3_round,
@@ -301,8 +302,7 @@ def _codes(x, parts, nibble, COMMON: tl.constexpr):
     the word is whole)."""
     if COMMON:  # no quotient underflows to -0.0: the sign is x's, -0.0 and +0.0 give code 0
         d, minus_J = parts
-        biased = e2m1_biased_code(tl.abs(negated_quotient(x, d, minus_J)))
-        biased = biased + tl.where(x < 0.0, 8, 0)
+        biased = e2m1_biased_signed_code(tl.abs(negated_quotient(x, d, minus_J)), x < 0.0)
     else:
         minus_S, D, minus_I, minus_Z = parts
         biased = e2m1_biased_code(quotient(tl.abs(x) * minus_S, D, minus_I))  # code + E2M1_CODE_BIAS

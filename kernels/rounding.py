@@ -191,11 +191,28 @@ def e2m1_biased_code(q):
     """``e2m1_magnitude_code(q) + E2M1_CODE_BIAS`` (see there), without the constant: a caller that
     packs codes into a word subtracts the bias once per word (integer addition is linear mod 2^32),
     and its three-input add is then free for another term (NVFP4's sign)."""
-    q = tl.minimum(q, 6.0)
-    qb = q.to(tl.int32, bitcast=True)
-    c = tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)  # bits of C = 2^(22 + binade), >= 2^22
+    q, c = _e2m1_adder(q)
     t = (q + c.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
     return t - c + (c >> 22)
+
+
+@triton.jit
+def e2m1_biased_signed_code(q, negative):
+    """``e2m1_biased_code(q) + 8 * negative``: the sign (bit 3 of a code) rides in the rounding add.
+    C + 8 ulps (the bits of C | 8; C's mantissa bits are 0) rounds q exactly as C does (a multiple of
+    C's ulp, same binade, same last-bit parity), so the sum's bits are 8 higher; C itself leaves."""
+    q, c = _e2m1_adder(q)
+    t = (q + tl.where(negative, c | 8, c).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return t - c + (c >> 22)
+
+
+@triton.jit
+def _e2m1_adder(q):
+    """(min(q, 6), the bits of C = 2^(22 + binade) >= 2^22): the rounding add's operands (see
+    ``e2m1_magnitude_code``)."""
+    q = tl.minimum(q, 6.0)
+    qb = q.to(tl.int32, bitcast=True)
+    return q, tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:

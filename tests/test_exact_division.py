@@ -36,7 +36,9 @@ from moeq_triton.kernels import nvfp4 as nvfp4_module
 from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import (
+    E2M1_CODE_BIAS,
     divisor_parts,
+    e2m1_biased_signed_code,
     e2m1_magnitude_code,
     float32_reciprocal,
     negated_quotient,
@@ -59,9 +61,12 @@ def _quotient_probe(a_ptr, d_ptr, q_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _code_probe(q_ptr, c_ptr, N, BLOCK: tl.constexpr):
+def _code_probe(q_ptr, c_ptr, s_ptr, N, BLOCK: tl.constexpr):
+    """E2M1 magnitude codes, and the signed ones (bias removed) with every other value negative."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(c_ptr + i, e2m1_magnitude_code(tl.load(q_ptr + i, mask=i < N, other=0.0)), mask=i < N)
+    q = tl.load(q_ptr + i, mask=i < N, other=0.0)
+    tl.store(c_ptr + i, e2m1_magnitude_code(q), mask=i < N)
+    tl.store(s_ptr + i, e2m1_biased_signed_code(q, (i % 2) == 1) - E2M1_CODE_BIAS, mask=i < N)
 
 
 @triton.jit
@@ -289,11 +294,13 @@ def test_e2m1_encoder_every_rounding_case(ptx):
     gen = torch.Generator().manual_seed(seed)
     extra = torch.tensor([0.0, 2.0**-149, 1e-30, 6.0, 7.0, 8.0, 1e30, float("inf"), float("nan")])
     q = torch.cat([structured, torch.rand(1 << 18, generator=gen) * 8, extra])
-    codes = torch.empty(q.shape, dtype=torch.int32)
-    _code_probe[(triton.cdiv(q.numel(), BLOCK),)](q, codes, q.numel(), BLOCK)
+    codes, signed = torch.empty(q.shape, dtype=torch.int32), torch.empty(q.shape, dtype=torch.int32)
+    _code_probe[(triton.cdiv(q.numel(), BLOCK),)](q, codes, signed, q.numel(), BLOCK)
     expected = e2m1_codes_reference(q).to(torch.int32)
     expected[q.isinf()] = 7
     assert_bitwise_equal(codes, expected, f"E2M1 codes (seed {seed})")
+    expected[1::2] += 8
+    assert_bitwise_equal(signed, expected, f"E2M1 codes with the sign in the add (seed {seed})")
 
 
 # ---------------------------------------------------------------- the kernels on their GPU path
