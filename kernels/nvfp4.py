@@ -42,7 +42,6 @@ from .rounding import (
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
-    e2m1_biased_code,
     e2m1_biased_signed_code,
     e2m1_code,
     e4m3_bits,
@@ -302,11 +301,11 @@ def _codes(x, parts, nibble, COMMON: tl.constexpr):
     the word is whole)."""
     if COMMON:  # no quotient underflows to -0.0: the sign is x's, -0.0 and +0.0 give code 0
         d, minus_J = parts
-        biased = e2m1_biased_signed_code(tl.abs(negated_quotient(x, d, minus_J)), x < 0.0)
-    else:
+        q, negative = tl.abs(negated_quotient(x, d, minus_J)), x < 0.0
+    else:  # the sign: x / d rounds below -0.0
         minus_S, D, minus_I, minus_Z = parts
-        biased = e2m1_biased_code(quotient(tl.abs(x) * minus_S, D, minus_I))  # code + E2M1_CODE_BIAS
-        biased = biased + tl.where(x < minus_Z, 8, 0)  # the sign: bit 3 (the code is <= 7), in the same add
+        q, negative = quotient(tl.abs(x) * minus_S, D, minus_I), x < minus_Z
+    biased = e2m1_biased_signed_code(q, negative)  # code + 8 * negative + E2M1_CODE_BIAS
     # the bias leaves once per word: sum((c_j + B) << 4j) - B * 0x11111111 == sum(c_j << 4j) mod 2^32
     return tl.sum(biased << nibble, axis=2)
 
