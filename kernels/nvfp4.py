@@ -39,6 +39,7 @@ from .grouping import (
 )
 from .rounding import (
     E2M1_CODE_BIAS,
+    approximate_reciprocal,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
@@ -49,6 +50,7 @@ from .rounding import (
     float32_reciprocal,
     negated_quotient,
     quotient,
+    refine_reciprocal,
 )
 
 
@@ -270,8 +272,8 @@ def _nvfp4_step(
 
     d = scale * scale_2
     if HW:
-        if COMMON:  # d in [2^-85, 2^14]
-            parts = (d[:, :, None], tl.div_rn(-1.0, d)[:, :, None])
+        if COMMON:  # d in [2^-85, 2^14]: 1/d normal, no special case for div.rn's branch to catch
+            parts = (d[:, :, None], -refine_reciprocal(d, approximate_reciprocal(d))[:, :, None])
         else:
             minus_S, D, minus_I = divisor_parts(d)
             # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149

@@ -169,6 +169,27 @@ def negated_quotient(x, d, minus_J):
 
 
 @triton.jit
+def approximate_reciprocal(d):
+    """PTX ``rcp.approx.ftz.f32``: 1/d within about an ulp, one MUFU.RCP (tests/ptx_semantics.py has a
+    stand-in that errs by up to an ulp either way)."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def refine_reciprocal(d, r):
+    """fl32(1/d) from r a few ulps off it, for d and 1/d normal, without div.rn's special-case branch:
+    two Newton steps r + r*(1 - d*r) (FMAs) land on fl32(1/d) for every mantissa but 2 - 2^-23, where 1/d
+    lies just above a midpoint and the last step may stop on the tie one ulp low, at a power of two: its
+    correct reciprocal is that power of two with the last mantissa bit set, so the bit is set.
+    tests/test_exact_division.py checks every mantissa with r = fl32(1/d) + k ulps, k in 0, +-1, +-2, +-3,
+    +-4, +-16, +-64."""
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    ones = (d.to(tl.int32, bitcast=True) & 0x7FFFFF) == 0x7FFFFF
+    return tl.where(ones, (r.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True), r)
+
+
+@triton.jit
 def e2m1_magnitude_code(q):
     """E2M1 code (0..7) of float32 q >= 0 (or NaN -> 7): round half to even onto {0, .5, 1, 1.5, 2, 3,
     4, 6}, saturating, with one float add doing the rounding.

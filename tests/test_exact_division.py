@@ -37,12 +37,14 @@ from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, NVFP4_S
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import (
     E2M1_CODE_BIAS,
+    approximate_reciprocal,
     divisor_parts,
     e2m1_biased_signed_code,
     e2m1_magnitude_code,
     float32_reciprocal,
     negated_quotient,
     quotient,
+    refine_reciprocal,
 )
 from ptx_semantics import fma32, use_ptx_semantics
 
@@ -78,6 +80,19 @@ def _common_probe(x_ptr, d_ptr, q_ptr, c_ptr, N, BLOCK: tl.constexpr):
     minus_q = negated_quotient(x, d, tl.div_rn(-1.0, d))
     tl.store(q_ptr + i, minus_q, mask=i < N)
     tl.store(c_ptr + i, e2m1_magnitude_code(tl.abs(minus_q)), mask=i < N)
+
+
+@triton.jit
+def _reciprocal_probe(d_ptr, r_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.load(d_ptr + i, mask=i < N, other=1.0)
+    tl.store(out_ptr + i, refine_reciprocal(d, tl.load(r_ptr + i, mask=i < N, other=1.0)), mask=i < N)
+
+
+@triton.jit
+def _approximate_reciprocal_probe(d_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, approximate_reciprocal(tl.load(d_ptr + i, mask=i < N, other=1.0)), mask=i < N)
 
 
 def run_quotient(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -231,11 +246,12 @@ def common_divisors(hi: float) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_common_regime_every_16bit_value_at_every_divisor_exponent(ptx):
-    """Every finite bf16 and fp16 value (both signs, subnormals, -0.0) against divisors at every exponent of
-    the regime (2^-85 .. 2^14): where intermediates are normal the computation scales with powers of two,
-    so with test_quotient_every_mantissa_pair (the same three operations up to exact negations, every
-    mantissa pair) this covers every divisor mantissa too; at the ends it is where subnormals appear."""
+def test_common_regime_every_16bit_value_at_the_regime_ends(ptx):
+    """Every finite bf16 and fp16 value (both signs, subnormals, -0.0) against divisors at every exponent
+    near the regime's ends (2^-85 .. 2^-70, 2^4 .. 2^13) and a spread between.  Where intermediates are
+    normal the computation scales with powers of two, so with test_quotient_every_mantissa_pair (the same
+    three operations up to exact negations, every mantissa pair) this covers every divisor mantissa; the
+    ends are where subnormals appear."""
     x = torch.cat([every_finite(torch.bfloat16), every_finite(torch.float16)]).unique()
     d = common_divisors(COMMON_D_MAX_16)
     for lo in range(0, len(d), 8):
@@ -262,6 +278,47 @@ def test_common_regime_float32_values(ptx):
         pairs_x = x[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
         pairs_d = chunk[:, None].expand(-1, len(x)).reshape(-1).contiguous()
         check_common_quotients(pairs_x, pairs_d, f"common regime, float32 (seed {seed}, divisors {chunk.tolist()})")
+
+
+def test_rcp_approx_stand_in_errs_by_an_ulp_either_way(ptx):
+    """The stand-in for rcp.approx.ftz.f32 (through the kernels' own inline asm): within an ulp of the
+    correctly rounded 1/d, off by -1, 0 and +1 ulp each for some d, subnormals flushed (seed 9)."""
+    gen = torch.Generator().manual_seed(9)
+    d = torch.cat(
+        [(1 + torch.rand(4096, generator=gen)) * torch.exp2(torch.randint(-125, 126, (4096,), generator=gen))]
+    )
+    d = torch.cat([d, -d, torch.tensor([2.0**-130, 2.0**127 * 1.5])])
+    r = torch.empty_like(d)
+    _approximate_reciprocal_probe[(triton.cdiv(d.numel(), BLOCK),)](d, r, d.numel(), BLOCK)
+    exact = 1.0 / d
+    ulps = r[:-2].view(torch.int32) - exact[:-2].view(torch.int32)
+    assert set(ulps.unique().tolist()) == {-1, 0, 1}
+    assert r[-2].item() == float("inf") and r[-1].item() == 0.0  # .ftz: subnormal input, subnormal result
+
+
+@pytest.mark.slow
+def test_refined_reciprocal_every_mantissa(ptx):
+    """refine_reciprocal gives the correctly rounded 1/d for every float32 mantissa from every start
+    r = fl32(1/d) + k ulps, k in 0, +-1, +-2, +-3, +-4, +-16, +-64 (without its fix-up, 2 - 2^-23 fails for
+    every k != 0); then at the common regime's extreme exponents for a sample.  Newton's steps scale
+    with powers of two while everything is normal (d, 1/d, the residual 1 - d*r as a number near 2^-24)."""
+    d = (torch.arange(1 << 23, dtype=torch.int32) | (127 << 23)).view(torch.float32)
+    exact = 1.0 / d
+    out = torch.empty_like(d)
+    for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 16, -16, 64, -64):
+        r = (exact.view(torch.int32) + k).view(torch.float32)
+        _reciprocal_probe[(triton.cdiv(d.numel(), BLOCK),)](d, r, out, d.numel(), BLOCK)
+        assert_bitwise_equal(out, exact, f"every mantissa, start {k} ulps off")
+    gen = torch.Generator().manual_seed(10)
+    sample = torch.cat([d[torch.randint(0, 1 << 23, (1 << 14,), generator=gen)], d[-4:]])
+    for scale in (2.0**-85, 2.0**13):
+        ds = sample * scale
+        exact = 1.0 / ds
+        for k in (-4, -1, 1, 4):
+            r = (exact.view(torch.int32) + k).view(torch.float32)
+            out = torch.empty_like(ds)
+            _reciprocal_probe[(triton.cdiv(ds.numel(), BLOCK),)](ds, r, out, ds.numel(), BLOCK)
+            assert_bitwise_equal(out, exact, f"divisors * {scale}, start {k} ulps off")
 
 
 @pytest.mark.slow
