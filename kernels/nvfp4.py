@@ -3,6 +3,10 @@
 Per tensor: weight_scale_2 = amax / 2688.  Per block of 16: an E4M3 scale from the block amax, then
 each element divided by (scale * weight_scale_2) and rounded to E2M1; two codes per byte, even
 element in the low nibble.  Steps and their rounding: shared/reference/numerics.md.
+
+On the GPU path two launches per dtype share the tile map: one for tensors whose amax lies in a common
+regime (COMMON_AMAX_MIN), where the divisions need no prescale and the sign no underflow threshold,
+and the general one for the rest; each program returns at once when its tensor is the other kind.
 """
 
 from __future__ import annotations
@@ -336,7 +340,8 @@ def nvfp4_launches(hw: bool) -> list[tuple[str, bool]]:
 
 
 def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None) -> list[NVFP4Weight]:
-    """NVFP4-quantize every weight; one launch per dtype (two with the amax pass when amax is absent).
+    """NVFP4-quantize every weight; one launch per dtype, two on the GPU path (``nvfp4_launches``), plus
+    the amax pass when amax is absent.
 
     weight_amax: optional float32 [len(weights)], e.g. reduced across ranks or shared by a scale group.
     """
