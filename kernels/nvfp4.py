@@ -184,12 +184,20 @@ def _nvfp4_tile(
         j3 = tl.arange(0, _HALF_BLOCK // 2)[None, None, :]  # word j holds elements 2j (low half), 2j + 1
         nibble = (8 * j3).to(tl.int32)
     num_blocks = K // _BLOCK
-    full = num_blocks // BLOCKS * BLOCKS
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
     lanes = (r2, j3, nibble, WORDS)
     out = (q_ptr, s_ptr, K, scale_2)
     unit = (minus_S_u, D_u, minus_I_u, Z_u)  # the division by scale_unit
-    for b0 in range(0, full, BLOCKS):
+    start = 0
+    if COMMON and VEC == 8:  # 16-bit weights, K % 64 == 0: a step is BLOCKS groups of 4 consecutive blocks,
+        # their 4 scales one 32-bit word (float32 weights: 42 BAR/SHFL per step instead of 12, not taken)
+        QUAD: tl.constexpr = 4 * BLOCKS
+        start = tl.where(K % (4 * _BLOCK) == 0, num_blocks // QUAD * QUAD, 0)
+        scale_words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # row r at r * K / 64 words
+        for b0 in range(0, start, QUAD):
+            seen = _nvfp4_quad_step(x_ptr + r_in, lanes, b0 // 4 + blk2, r2 < rows, out, unit, seen, scale_words)
+    full = start + (num_blocks - start) // BLOCKS * BLOCKS  # the rest one block per lane, scales as bytes
+    for b0 in range(start, full, BLOCKS):
         seen = _nvfp4_step(x_ptr + r_in, lanes, b0 + blk2, r2 < rows, out, unit, seen, False, HW, COMMON)
     if full < num_blocks:
         blk = full + blk2
@@ -205,10 +213,35 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _nvfp4_quad_step(rows_ptr, lanes, group, mask, out, unit, seen, scale_words):
+    """One common-regime step over [rows, groups of 4 consecutive blocks]: four block steps (block 4g + k
+    in the k-th, so one thread holds all four) whose scale bytes leave as one 32-bit word per group."""
+    r2 = lanes[0]
+    K = out[2]
+    seen, s0 = _nvfp4_step(rows_ptr, lanes, 4 * group, mask, out, unit, seen, False, True, True, False)
+    seen, s1 = _nvfp4_step(rows_ptr, lanes, 4 * group + 1, mask, out, unit, seen, False, True, True, False)
+    seen, s2 = _nvfp4_step(rows_ptr, lanes, 4 * group + 2, mask, out, unit, seen, False, True, True, False)
+    seen, s3 = _nvfp4_step(rows_ptr, lanes, 4 * group + 3, mask, out, unit, seen, False, True, True, False)
+    tl.store(scale_words + r2 * (K // (4 * _BLOCK)) + group, s0 | (s1 << 8) | (s2 << 16) | (s3 << 24), mask=mask)
+    return seen
+
+
+@triton.jit
 def _nvfp4_step(
-    rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexpr, HW: tl.constexpr, COMMON: tl.constexpr
+    rows_ptr,
+    lanes,
+    blk,
+    mask,
+    out,
+    unit,
+    seen,
+    MASKED: tl.constexpr,
+    HW: tl.constexpr,
+    COMMON: tl.constexpr,
+    STORE_SCALE: tl.constexpr = True,
 ):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block.
+    Without STORE_SCALE it returns (seen, the scale bytes as int32) and stores only the codes.
 
     lanes = (row, element-in-half-block, its nibble shift, WORDS); with WORDS (bf16 on the GPU path,
     aligned rows) the lane is a 32-bit word of two elements, the even one's nibble given, the odd one's
@@ -272,7 +305,8 @@ def _nvfp4_step(
     else:
         scale = e4m3_round(scale)
         scale_bits = e4m3_bits(scale)
-    tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
+    if STORE_SCALE:
+        tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
 
     d = scale * scale_2
     if HW:
@@ -297,7 +331,10 @@ def _nvfp4_step(
     words = q_ptr + r2 * (K // 8) + 2 * blk
     tl.store(words, word_lo, mask=mask)
     tl.store(words + 1, word_hi, mask=mask)
-    return seen
+    if STORE_SCALE:
+        return seen
+    else:
+        return seen, scale_bits.to(tl.int32)
 
 
 @triton.jit

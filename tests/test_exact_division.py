@@ -490,6 +490,7 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
     edges = nvfp4_edges(dtype)
     edges_amax = edges.float().abs().max().item()
     mids, mid_amax = near_midpoints(dtype)
+    wide = scaled_to(heavy((2, 1152), dtype, seed + 6), 3.0)
     cases = [  # (weight, amax given, in the common regime)
         (scaled_to(heavy((3, 48), dtype, seed), lo), lo, True),
         (scaled_to(heavy((3, 48), dtype, seed + 1), lo), below, False),
@@ -497,6 +498,11 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
         (scaled_to(heavy((2, 64), dtype, seed + 3), hi), above, False),
         (heavy((4, 32), dtype, seed + 4), 1.0, True),  # clipped: most blocks saturate
         (mids, mid_amax, True),
+        # K % 64 == 0 and long enough for the common launch's 4-block steps (scales as 32-bit words), then
+        # a masked tail; and K % 64 != 0, which that launch quantizes one block per lane, scales as bytes
+        (mids.reshape(1, -1).repeat(2, 24), mid_amax, True),
+        (wide, wide.float().abs().max().item(), True),  # block scales that differ within each word
+        (heavy((2, 1040), dtype, seed + 5), 1.0, True),
         (edges, 1.0, True),  # -0.0, ties, zero blocks, the dtype's largest values (quotients overflow)
         (edges, edges_amax, lo <= edges_amax <= hi),
     ]
