@@ -44,6 +44,7 @@ from .grouping import (
 from .rounding import (
     E2M1_CODE_BIAS,
     approximate_reciprocal,
+    common_quotient,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
@@ -52,9 +53,9 @@ from .rounding import (
     e4m3_bits,
     e4m3_round,
     float32_reciprocal,
-    negated_quotient,
     quotient,
     refine_reciprocal,
+    sign_bit_as_8,
 )
 
 
@@ -82,6 +83,7 @@ _E4M3_MAX = tl.constexpr(E4M3_MAX)
 COMMON_AMAX_MIN = 2.0**-64
 COMMON_AMAX_MAX = {torch.bfloat16: 2.0**16, torch.float16: 2.0**16, torch.float32: 2.0**3}
 _COMMON_MIN = tl.constexpr(COMMON_AMAX_MIN)
+_REDO_ABOVE = tl.constexpr(2.0**79)  # |x| / d <= 2^20.4 * |x| / amax (d >= 2^-9 * amax / 2688): <= 2^99.4
 
 
 @triton.jit
@@ -92,6 +94,7 @@ def _nvfp4_kernel(
     x_ref,
     amax,
     nonfinite,
+    redo,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -103,18 +106,24 @@ def _nvfp4_kernel(
     AMAX_MAX: tl.constexpr,
 ):
     """One of two launches on the GPU path (HW): COMMON quantizes the tensors whose amax is in the common
-    regime (see COMMON_AMAX_MIN), the other one the rest; each program of the wrong kind returns at once."""
+    regime (see COMMON_AMAX_MIN), the other one the rest and the tensors the first flagged in ``redo``;
+    each program of the wrong kind returns at once."""
     t, tile, index, _ = tile_entry(tile_map)
     a = tl.load(amax + index)
     run = tile >= 0
     if HW:
-        run = ((a >= _COMMON_MIN) & (a <= AMAX_MAX)) == COMMON  # NaN: not common
+        common = (a >= _COMMON_MIN) & (a <= AMAX_MAX)  # NaN: not common
+        if COMMON:
+            run = common
+        else:  # launched after the common one, on the same stream: its flags are written
+            run = ~common | (tl.load(redo + index) != 0)
     if run:
         _nvfp4_tile(
             table,
             out_table,
             x_ref,
             nonfinite,
+            redo,
             t,
             tile,
             index,
@@ -136,6 +145,7 @@ def _nvfp4_tile(
     out_table,
     x_ref,
     nonfinite,
+    redo,
     t,
     tile,
     index,
@@ -159,8 +169,8 @@ def _nvfp4_tile(
         tl.store(output_ptr(out_table, t, 2, tl.float32, False), scale_2)
     scale_unit = _E2M1_MAX * scale_2
 
-    if HW and COMMON:  # scale_unit in [2^-73, 2^8]: divided without a prescale (rounding.negated_quotient)
-        minus_S_u, D_u, minus_I_u, Z_u = scale_unit, scale_unit, tl.div_rn(-1.0, scale_unit), scale_unit
+    if HW and COMMON:  # scale_unit in [2^-73, 2^8]: divided without a prescale (rounding.common_quotient)
+        minus_S_u, D_u, minus_I_u, Z_u = scale_unit, -scale_unit, tl.div_rn(1.0, scale_unit), scale_unit
     elif HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
         minus_S_u, D_u, minus_I_u = divisor_parts(scale_unit)
         # IEEE's block amax / scale_unit is 0 iff block amax <= Z_u (see _codes); scale_unit == 0 is x / 0
@@ -205,6 +215,11 @@ def _nvfp4_tile(
         seen = _nvfp4_step(x_ptr + r_in, lanes, blk, mask, out, unit, seen, True, HW, COMMON)
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
+    if HW and COMMON:  # a weight far above a given amax can overflow x * fl(1/d) to a NaN whose sign bit
+        # the hardware picks: the general launch redoes that tensor (below, every quotient is <= 2^100,
+        # where tests/test_exact_division.py proves the codes and their signs)
+        if tl.max(tl.max(seen, axis=1), axis=0) > a * _REDO_ABOVE:
+            tl.store(redo + index, 1)
 
 
 @triton.jit
@@ -247,7 +262,7 @@ def _nvfp4_step(
     aligned rows) the lane is a 32-bit word of two elements, the even one's nibble given, the odd one's
     4 above; out = (codes, scales, K, weight_scale_2);
     unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_tile); with COMMON
-    (scale_unit, scale_unit, -fl(1 / scale_unit), scale_unit)."""
+    (scale_unit, -scale_unit, +fl(1 / scale_unit), scale_unit)."""
     r2, j3, nibble, WORDS = lanes
     q_ptr, s_ptr, K, scale_2 = out
     minus_S_u, D_u, minus_I_u, Z_u = unit
@@ -282,7 +297,7 @@ def _nvfp4_step(
     block_amax = tl.reduce(both, 2, _max_nan)
     seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
     if HW and COMMON:  # a non-zero block's quotient is >= 2^-141, never IEEE's 0; NaN (overflow) -> 448
-        scale = tl.minimum(tl.abs(negated_quotient(block_amax, D_u, minus_I_u)), _E4M3_MAX)
+        scale = tl.minimum(common_quotient(block_amax, D_u, minus_I_u), _E4M3_MAX)  # -unit, +fl(1/unit)
         scale = tl.where(block_amax == 0.0, 1.0, tl.maximum(scale, _SCALE_MIN))
     else:
         if HW:
@@ -311,7 +326,7 @@ def _nvfp4_step(
     d = scale * scale_2
     if HW:
         if COMMON:  # d in [2^-85, 2^14]: 1/d normal, no special case for div.rn's branch to catch
-            parts = (d[:, :, None], -refine_reciprocal(d, approximate_reciprocal(d))[:, :, None])
+            parts = (-d[:, :, None], refine_reciprocal(d, approximate_reciprocal(d))[:, :, None])
         else:
             minus_S, D, minus_I = divisor_parts(d)
             # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
@@ -339,16 +354,17 @@ def _nvfp4_step(
 
 @triton.jit
 def _codes(x, parts, nibble, COMMON: tl.constexpr):
-    """E2M1 codes of x / d (d = D / S; parts = (-S, D, -I, -Z), or with COMMON (d, -fl(1 / d))) packed
+    """E2M1 codes of x / d (d = D / S; parts = (-S, D, -I, -Z), or with COMMON (-d, fl(1 / d))) packed
     into a 32-bit word at their nibbles, each plus E2M1_CODE_BIAS (the caller subtracts _WORD_BIAS once
     the word is whole)."""
-    if COMMON:  # no quotient underflows to -0.0: the sign is x's, -0.0 and +0.0 give code 0
-        d, minus_J = parts
-        q, negative = tl.abs(negated_quotient(x, d, minus_J)), x < 0.0
+    if COMMON:  # no quotient underflows to -0.0, and +-0.0 give +0.0: the sign bit of q is x < 0
+        minus_d, J = parts
+        q = common_quotient(x, minus_d, J)
+        q, sign = tl.abs(q), sign_bit_as_8(q)
     else:  # the sign: x / d rounds below -0.0
         minus_S, D, minus_I, minus_Z = parts
-        q, negative = quotient(tl.abs(x) * minus_S, D, minus_I), x < minus_Z
-    biased = e2m1_biased_signed_code(q, negative)  # code + 8 * negative + E2M1_CODE_BIAS
+        q, sign = quotient(tl.abs(x) * minus_S, D, minus_I), tl.where(x < minus_Z, 8, 0)
+    biased = e2m1_biased_signed_code(q, sign)  # code + sign + E2M1_CODE_BIAS
     # the bias leaves once per word: sum((c_j + B) << 4j) - B * 0x11111111 == sum(c_j << 4j) mod 2^32
     return tl.sum(biased << nibble, axis=2)
 
@@ -409,6 +425,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     else:
         results = [_empty_outputs(w) for w in weights]
         nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        redo = torch.zeros(len(weights), dtype=torch.int32, device=device)  # common launch -> general one
         tiles = tiles_for(TILES, device)
         hw = hardware_math(device)
         # the GPU path: the common-regime launch, then the exact general one over the rest (no host read)
@@ -418,7 +435,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
                 _nvfp4_kernel,
                 weights,
                 tiles,
-                (amax, nonfinite),
+                (amax, nonfinite, redo),
                 outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
                 BLOCKS=tiles.cols,
                 RECIPROCAL=divides_by_reciprocal(device),

@@ -155,17 +155,20 @@ def quotient(minus_n, D, minus_I):  # noqa: N803 - D and I as in the docstring
 
 
 @triton.jit
-def negated_quotient(x, d, minus_J):
-    """-fl32(x / d) given -J = -fl32(1 / d), for a divisor whose range makes a prescale unnecessary
+def common_quotient(x, minus_d, J):  # noqa: N803 - J as in the docstring
+    """fl32(x / d) given -d and J = fl32(1 / d), for a divisor whose range makes a prescale unnecessary
     (NVFP4's common regime, d in [2^-85, 2^14]): y = x * J within an ulp, the FMA residual x - y*d exact,
-    one more FMA rounds once (Markstein), all signs arranged so that nothing is negated per element.
+    one more FMA rounds once (Markstein); -d comes negated (once per divisor) so that nothing is negated
+    per element.
     Exact wherever the intermediates are normal, i.e. for quotients the codes depend on; elsewhere a
     tiny quotient stays tiny and an overflowing one is inf or NaN (E2M1 and E4M3 saturate both: PTX
-    min.f32 returns the non-NaN operand).  tests/test_exact_division.py proves it over every bf16 and
-    fp16 value against the regime's divisors."""
-    minus_y = x * minus_J
-    residual = tl.fma(minus_y, d, x)  # x - y*d, exact
-    return tl.fma(residual, minus_J, minus_y)
+    min.f32 returns the non-NaN operand).  Both zeros give +0.0 (the residual's exact zero sum is +0
+    under round-to-nearest, and so is the last one): where no non-zero quotient underflows, the result's
+    sign bit is x < 0, -0.0 excluded, with nothing compared.  tests/test_exact_division.py proves it over
+    every bf16 and fp16 value against the regime's divisors."""
+    y = x * J
+    residual = tl.fma(y, minus_d, x)  # x - y*d, exact
+    return tl.fma(residual, J, y)
 
 
 @triton.jit
@@ -218,13 +221,19 @@ def e2m1_biased_code(q):
 
 
 @triton.jit
-def e2m1_biased_signed_code(q, negative):
-    """``e2m1_biased_code(q) + 8 * negative``: the sign (bit 3 of a code) rides in the rounding add.
-    C + 8 ulps (the bits of C | 8; C's mantissa bits are 0) rounds q exactly as C does (a multiple of
-    C's ulp, same binade, same last-bit parity), so the sum's bits are 8 higher; C itself leaves."""
+def e2m1_biased_signed_code(q, sign):
+    """``e2m1_biased_code(q) + sign``, sign 8 (bit 3 of a code: negative) or 0, riding in the rounding
+    add: C + 8 ulps (the bits of C | 8; C's mantissa bits are 0) rounds q exactly as C does (a multiple
+    of C's ulp, same binade, same last-bit parity), so the sum's bits are 8 higher; C itself leaves."""
     q, c = _e2m1_adder(q)
-    t = (q + tl.where(negative, c | 8, c).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    t = (q + (c | sign).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
     return t - c + (c >> 22)
+
+
+@triton.jit
+def sign_bit_as_8(x):
+    """8 where float32 x has its sign bit set, else 0 (one shift and one AND, fused into an OR by the caller)."""
+    return (x.to(tl.int32, bitcast=True) >> 28) & 8
 
 
 @triton.jit

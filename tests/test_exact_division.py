@@ -38,13 +38,14 @@ from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import (
     E2M1_CODE_BIAS,
     approximate_reciprocal,
+    common_quotient,
     divisor_parts,
     e2m1_biased_signed_code,
     e2m1_magnitude_code,
     float32_reciprocal,
-    negated_quotient,
     quotient,
     refine_reciprocal,
+    sign_bit_as_8,
 )
 from ptx_semantics import fma32, use_ptx_semantics
 
@@ -68,18 +69,19 @@ def _code_probe(q_ptr, c_ptr, s_ptr, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     q = tl.load(q_ptr + i, mask=i < N, other=0.0)
     tl.store(c_ptr + i, e2m1_magnitude_code(q), mask=i < N)
-    tl.store(s_ptr + i, e2m1_biased_signed_code(q, (i % 2) == 1) - E2M1_CODE_BIAS, mask=i < N)
+    tl.store(s_ptr + i, e2m1_biased_signed_code(q, tl.where((i % 2) == 1, 8, 0)) - E2M1_CODE_BIAS, mask=i < N)
 
 
 @triton.jit
 def _common_probe(x_ptr, d_ptr, q_ptr, c_ptr, N, BLOCK: tl.constexpr):
-    """NVFP4's common-regime division as the kernel does it: -fl(1/d) once, then negated_quotient."""
+    """NVFP4's common-regime division as the kernel does it: fl(1/d) once, then common_quotient; the
+    code's sign from the quotient's sign bit."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < N, other=1.0)
     d = tl.load(d_ptr + i, mask=i < N, other=1.0)
-    minus_q = negated_quotient(x, d, tl.div_rn(-1.0, d))
-    tl.store(q_ptr + i, minus_q, mask=i < N)
-    tl.store(c_ptr + i, e2m1_magnitude_code(tl.abs(minus_q)), mask=i < N)
+    q = common_quotient(x, -d, tl.div_rn(1.0, d))
+    tl.store(q_ptr + i, q, mask=i < N)
+    tl.store(c_ptr + i, e2m1_biased_signed_code(tl.abs(q), sign_bit_as_8(q)) - E2M1_CODE_BIAS, mask=i < N)
 
 
 @triton.jit
@@ -198,25 +200,31 @@ def every_finite(dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_common_quotients(x: torch.Tensor, d: torch.Tensor, what: str) -> None:
-    """What the common-regime kernel needs of ``negated_quotient``: -q bit-exact where |x / d| is in
+    """What the common-regime kernel needs of ``common_quotient``: q bit-exact where |x / d| is in
     [2^-10, 2^10] (E2M1 codes change in [0.25, 6], E4M3 block scales in [2^-9, 448]); the E2M1 magnitude
-    code of |q| right everywhere (NaN from an overflow -> 7, as min.f32 gives); below 2^-10 |q| stays
-    below 2^-9 (the scale clamp), above 2^10 above 448 or NaN (saturation); and no non-zero x has an
-    IEEE quotient of +-0 (so the sign of a code is x < 0)."""
-    minus_q = torch.empty_like(x)
+    code right everywhere (NaN from an overflow -> 7, as min.f32 gives) and, where a kernel's quotients
+    lie, the sign taken from q's sign bit equal to ModelOpt's (x / d < 0): so +-0.0 give +0.0 and no
+    non-zero x has an IEEE quotient of +-0; below 2^-10 |q| stays below 2^-9 (the scale clamp), above
+    2^10 above 448 or NaN (saturation)."""
+    q = torch.empty_like(x)
     code = torch.empty(x.shape, dtype=torch.int32)
-    _common_probe[(triton.cdiv(x.numel(), BLOCK),)](x, d, minus_q, code, x.numel(), BLOCK)
+    _common_probe[(triton.cdiv(x.numel(), BLOCK),)](x, d, q, code, x.numel(), BLOCK)
     exact = x / d  # IEEE float32 division (torch on CPU)
     mag = exact.abs()
     middle = (mag >= 2.0**-10) & (mag <= 2.0**10)
-    assert_bitwise_equal(-minus_q[middle], exact[middle], f"{what}: quotient in [2^-10, 2^10]")
-    expected = (e2m1_codes_reference(mag) & 7).to(torch.int32)
-    assert_bitwise_equal(code, expected, f"{what}: E2M1 magnitude codes")
-    got = minus_q.abs()
+    assert_bitwise_equal(q[middle], exact[middle], f"{what}: quotient in [2^-10, 2^10]")
+    expected = e2m1_codes_reference(exact).to(torch.int32)
+    assert_bitwise_equal(code & 7, expected & 7, f"{what}: E2M1 magnitude codes")
+    # the sign too wherever a kernel can divide: |x| <= amax and d >= 2^-9 * amax / 2688, so |x / d| <=
+    # 2^20.4 (beyond 2^101 the quotient overflows to a NaN whose sign bit the hardware chooses)
+    reachable = mag <= 2.0**100
+    assert_bitwise_equal(code[reachable], expected[reachable], f"{what}: signed E2M1 codes")
+    assert bool(((exact != 0) | (x == 0)).all()), f"{what}: a non-zero x / d underflowed to 0"
+    assert bool((q[x == 0].view(torch.int32) == 0).all()), f"{what}: +-0.0 did not give +0.0"
+    got = q.abs()
     assert bool((got[mag < 2.0**-10] < 2.0**-9).all()), f"{what}: a quotient below 2^-10 came out >= 2^-9"
     big = got[mag > 2.0**10]
     assert bool(((big > E4M3_MAX) | big.isnan()).all()), f"{what}: a quotient above 2^10 came out <= 448"
-    assert bool(((exact != 0) | (x == 0)).all()), f"{what}: a non-zero x / d underflowed to 0"
 
 
 def test_common_regime_bounds_are_the_proven_ones():
@@ -491,6 +499,9 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
     edges_amax = edges.float().abs().max().item()
     mids, mid_amax = near_midpoints(dtype)
     wide = scaled_to(heavy((2, 1152), dtype, seed + 6), 3.0)
+    zeros = scaled_to(heavy((2, 1088), dtype, seed + 7), 1.0)  # -0.0 and +0.0 in a common-regime tensor
+    zeros[:, ::3] = -0.0
+    zeros[:, 1::7] = 0.0
     cases = [  # (weight, amax given, in the common regime)
         (scaled_to(heavy((3, 48), dtype, seed), lo), lo, True),
         (scaled_to(heavy((3, 48), dtype, seed + 1), lo), below, False),
@@ -502,6 +513,8 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
         # a masked tail; and K % 64 != 0, which that launch quantizes one block per lane, scales as bytes
         (mids.reshape(1, -1).repeat(2, 24), mid_amax, True),
         (wide, wide.float().abs().max().item(), True),  # block scales that differ within each word
+        (zeros, 1.0, True),
+        (zeros[:, :1040], 1.0, True),  # the same, K % 64 != 0
         (heavy((2, 1040), dtype, seed + 5), 1.0, True),
         (edges, 1.0, True),  # -0.0, ties, zero blocks, the dtype's largest values (quotients overflow)
         (edges, edges_amax, lo <= edges_amax <= hi),
@@ -514,11 +527,16 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
         assert_results_equal(r, e, f"both launches, weights[{i}] (amax {given[i].item()})")
         if given[i].to(dtype).float() == given[i]:  # ModelOpt holds amax in the weight's dtype
             assert_results_equal(r, nvfp4_export(weights[i], given[i]), f"modelopt weights[{i}]")
+    # weights far above their given amax (bf16's and float32's largest against 1.0) are the common launch's to flag and
+    # the general launch's to redo (without the redo the first check above fails: their quotients overflow
+    # to NaN, whose sign bit is the hardware's); everything else is one launch's alone
+    redone = [bool(w.float().abs().max() > a * 2.0**79) for w, a in zip(weights, given.tolist())]
+    assert any(redone) == (dtype != torch.float16)  # float16 tops out at 65504
     for common in (True, False):
         monkeypatch.setattr(nvfp4_module, "nvfp4_launches", lambda hw, c=common: [("nvfp4", c)])
         results = quantize_nvfp4(weights, given)
         for i, (r, e) in enumerate(zip(results, expected)):
-            if cases[i][2] == common:
+            if cases[i][2] == common and not redone[i]:
                 assert_results_equal(r, e, f"{'common' if common else 'general'} launch alone, weights[{i}]")
     # the general launch stays exact for every tensor (an empty common regime sends all of them there)
     monkeypatch.setattr(nvfp4_module, "COMMON_AMAX_MAX", dict.fromkeys(nvfp4_module.COMMON_AMAX_MAX, 0.0))
