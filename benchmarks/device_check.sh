@@ -37,6 +37,8 @@ MOEQ_TEST_DEVICE=cuda timeout 150 $PY -P -m pytest -q -p no:cacheprovider tests/
     | tee "$OUT/pytest.txt" | tail -n 25 || status=1
 echo "== static SASS budget (offline compile, as on a CPU)"
 timeout 120 $PY -m benchmarks.kernel_report --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
+echo "== rcp.approx.ftz.f32 and NVFP4's refined reciprocal over every mantissa"
+timeout 60 $PY -m benchmarks.rcp_probe 2>&1 | grep -v Warning | tee "$OUT/rcp_probe.txt" || status=1
 echo "== FP8 export rounding on CUDA"
 timeout 60 $PY -m benchmarks.fp8_rounding_probe --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
 echo "== tile sweep"

@@ -13,6 +13,10 @@ the most of them): SASS instructions per element a thread loads, load / store wi
 (STL), BAR / SHFL in the loop, and the dependent global loads before the loop's first weight load.
 ``--check`` exits 1 when a budget of BUDGETS (sm_90, bf16) is broken; tests/test_kernel_budget.py
 runs the same check in CI.
+
+NVFP4 launches twice per dtype on CUDA (kernels/nvfp4.py): ``nvfp4`` is the common-regime launch
+(2^-64 <= amax <= 2^16; float32 weights <= 8), which the budget applies to, and ``nvfp4_fallback``
+the general one for every other tensor, reported beside it without a budget.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """moeq_triton.kernels: grouped amax, NVFP4 and FP8 weight quantization (torch + triton only).
 
 Each public function takes any number of weights and issues one Triton launch per dtype through a
-device table of pointers (``grouping``); a plain-torch reference sits beside each kernel.
+device table of pointers (``grouping``; NVFP4 on a GPU two, ``nvfp4.nvfp4_launches``); a plain-torch
+reference sits beside each kernel.
 """
 
 from .amax import NonFiniteWeightError, grouped_amax, grouped_amax_reference, grouped_row_amax

@@ -3,6 +3,10 @@
 Per tensor: weight_scale_2 = amax / 2688.  Per block of 16: an E4M3 scale from the block amax, then
 each element divided by (scale * weight_scale_2) and rounded to E2M1; two codes per byte, even
 element in the low nibble.  Steps and their rounding: shared/reference/numerics.md.
+
+On the GPU path two launches per dtype share the tile map: one for tensors whose amax lies in a common
+regime (COMMON_AMAX_MIN), where the divisions need no prescale and the sign no underflow threshold,
+and the general one for the rest; each program returns at once when its tensor is the other kind.
 """
 
 from __future__ import annotations
@@ -39,15 +43,19 @@ from .grouping import (
 )
 from .rounding import (
     E2M1_CODE_BIAS,
+    approximate_reciprocal,
+    common_quotient,
     divide_by_constant,
     divides_by_reciprocal,
     divisor_parts,
-    e2m1_biased_code,
+    e2m1_biased_signed_code,
     e2m1_code,
     e4m3_bits,
     e4m3_round,
     float32_reciprocal,
     quotient,
+    refine_reciprocal,
+    sign_bit_as_8,
 )
 
 
@@ -65,6 +73,17 @@ _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
 _MIN_SUBNORMAL = tl.constexpr(2.0**-149)  # the smallest positive float32
 _WORD_BIAS = tl.constexpr((E2M1_CODE_BIAS.value * 0x11111111 + 2**31) % 2**32 - 2**31)  # 8 biases, as int32
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+
+# The common regime (COMMON_AMAX_MIN <= amax <= COMMON_AMAX_MAX[dtype]), decided on the device per tensor:
+# every block divisor d = fl(scale * weight_scale_2) lies in [2^-85, 2^14], so the division needs no
+# power-of-two prescale (its intermediates are normal wherever the result matters), and no non-zero
+# weight's quotient underflows to +-0 (2^-133 / 2^14 > 2^-150; float32 weights, down to 2^-149, need
+# d < 2, hence amax <= 8), so an E2M1 sign is simply x < 0.  tests/test_exact_division.py proves it.
+COMMON_AMAX_MIN = 2.0**-64
+COMMON_AMAX_MAX = {torch.bfloat16: 2.0**16, torch.float16: 2.0**16, torch.float32: 2.0**3}
+_COMMON_MIN = tl.constexpr(COMMON_AMAX_MIN)
+_REDO_ABOVE = tl.constexpr(2.0**79)  # |x| / d <= 2^20.4 * |x| / amax (d >= 2^-9 * amax / 2688): <= 2^99.4
 
 
 @triton.jit
@@ -75,6 +94,7 @@ def _nvfp4_kernel(
     x_ref,
     amax,
     nonfinite,
+    redo,
     ALIGNED: tl.constexpr,
     VEC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -82,18 +102,76 @@ def _nvfp4_kernel(
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
     BF16: tl.constexpr,
+    COMMON: tl.constexpr,
+    AMAX_MAX: tl.constexpr,
 ):
+    """One of two launches on the GPU path (HW): COMMON quantizes the tensors whose amax is in the common
+    regime (see COMMON_AMAX_MIN), the other one the rest and the tensors the first flagged in ``redo``;
+    each program of the wrong kind returns at once."""
     t, tile, index, _ = tile_entry(tile_map)
+    a = tl.load(amax + index)
+    run = tile >= 0
+    if HW:
+        common = (a >= _COMMON_MIN) & (a <= AMAX_MAX)  # NaN: not common
+        if COMMON:
+            run = common
+        else:  # launched after the common one, on the same stream: its flags are written
+            run = ~common | (tl.load(redo + index) != 0)
+    if run:
+        _nvfp4_tile(
+            table,
+            out_table,
+            x_ref,
+            nonfinite,
+            redo,
+            t,
+            tile,
+            index,
+            a,
+            ALIGNED,
+            VEC,
+            BLOCK_R,
+            BLOCKS,
+            RECIPROCAL,
+            HW,
+            BF16,
+            COMMON,
+        )
+
+
+@triton.jit
+def _nvfp4_tile(
+    table,
+    out_table,
+    x_ref,
+    nonfinite,
+    redo,
+    t,
+    tile,
+    index,
+    a,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCKS: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+    HW: tl.constexpr,
+    BF16: tl.constexpr,
+    COMMON: tl.constexpr,
+):
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.int32, True)  # 8 codes per 32-bit word; K/2 % 8 == 0
     s_ptr = output_ptr(out_table, t, 1, tl.uint8, False)
 
-    scale_2 = divide_by_constant(tl.load(amax + index), _DIVISOR, _INV_DIVISOR, RECIPROCAL)
+    scale_2 = divide_by_constant(a, _DIVISOR, _INV_DIVISOR, RECIPROCAL)
+
     if tile == 0:
         tl.store(output_ptr(out_table, t, 2, tl.float32, False), scale_2)
     scale_unit = _E2M1_MAX * scale_2
 
-    if HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
+    if HW and COMMON:  # scale_unit in [2^-73, 2^8]: divided without a prescale (rounding.common_quotient)
+        minus_S_u, D_u, minus_I_u, Z_u = scale_unit, -scale_unit, tl.div_rn(1.0, scale_unit), scale_unit
+    elif HW:  # the divisions by scale_unit (per block) and by each block's scale (per element), exactly
         minus_S_u, D_u, minus_I_u = divisor_parts(scale_unit)
         # IEEE's block amax / scale_unit is 0 iff block amax <= Z_u (see _codes); scale_unit == 0 is x / 0
         Z_u = tl.where(scale_unit == 0.0, -1.0, tl.floor(scale_unit * 0.5) * _MIN_SUBNORMAL)
@@ -116,18 +194,32 @@ def _nvfp4_kernel(
         j3 = tl.arange(0, _HALF_BLOCK // 2)[None, None, :]  # word j holds elements 2j (low half), 2j + 1
         nibble = (8 * j3).to(tl.int32)
     num_blocks = K // _BLOCK
-    full = num_blocks // BLOCKS * BLOCKS
     seen = tl.zeros([BLOCK_R, BLOCKS], dtype=tl.float32)
     lanes = (r2, j3, nibble, WORDS)
     out = (q_ptr, s_ptr, K, scale_2)
     unit = (minus_S_u, D_u, minus_I_u, Z_u)  # the division by scale_unit
-    for b0 in range(0, full, BLOCKS):
-        seen = _nvfp4_step(x_ptr + r_in, lanes, b0 + blk2, r2 < rows, out, unit, seen, False, HW)
+    start = 0
+    if COMMON and VEC == 8:  # 16-bit weights, K % 64 == 0: a step is BLOCKS groups of 4 consecutive blocks,
+        # their 4 scales one 32-bit word (float32 weights: 42 BAR/SHFL per step instead of 12, not taken)
+        QUAD: tl.constexpr = 4 * BLOCKS
+        start = tl.where(K % (4 * _BLOCK) == 0, num_blocks // QUAD * QUAD, 0)
+        scale_words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # row r at r * K / 64 words
+        for b0 in range(0, start, QUAD):
+            seen = _nvfp4_quad_step(x_ptr + r_in, lanes, b0 // 4 + blk2, r2 < rows, out, unit, seen, scale_words)
+    full = start + (num_blocks - start) // BLOCKS * BLOCKS  # the rest one block per lane, scales as bytes
+    for b0 in range(start, full, BLOCKS):
+        seen = _nvfp4_step(x_ptr + r_in, lanes, b0 + blk2, r2 < rows, out, unit, seen, False, HW, COMMON)
     if full < num_blocks:
         blk = full + blk2
-        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, (r2 < rows) & (blk < num_blocks), out, unit, seen, True, HW)
+        mask = (r2 < rows) & (blk < num_blocks)
+        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, mask, out, unit, seen, True, HW, COMMON)
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
+    if HW and COMMON:  # a weight far above a given amax can overflow x * fl(1/d) to a NaN whose sign bit
+        # the hardware picks: the general launch redoes that tensor (below, every quotient is <= 2^100,
+        # where tests/test_exact_division.py proves the codes and their signs)
+        if tl.max(tl.max(seen, axis=1), axis=0) > a * _REDO_ABOVE:
+            tl.store(redo + index, 1)
 
 
 @triton.jit
@@ -136,13 +228,41 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexpr, HW: tl.constexpr):
+def _nvfp4_quad_step(rows_ptr, lanes, group, mask, out, unit, seen, scale_words):
+    """One common-regime step over [rows, groups of 4 consecutive blocks]: four block steps (block 4g + k
+    in the k-th, so one thread holds all four) whose scale bytes leave as one 32-bit word per group."""
+    r2 = lanes[0]
+    K = out[2]
+    seen, s0 = _nvfp4_step(rows_ptr, lanes, 4 * group, mask, out, unit, seen, False, True, True, False)
+    seen, s1 = _nvfp4_step(rows_ptr, lanes, 4 * group + 1, mask, out, unit, seen, False, True, True, False)
+    seen, s2 = _nvfp4_step(rows_ptr, lanes, 4 * group + 2, mask, out, unit, seen, False, True, True, False)
+    seen, s3 = _nvfp4_step(rows_ptr, lanes, 4 * group + 3, mask, out, unit, seen, False, True, True, False)
+    tl.store(scale_words + r2 * (K // (4 * _BLOCK)) + group, s0 | (s1 << 8) | (s2 << 16) | (s3 << 24), mask=mask)
+    return seen
+
+
+@triton.jit
+def _nvfp4_step(
+    rows_ptr,
+    lanes,
+    blk,
+    mask,
+    out,
+    unit,
+    seen,
+    MASKED: tl.constexpr,
+    HW: tl.constexpr,
+    COMMON: tl.constexpr,
+    STORE_SCALE: tl.constexpr = True,
+):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block.
+    Without STORE_SCALE it returns (seen, the scale bytes as int32) and stores only the codes.
 
     lanes = (row, element-in-half-block, its nibble shift, WORDS); with WORDS (bf16 on the GPU path,
     aligned rows) the lane is a 32-bit word of two elements, the even one's nibble given, the odd one's
     4 above; out = (codes, scales, K, weight_scale_2);
-    unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_kernel)."""
+    unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_tile); with COMMON
+    (scale_unit, -scale_unit, +fl(1 / scale_unit), scale_unit)."""
     r2, j3, nibble, WORDS = lanes
     q_ptr, s_ptr, K, scale_2 = out
     minus_S_u, D_u, minus_I_u, Z_u = unit
@@ -176,15 +296,23 @@ def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexp
         both = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
     block_amax = tl.reduce(both, 2, _max_nan)
     seen = tl.maximum(seen, block_amax, propagate_nan=tl.PropagateNan.ALL)  # NaN blocks: reported, not stored
-    if HW:
-        scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)  # exact above 2^-100, tiny below
-        scale = tl.where(block_amax <= Z_u, 0.0, scale)  # IEEE's zero (-> 1.0); a tiny rest clamps to 2^-9
-        x_over_zero = tl.where(block_amax == 0.0, float("nan"), float("inf"))
-        scale = tl.where(Z_u < 0.0, x_over_zero, scale)  # scale_unit == 0 (weight_scale_2 underflowed)
+    if HW and COMMON:  # a non-zero block's quotient is >= 2^-141, never IEEE's 0; NaN (overflow) -> 448
+        scale = tl.minimum(common_quotient(block_amax, D_u, minus_I_u), _E4M3_MAX)  # -unit, +fl(1/unit)
+        scale = tl.where(block_amax == 0.0, 1.0, tl.maximum(scale, _SCALE_MIN))
     else:
-        scale = tl.div_rn(block_amax, minus_S_u)  # minus_S_u is scale_unit here
-    scale = tl.where(scale == 0.0, 1.0, scale)
-    scale = tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale)
+        if HW:
+            scale = quotient(block_amax * minus_S_u, D_u, minus_I_u)  # exact above 2^-100, tiny below
+            # a prescaled block amax that overflows (a huge weight, a small given amax) makes it NaN: 448,
+            # what its quotient (>= 2^127) saturates to (PTX min.f32 returns the non-NaN operand)
+            scale = tl.minimum(scale, _E4M3_MAX)
+
+            scale = tl.where(block_amax <= Z_u, 0.0, scale)  # IEEE's zero (-> 1.0); a tiny rest clamps to 2^-9
+            x_over_zero = tl.where(block_amax == 0.0, float("nan"), float("inf"))
+            scale = tl.where(Z_u < 0.0, x_over_zero, scale)  # scale_unit == 0 (weight_scale_2 underflowed)
+        else:
+            scale = tl.div_rn(block_amax, minus_S_u)  # minus_S_u is scale_unit here
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        scale = tl.where(scale < _SCALE_MIN, _SCALE_MIN, scale)
     if HW:  # cvt.rn.satfinite.e4m3x2.f32, and back
         scale8 = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
         scale_bits = scale8.to(tl.uint8, bitcast=True)
@@ -192,19 +320,23 @@ def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexp
     else:
         scale = e4m3_round(scale)
         scale_bits = e4m3_bits(scale)
-    tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
+    if STORE_SCALE:
+        tl.store(s_ptr + r2 * (K // _BLOCK) + blk, scale_bits, mask=mask)
 
     d = scale * scale_2
     if HW:
-        minus_S, D, minus_I = divisor_parts(d)
-        # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
-        minus_Z = -(tl.floor(d * 0.5) * _MIN_SUBNORMAL)
-        parts = (minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None])
-        word_lo = _codes(lo, parts, nibble)
-        word_hi = _codes(hi, parts, nibble)
+        if COMMON:  # d in [2^-85, 2^14]: 1/d normal, no special case for div.rn's branch to catch
+            parts = (-d[:, :, None], refine_reciprocal(d, approximate_reciprocal(d))[:, :, None])
+        else:
+            minus_S, D, minus_I = divisor_parts(d)
+            # x rounds to -0.0 (code 0, no sign) iff |x| / d <= 2^-150, i.e. |x| <= floor(d / 2) * 2^-149
+            minus_Z = -(tl.floor(d * 0.5) * _MIN_SUBNORMAL)
+            parts = (minus_S[:, :, None], D[:, :, None], minus_I[:, :, None], minus_Z[:, :, None])
+        word_lo = _codes(lo, parts, nibble, COMMON)
+        word_hi = _codes(hi, parts, nibble, COMMON)
         if WORDS:
-            word_lo += _codes(lo_odd, parts, nibble + 4)
-            word_hi += _codes(hi_odd, parts, nibble + 4)
+            word_lo += _codes(lo_odd, parts, nibble + 4, COMMON)
+            word_hi += _codes(hi_odd, parts, nibble + 4, COMMON)
         word_lo -= _WORD_BIAS
         word_hi -= _WORD_BIAS
     else:
@@ -214,16 +346,25 @@ def _nvfp4_step(rows_ptr, lanes, blk, mask, out, unit, seen, MASKED: tl.constexp
     words = q_ptr + r2 * (K // 8) + 2 * blk
     tl.store(words, word_lo, mask=mask)
     tl.store(words + 1, word_hi, mask=mask)
-    return seen
+    if STORE_SCALE:
+        return seen
+    else:
+        return seen, scale_bits.to(tl.int32)
 
 
 @triton.jit
-def _codes(x, parts, nibble):
-    """E2M1 codes of x / d (d = D / S; parts = (-S, D, -I, -Z)) packed into a 32-bit word at their
-    nibbles, each plus E2M1_CODE_BIAS (the caller subtracts _WORD_BIAS once the word is whole)."""
-    minus_S, D, minus_I, minus_Z = parts
-    biased = e2m1_biased_code(quotient(tl.abs(x) * minus_S, D, minus_I))  # code + E2M1_CODE_BIAS
-    biased = biased + tl.where(x < minus_Z, 8, 0)  # the sign: bit 3 (the code is <= 7), in the same add
+def _codes(x, parts, nibble, COMMON: tl.constexpr):
+    """E2M1 codes of x / d (d = D / S; parts = (-S, D, -I, -Z), or with COMMON (-d, fl(1 / d))) packed
+    into a 32-bit word at their nibbles, each plus E2M1_CODE_BIAS (the caller subtracts _WORD_BIAS once
+    the word is whole)."""
+    if COMMON:  # no quotient underflows to -0.0, and +-0.0 give +0.0: the sign bit of q is x < 0
+        minus_d, J = parts
+        q = common_quotient(x, minus_d, J)
+        q, sign = tl.abs(q), sign_bit_as_8(q)
+    else:  # the sign: x / d rounds below -0.0
+        minus_S, D, minus_I, minus_Z = parts
+        q, sign = quotient(tl.abs(x) * minus_S, D, minus_I), tl.where(x < minus_Z, 8, 0)
+    biased = e2m1_biased_signed_code(q, sign)  # code + sign + E2M1_CODE_BIAS
     # the bias leaves once per word: sum((c_j + B) << 4j) - B * 0x11111111 == sum(c_j << 4j) mod 2^32
     return tl.sum(biased << nibble, axis=2)
 
@@ -245,8 +386,15 @@ def _empty_outputs(w: torch.Tensor) -> NVFP4Weight:
     return NVFP4Weight(*(torch.empty(s, dtype=d, device=w.device) for s, d in nvfp4_layout(w.shape)))
 
 
+def nvfp4_launches(hw: bool) -> list[tuple[str, bool]]:
+    """(name, COMMON) of the launches per dtype: on the GPU path the common regime and the rest (each
+    program of the other kind returns at once), in the interpreter one general launch."""
+    return [("nvfp4", True), ("nvfp4_fallback", False)] if hw else [("nvfp4", False)]
+
+
 def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | None = None) -> list[NVFP4Weight]:
-    """NVFP4-quantize every weight; one launch per dtype (two with the amax pass when amax is absent).
+    """NVFP4-quantize every weight; one launch per dtype, two on the GPU path (``nvfp4_launches``), plus
+    the amax pass when amax is absent.
 
     weight_amax: optional float32 [len(weights)], e.g. reduced across ranks or shared by a scale group.
     """
@@ -277,19 +425,24 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     else:
         results = [_empty_outputs(w) for w in weights]
         nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
+        redo = torch.zeros(len(weights), dtype=torch.int32, device=device)  # common launch -> general one
         tiles = tiles_for(TILES, device)
-        launch(
-            "nvfp4",
-            _nvfp4_kernel,
-            weights,
-            tiles,
-            (amax, nonfinite),
-            outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
-            BLOCKS=tiles.cols,
-            RECIPROCAL=divides_by_reciprocal(device),
-            HW=hardware_math(device),
-            per_dtype=lambda dtype: {"BF16": dtype == torch.bfloat16},
-        )
+        hw = hardware_math(device)
+        # the GPU path: the common-regime launch, then the exact general one over the rest (no host read)
+        for name, common in nvfp4_launches(hw):
+            launch(
+                name,
+                _nvfp4_kernel,
+                weights,
+                tiles,
+                (amax, nonfinite, redo),
+                outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
+                BLOCKS=tiles.cols,
+                RECIPROCAL=divides_by_reciprocal(device),
+                HW=hw,
+                COMMON=common,
+                per_dtype=lambda dtype: {"BF16": dtype == torch.bfloat16, "AMAX_MAX": COMMON_AMAX_MAX[dtype]},
+            )
         problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()
     return results

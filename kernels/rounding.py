@@ -155,6 +155,44 @@ def quotient(minus_n, D, minus_I):  # noqa: N803 - D and I as in the docstring
 
 
 @triton.jit
+def common_quotient(x, minus_d, J):  # noqa: N803 - J as in the docstring
+    """fl32(x / d) given -d and J = fl32(1 / d), for a divisor whose range makes a prescale unnecessary
+    (NVFP4's common regime, d in [2^-85, 2^14]): y = x * J within an ulp, the FMA residual x - y*d exact,
+    one more FMA rounds once (Markstein); -d comes negated (once per divisor) so that nothing is negated
+    per element.
+    Exact wherever the intermediates are normal, i.e. for quotients the codes depend on; elsewhere a
+    tiny quotient stays tiny and an overflowing one is inf or NaN (E2M1 and E4M3 saturate both: PTX
+    min.f32 returns the non-NaN operand).  Both zeros give +0.0 (the residual's exact zero sum is +0
+    under round-to-nearest, and so is the last one): where no non-zero quotient underflows, the result's
+    sign bit is x < 0, -0.0 excluded, with nothing compared.  tests/test_exact_division.py proves it over
+    every bf16 and fp16 value against the regime's divisors."""
+    y = x * J
+    residual = tl.fma(y, minus_d, x)  # x - y*d, exact
+    return tl.fma(residual, J, y)
+
+
+@triton.jit
+def approximate_reciprocal(d):
+    """PTX ``rcp.approx.ftz.f32``: 1/d within about an ulp, one MUFU.RCP (tests/ptx_semantics.py has a
+    stand-in that errs by up to an ulp either way)."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def refine_reciprocal(d, r):
+    """fl32(1/d) from r a few ulps off it, for d and 1/d normal, without div.rn's special-case branch:
+    two Newton steps r + r*(1 - d*r) (FMAs) land on fl32(1/d) for every mantissa but 2 - 2^-23, where 1/d
+    lies just above a midpoint and the last step may stop on the tie one ulp low, at a power of two: its
+    correct reciprocal is that power of two with the last mantissa bit set, so the bit is set.
+    tests/test_exact_division.py checks every mantissa with r = fl32(1/d) + k ulps, k in 0, +-1, +-2, +-3,
+    +-4, +-16, +-64."""
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    ones = (d.to(tl.int32, bitcast=True) & 0x7FFFFF) == 0x7FFFFF
+    return tl.where(ones, (r.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True), r)
+
+
+@triton.jit
 def e2m1_magnitude_code(q):
     """E2M1 code (0..7) of float32 q >= 0 (or NaN -> 7): round half to even onto {0, .5, 1, 1.5, 2, 3,
     4, 6}, saturating, with one float add doing the rounding.
@@ -177,11 +215,34 @@ def e2m1_biased_code(q):
     """``e2m1_magnitude_code(q) + E2M1_CODE_BIAS`` (see there), without the constant: a caller that
     packs codes into a word subtracts the bias once per word (integer addition is linear mod 2^32),
     and its three-input add is then free for another term (NVFP4's sign)."""
-    q = tl.minimum(q, 6.0)
-    qb = q.to(tl.int32, bitcast=True)
-    c = tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)  # bits of C = 2^(22 + binade), >= 2^22
+    q, c = _e2m1_adder(q)
     t = (q + c.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
     return t - c + (c >> 22)
+
+
+@triton.jit
+def e2m1_biased_signed_code(q, sign):
+    """``e2m1_biased_code(q) + sign``, sign 8 (bit 3 of a code: negative) or 0, riding in the rounding
+    add: C + 8 ulps (the bits of C | 8; C's mantissa bits are 0) rounds q exactly as C does (a multiple
+    of C's ulp, same binade, same last-bit parity), so the sum's bits are 8 higher; C itself leaves."""
+    q, c = _e2m1_adder(q)
+    t = (q + (c | sign).to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    return t - c + (c >> 22)
+
+
+@triton.jit
+def sign_bit_as_8(x):
+    """8 where float32 x has its sign bit set, else 0 (one shift and one AND, fused into an OR by the caller)."""
+    return (x.to(tl.int32, bitcast=True) >> 28) & 8
+
+
+@triton.jit
+def _e2m1_adder(q):
+    """(min(q, 6), the bits of C = 2^(22 + binade) >= 2^22): the rounding add's operands (see
+    ``e2m1_magnitude_code``)."""
+    q = tl.minimum(q, 6.0)
+    qb = q.to(tl.int32, bitcast=True)
+    return q, tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)
 
 
 def divides_by_reciprocal(device: torch.device) -> bool:

@@ -1,11 +1,13 @@
 """The Triton interpreter made to compute as the GPU's instructions are specified, for the HW kernel paths.
 
-Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand) and
-cvt.rn(.satfinite) conversions.  The interpreter rounds its fma twice, propagates NaN through min and
-converts to float8 wrongly, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma
-exactly; numpy's fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite),
-the GPU code path runs on CPU and is compared bit for bit with the references.  What stays "on paper"
-until a device run: that the hardware instructions implement these IEEE / PTX definitions.
+Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand),
+cvt.rn(.satfinite) conversions and, in NVFP4's common regime, rcp.approx.ftz.f32 through inline asm.  The
+interpreter rounds its fma twice, propagates NaN through min, converts to float8 wrongly and has no
+inline asm, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma exactly; numpy's
+fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite; a reciprocal up to
+an ulp off), the GPU code path runs on CPU and is compared bit for bit with the references.  What stays
+"on paper" until a device run: that the hardware instructions implement these IEEE / PTX definitions,
+and that rcp.approx.ftz.f32 errs by no more than the refinement after it is checked for.
 """
 
 from __future__ import annotations
@@ -48,6 +50,35 @@ def fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         return np.where(tie, settled, r).astype(np.float32)
 
 
+def rcp_approx(d: np.ndarray) -> np.ndarray:
+    """A stand-in for PTX rcp.approx.ftz.f32: the correctly rounded 1/d moved by -1, 0 or +1 ulp (by a
+    hash of d's bits), so that what follows it must not depend on the approximation being exact.
+    Subnormal inputs and results flush to zero (.ftz).  The real instruction's error bound is not proven
+    here (the PTX ISA's bound was not at hand; NVIDIA's forum says about 1 ulp); tests/test_exact_division.py
+    checks the refinement with r up to 64 ulps off."""
+    d = np.asarray(d, dtype=np.float32)
+    d = np.where(np.abs(d) < np.float32(2.0**-126), np.float32(0.0) * np.sign(d), d).astype(np.float32)
+    with np.errstate(all="ignore"):
+        exact = np.float32(1.0) / d
+    bits = exact.view(np.int32)
+    moved = (bits + ((d.view(np.int32) >> 5) % 3 - 1)).view(np.float32)
+    r = np.where(np.isfinite(exact) & (exact != 0), moved, exact)
+    return np.where(np.abs(r) < np.float32(2.0**-126), np.float32(0.0) * np.sign(r), r).astype(np.float32)
+
+
+INLINE_ASM = {"rcp.approx.ftz.f32 $0, $1;": rcp_approx}
+"""The PTX the kernels write through tl.inline_asm_elementwise, each with its stand-in."""
+
+
+class _AsmCall:
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def get_result(self, i: int):
+        assert i == 0
+        return self.handle
+
+
 def _to_torch(data: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     storage = np.ascontiguousarray(data).view(
         {torch.int16: np.int16, torch.uint8: np.uint8}.get(
@@ -86,8 +117,15 @@ def use_ptx_semantics(monkeypatch) -> None:
     def fma(self, x, y, z):
         return interpreter.TensorHandle(fma32(x.data, y.data, z.data), z.dtype.scalar)
 
+    def inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        if asm not in INLINE_ASM or len(values) != 1 or pack != 1:
+            raise NotImplementedError(f"no PTX stand-in for {asm!r}")
+        return _AsmCall(interpreter.TensorHandle(INLINE_ASM[asm](values[0].data), values[0].dtype.scalar))
+
     monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
     monkeypatch.setattr(builder, "create_fma", fma)
+    monkeypatch.setattr(builder, "create_inline_asm", inline_asm)
+
     monkeypatch.setattr(builder, "create_fp_trunc", convert(builder.create_fp_trunc))
     monkeypatch.setattr(builder, "create_fp_ext", convert(builder.create_fp_ext))
     monkeypatch.setattr(builder, "create_minnumf", lambda self, a, b: self.binary_op(a, b, np.fmin))

@@ -33,9 +33,20 @@ from moeq_triton.kernels import (
     quantize_nvfp4_reference,
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
-from moeq_triton.kernels.formats import E4M3_MAX, NVFP4_SCALE_2_DIVISOR
+from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
-from moeq_triton.kernels.rounding import divisor_parts, e2m1_magnitude_code, float32_reciprocal, quotient
+from moeq_triton.kernels.rounding import (
+    E2M1_CODE_BIAS,
+    approximate_reciprocal,
+    common_quotient,
+    divisor_parts,
+    e2m1_biased_signed_code,
+    e2m1_magnitude_code,
+    float32_reciprocal,
+    quotient,
+    refine_reciprocal,
+    sign_bit_as_8,
+)
 from ptx_semantics import fma32, use_ptx_semantics
 
 from benchmarks.modelopt_oracle import fp8_channel_export, fp8_export, nvfp4_export
@@ -53,9 +64,37 @@ def _quotient_probe(a_ptr, d_ptr, q_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _code_probe(q_ptr, c_ptr, N, BLOCK: tl.constexpr):
+def _code_probe(q_ptr, c_ptr, s_ptr, N, BLOCK: tl.constexpr):
+    """E2M1 magnitude codes, and the signed ones (bias removed) with every other value negative."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(c_ptr + i, e2m1_magnitude_code(tl.load(q_ptr + i, mask=i < N, other=0.0)), mask=i < N)
+    q = tl.load(q_ptr + i, mask=i < N, other=0.0)
+    tl.store(c_ptr + i, e2m1_magnitude_code(q), mask=i < N)
+    tl.store(s_ptr + i, e2m1_biased_signed_code(q, tl.where((i % 2) == 1, 8, 0)) - E2M1_CODE_BIAS, mask=i < N)
+
+
+@triton.jit
+def _common_probe(x_ptr, d_ptr, q_ptr, c_ptr, N, BLOCK: tl.constexpr):
+    """NVFP4's common-regime division as the kernel does it: fl(1/d) once, then common_quotient; the
+    code's sign from the quotient's sign bit."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < N, other=1.0)
+    d = tl.load(d_ptr + i, mask=i < N, other=1.0)
+    q = common_quotient(x, -d, tl.div_rn(1.0, d))
+    tl.store(q_ptr + i, q, mask=i < N)
+    tl.store(c_ptr + i, e2m1_biased_signed_code(tl.abs(q), sign_bit_as_8(q)) - E2M1_CODE_BIAS, mask=i < N)
+
+
+@triton.jit
+def _reciprocal_probe(d_ptr, r_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.load(d_ptr + i, mask=i < N, other=1.0)
+    tl.store(out_ptr + i, refine_reciprocal(d, tl.load(r_ptr + i, mask=i < N, other=1.0)), mask=i < N)
+
+
+@triton.jit
+def _approximate_reciprocal_probe(d_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, approximate_reciprocal(tl.load(d_ptr + i, mask=i < N, other=1.0)), mask=i < N)
 
 
 def run_quotient(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -141,8 +180,158 @@ def test_quotient_every_mantissa_pair(ptx):
         check_quotients(pairs_a, pairs_d, f"mantissas (seed {seed}, dividends {lo}..)")
 
 
+def common_regime_divisors() -> dict[str, tuple[float, float]]:
+    """[smallest, largest] divisor of NVFP4's common regime, from its amax bounds, for both forms of
+    amax / 2688 (CUDA: amax * fl32(1/2688); CPU: IEEE): the block scale's d = fl(E4M3 scale * s2), scale in
+    [2^-9, 448], and the block-scale division's scale_unit = fl(6 * s2)."""
+    out = {}
+    for dtype, amax_max in nvfp4_module.COMMON_AMAX_MAX.items():
+        ends = torch.tensor([nvfp4_module.COMMON_AMAX_MIN, amax_max], dtype=torch.float32)
+        s2 = torch.cat([ends * float32_reciprocal(NVFP4_SCALE_2_DIVISOR), ends / NVFP4_SCALE_2_DIVISOR])
+        d = torch.cat([s2 * 2.0**-9, s2 * E4M3_MAX, s2 * 6.0])
+        out[str(dtype)] = (d.min().item(), d.max().item())
+    return out
+
+
+def every_finite(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of a 16-bit dtype, both signs (-0.0 included), as float32."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    return every[torch.isfinite(every)]
+
+
+def check_common_quotients(x: torch.Tensor, d: torch.Tensor, what: str) -> None:
+    """What the common-regime kernel needs of ``common_quotient``: q bit-exact where |x / d| is in
+    [2^-10, 2^10] (E2M1 codes change in [0.25, 6], E4M3 block scales in [2^-9, 448]); the E2M1 magnitude
+    code right everywhere (NaN from an overflow -> 7, as min.f32 gives) and, where a kernel's quotients
+    lie, the sign taken from q's sign bit equal to ModelOpt's (x / d < 0): so +-0.0 give +0.0 and no
+    non-zero x has an IEEE quotient of +-0; below 2^-10 |q| stays below 2^-9 (the scale clamp), above
+    2^10 above 448 or NaN (saturation)."""
+    q = torch.empty_like(x)
+    code = torch.empty(x.shape, dtype=torch.int32)
+    _common_probe[(triton.cdiv(x.numel(), BLOCK),)](x, d, q, code, x.numel(), BLOCK)
+    exact = x / d  # IEEE float32 division (torch on CPU)
+    mag = exact.abs()
+    middle = (mag >= 2.0**-10) & (mag <= 2.0**10)
+    assert_bitwise_equal(q[middle], exact[middle], f"{what}: quotient in [2^-10, 2^10]")
+    expected = e2m1_codes_reference(exact).to(torch.int32)
+    assert_bitwise_equal(code & 7, expected & 7, f"{what}: E2M1 magnitude codes")
+    # the sign too wherever a kernel can divide: |x| <= amax and d >= 2^-9 * amax / 2688, so |x / d| <=
+    # 2^20.4 (beyond 2^101 the quotient overflows to a NaN whose sign bit the hardware chooses)
+    reachable = mag <= 2.0**100
+    assert_bitwise_equal(code[reachable], expected[reachable], f"{what}: signed E2M1 codes")
+    assert bool(((exact != 0) | (x == 0)).all()), f"{what}: a non-zero x / d underflowed to 0"
+    assert bool((q[x == 0].view(torch.int32) == 0).all()), f"{what}: +-0.0 did not give +0.0"
+    got = q.abs()
+    assert bool((got[mag < 2.0**-10] < 2.0**-9).all()), f"{what}: a quotient below 2^-10 came out >= 2^-9"
+    big = got[mag > 2.0**10]
+    assert bool(((big > E4M3_MAX) | big.isnan()).all()), f"{what}: a quotient above 2^10 came out <= 448"
+
+
+def test_common_regime_bounds_are_the_proven_ones():
+    """The divisor ranges the common-regime proof below covers contain what the regime's amax bounds give."""
+    ranges = common_regime_divisors()
+    for lo, hi in ranges.values():
+        assert COMMON_D_MIN <= lo and hi <= COMMON_D_MAX_16
+    assert ranges[str(torch.float32)][1] < 2.0  # float32 weights: 2^-149 / d must not round to 0
+
+
+COMMON_D_MIN = 2.0**-85  # below every divisor of the regime
+COMMON_D_MAX_16 = 2.0**14  # above every divisor of the regime (16-bit weights)
+
+
+def common_divisors(hi: float) -> torch.Tensor:
+    """Divisors at the regime's exponents, extremes included: a spread of mantissas (ends, middle, NVFP4
+    products) at exponents from 2^-85 to ``hi``, plus the exact extreme divisors."""
+    m = torch.cat([torch.tensor([1.0, 1 + 2.0**-23, 1.5, 2 - 2.0**-23, 4 / 3]), divisor_mantissas(12)[::6000]])
+    top = int(torch.tensor(hi).log2().ceil().item())
+    # every exponent near the ends (where x * J, the residual or the quotient leave the normal range),
+    # a spread in between (where everything is normal and scales exactly)
+    exps = torch.tensor([*range(-85, -69), -64, -48, -32, -16, *range(max(-15, top - 10), top)], dtype=torch.float64)
+    d = (m[:, None].double() * torch.pow(2.0, exps[None, :])).reshape(-1).float()
+    ends = torch.tensor([v for pair in common_regime_divisors().values() for v in pair])
+    d = torch.cat([d, ends])
+    return d[(d >= COMMON_D_MIN) & (d <= hi)].unique()
+
+
+@pytest.mark.slow
+def test_common_regime_every_16bit_value_at_the_regime_ends(ptx):
+    """Every finite bf16 and fp16 value (both signs, subnormals, -0.0) against divisors at every exponent
+    near the regime's ends (2^-85 .. 2^-70, 2^4 .. 2^13) and a spread between.  Where intermediates are
+    normal the computation scales with powers of two, so with test_quotient_every_mantissa_pair (the same
+    three operations up to exact negations, every mantissa pair) this covers every divisor mantissa; the
+    ends are where subnormals appear."""
+    x = torch.cat([every_finite(torch.bfloat16), every_finite(torch.float16)]).unique()
+    d = common_divisors(COMMON_D_MAX_16)
+    for lo in range(0, len(d), 8):
+        chunk = d[lo : lo + 8]
+        pairs_x = x[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        pairs_d = chunk[:, None].expand(-1, len(x)).reshape(-1).contiguous()
+        check_common_quotients(pairs_x, pairs_d, f"common regime (divisors {chunk.tolist()})")
+
+
+@pytest.mark.slow
+def test_common_regime_float32_values(ptx):
+    """float32 weights (regime amax <= 8, divisors below 1.34): every exponent, both signs, ends and random
+    mantissas (seed 14), including the smallest subnormal."""
+    seed = 14
+    gen = torch.Generator().manual_seed(seed)
+    mant = torch.cat([torch.tensor([0, 1, (1 << 23) - 1, 1 << 22]), torch.randint(0, 1 << 23, (28,), generator=gen)])
+    exps = torch.arange(0, 255)  # biased; 0 is subnormal (mantissa 0 there: +-0.0)
+    bits = (exps[:, None] << 23) | mant[None, :]
+    x = bits.reshape(-1).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, -x])
+    d = common_divisors(common_regime_divisors()[str(torch.float32)][1])
+    for lo in range(0, len(d), 16):
+        chunk = d[lo : lo + 16]
+        pairs_x = x[None, :].expand(len(chunk), -1).reshape(-1).contiguous()
+        pairs_d = chunk[:, None].expand(-1, len(x)).reshape(-1).contiguous()
+        check_common_quotients(pairs_x, pairs_d, f"common regime, float32 (seed {seed}, divisors {chunk.tolist()})")
+
+
+def test_rcp_approx_stand_in_errs_by_an_ulp_either_way(ptx):
+    """The stand-in for rcp.approx.ftz.f32 (through the kernels' own inline asm): within an ulp of the
+    correctly rounded 1/d, off by -1, 0 and +1 ulp each for some d, subnormals flushed (seed 9)."""
+    gen = torch.Generator().manual_seed(9)
+    d = torch.cat(
+        [(1 + torch.rand(4096, generator=gen)) * torch.exp2(torch.randint(-125, 126, (4096,), generator=gen))]
+    )
+    d = torch.cat([d, -d, torch.tensor([2.0**-130, 2.0**127 * 1.5])])
+    r = torch.empty_like(d)
+    _approximate_reciprocal_probe[(triton.cdiv(d.numel(), BLOCK),)](d, r, d.numel(), BLOCK)
+    exact = 1.0 / d
+    ulps = r[:-2].view(torch.int32) - exact[:-2].view(torch.int32)
+    assert set(ulps.unique().tolist()) == {-1, 0, 1}
+    assert r[-2].item() == float("inf") and r[-1].item() == 0.0  # .ftz: subnormal input, subnormal result
+
+
+@pytest.mark.slow
+def test_refined_reciprocal_every_mantissa(ptx):
+    """refine_reciprocal gives the correctly rounded 1/d for every float32 mantissa from every start
+    r = fl32(1/d) + k ulps, k in 0, +-1, +-2, +-3, +-4, +-16, +-64 (without its fix-up, 2 - 2^-23 fails for
+    every k != 0); then at the common regime's extreme exponents for a sample.  Newton's steps scale
+    with powers of two while everything is normal (d, 1/d, the residual 1 - d*r as a number near 2^-24)."""
+    d = (torch.arange(1 << 23, dtype=torch.int32) | (127 << 23)).view(torch.float32)
+    exact = 1.0 / d
+    out = torch.empty_like(d)
+    for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 16, -16, 64, -64):
+        r = (exact.view(torch.int32) + k).view(torch.float32)
+        _reciprocal_probe[(triton.cdiv(d.numel(), BLOCK),)](d, r, out, d.numel(), BLOCK)
+        assert_bitwise_equal(out, exact, f"every mantissa, start {k} ulps off")
+    gen = torch.Generator().manual_seed(10)
+    sample = torch.cat([d[torch.randint(0, 1 << 23, (1 << 14,), generator=gen)], d[-4:]])
+    for scale in (2.0**-85, 2.0**13):
+        ds = sample * scale
+        exact = 1.0 / ds
+        for k in (-4, -1, 1, 4):
+            r = (exact.view(torch.int32) + k).view(torch.float32)
+            out = torch.empty_like(ds)
+            _reciprocal_probe[(triton.cdiv(ds.numel(), BLOCK),)](ds, r, out, ds.numel(), BLOCK)
+            assert_bitwise_equal(out, exact, f"divisors * {scale}, start {k} ulps off")
+
+
 @pytest.mark.slow
 def test_quotient_extreme_exponents(ptx):
+
     finite = []
     for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16)):
         every = torch.arange(0, 1 << 15, dtype=torch.int32).to(bits).view(dtype).float()
@@ -170,11 +359,13 @@ def test_e2m1_encoder_every_rounding_case(ptx):
     gen = torch.Generator().manual_seed(seed)
     extra = torch.tensor([0.0, 2.0**-149, 1e-30, 6.0, 7.0, 8.0, 1e30, float("inf"), float("nan")])
     q = torch.cat([structured, torch.rand(1 << 18, generator=gen) * 8, extra])
-    codes = torch.empty(q.shape, dtype=torch.int32)
-    _code_probe[(triton.cdiv(q.numel(), BLOCK),)](q, codes, q.numel(), BLOCK)
+    codes, signed = torch.empty(q.shape, dtype=torch.int32), torch.empty(q.shape, dtype=torch.int32)
+    _code_probe[(triton.cdiv(q.numel(), BLOCK),)](q, codes, signed, q.numel(), BLOCK)
     expected = e2m1_codes_reference(q).to(torch.int32)
     expected[q.isinf()] = 7
     assert_bitwise_equal(codes, expected, f"E2M1 codes (seed {seed})")
+    expected[1::2] += 8
+    assert_bitwise_equal(signed, expected, f"E2M1 codes with the sign in the add (seed {seed})")
 
 
 # ---------------------------------------------------------------- the kernels on their GPU path
@@ -268,3 +459,86 @@ def test_nvfp4_gpu_path_matches_reference_and_modelopt(gpu_path, dtype):
         for i, (w, a, r) in enumerate(zip(weights, given, quantize_nvfp4(weights, given))):
             assert_results_equal(r, quantize_nvfp4_reference(w, a), f"reference weights[{i}], seed {seed}")
             assert_results_equal(r, nvfp4_export(w, a), f"modelopt weights[{i}], seed {seed}")
+
+
+def scaled_to(w: torch.Tensor, amax: float) -> torch.Tensor:
+    """``w`` rescaled (in float64) so that its amax is about ``amax`` (at most the dtype's largest value)."""
+    amax = min(amax, torch.finfo(w.dtype).max)
+    return (w.double() * (amax / w.double().abs().max())).to(w.dtype)
+
+
+def near_midpoints(dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(rows, amax): weight_scale_2 = 2^-12, every block scale 15 (its first element is 6 * 15 * 2^-12),
+    so d = 15 * 2^-12, whose reciprocal's rounding shows in fl(x * fl(1/d)) for most midpoints; the other
+    elements are each E2M1 midpoint times d (exact ties) and its two neighbours in ``dtype``, both signs:
+    quotients that a 1-ulp division error rounds the other way."""
+    s2, scale = 2.0**-12, 15.0
+    d = scale * s2
+    mids = (torch.tensor(E2M1_BOUNDS, dtype=torch.float64) * d).to(dtype)
+    bits = mids.view(torch.int16) if dtype != torch.float32 else mids.view(torch.int32)
+    near = torch.cat([bits, bits + 1, bits - 1]).view(dtype)
+    near = torch.cat([near, -near])
+    rows = -(-len(near) // 15)
+    body = torch.cat([near, torch.zeros(rows * 15 - len(near), dtype=dtype)]).reshape(rows, 15)
+    first = torch.full((rows, 1), E2M1_MAX * d, dtype=dtype)
+    return torch.cat([first, body], dim=1), NVFP4_SCALE_2_DIVISOR * s2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype):
+    """amax at each bound of the common regime and one float32 step outside it, tensors of both kinds in
+    one call, -0.0, zero blocks and saturated (overflowing) quotients in the common regime; then each
+    launch alone: the COMMON launch must produce exactly the common-regime tensors, the general launch
+    the others (so the regime split is exercised, not only the general path); then the general launch
+    alone for all of them."""
+    seed = 41
+    lo, hi = nvfp4_module.COMMON_AMAX_MIN, nvfp4_module.COMMON_AMAX_MAX[dtype]
+    below = torch.tensor(lo).nextafter(torch.tensor(0.0)).item()
+    above = torch.tensor(hi).nextafter(torch.tensor(float("inf"))).item()
+    edges = nvfp4_edges(dtype)
+    edges_amax = edges.float().abs().max().item()
+    mids, mid_amax = near_midpoints(dtype)
+    wide = scaled_to(heavy((2, 1152), dtype, seed + 6), 3.0)
+    zeros = scaled_to(heavy((2, 1088), dtype, seed + 7), 1.0)  # -0.0 and +0.0 in a common-regime tensor
+    zeros[:, ::3] = -0.0
+    zeros[:, 1::7] = 0.0
+    cases = [  # (weight, amax given, in the common regime)
+        (scaled_to(heavy((3, 48), dtype, seed), lo), lo, True),
+        (scaled_to(heavy((3, 48), dtype, seed + 1), lo), below, False),
+        (scaled_to(heavy((2, 64), dtype, seed + 2), hi), hi, True),
+        (scaled_to(heavy((2, 64), dtype, seed + 3), hi), above, False),
+        (heavy((4, 32), dtype, seed + 4), 1.0, True),  # clipped: most blocks saturate
+        (mids, mid_amax, True),
+        # K % 64 == 0 and long enough for the common launch's 4-block steps (scales as 32-bit words), then
+        # a masked tail; and K % 64 != 0, which that launch quantizes one block per lane, scales as bytes
+        (mids.reshape(1, -1).repeat(2, 24), mid_amax, True),
+        (wide, wide.float().abs().max().item(), True),  # block scales that differ within each word
+        (zeros, 1.0, True),
+        (zeros[:, :1040], 1.0, True),  # the same, K % 64 != 0
+        (heavy((2, 1040), dtype, seed + 5), 1.0, True),
+        (edges, 1.0, True),  # -0.0, ties, zero blocks, the dtype's largest values (quotients overflow)
+        (edges, edges_amax, lo <= edges_amax <= hi),
+    ]
+    weights = [w for w, _, _ in cases]
+    given = torch.tensor([a for _, a, _ in cases], dtype=torch.float32)
+    assert any(c for _, _, c in cases) and not all(c for _, _, c in cases)
+    expected = [quantize_nvfp4_reference(w, a) for w, a in zip(weights, given)]
+    for i, (r, e) in enumerate(zip(quantize_nvfp4(weights, given), expected)):
+        assert_results_equal(r, e, f"both launches, weights[{i}] (amax {given[i].item()})")
+        if given[i].to(dtype).float() == given[i]:  # ModelOpt holds amax in the weight's dtype
+            assert_results_equal(r, nvfp4_export(weights[i], given[i]), f"modelopt weights[{i}]")
+    # weights far above their given amax (bf16's and float32's largest against 1.0) are the common launch's to flag and
+    # the general launch's to redo (without the redo the first check above fails: their quotients overflow
+    # to NaN, whose sign bit is the hardware's); everything else is one launch's alone
+    redone = [bool(w.float().abs().max() > a * 2.0**79) for w, a in zip(weights, given.tolist())]
+    assert any(redone) == (dtype != torch.float16)  # float16 tops out at 65504
+    for common in (True, False):
+        monkeypatch.setattr(nvfp4_module, "nvfp4_launches", lambda hw, c=common: [("nvfp4", c)])
+        results = quantize_nvfp4(weights, given)
+        for i, (r, e) in enumerate(zip(results, expected)):
+            if cases[i][2] == common and not redone[i]:
+                assert_results_equal(r, e, f"{'common' if common else 'general'} launch alone, weights[{i}]")
+    # the general launch stays exact for every tensor (an empty common regime sends all of them there)
+    monkeypatch.setattr(nvfp4_module, "COMMON_AMAX_MAX", dict.fromkeys(nvfp4_module.COMMON_AMAX_MAX, 0.0))
+    for i, (r, e) in enumerate(zip(quantize_nvfp4(weights, given), expected)):
+        assert_results_equal(r, e, f"general launch for all, weights[{i}] (amax {given[i].item()})")
