@@ -25,7 +25,7 @@ test-slow: $(STAMP)  # the long tier (CI runs it too)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check kernels moeq_triton tests benchmarks
+	$(BIN)/ruff check moeq_triton tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

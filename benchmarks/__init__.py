@@ -1,1 +1,1 @@
-"""The throughput suite and its scripts; ``benchmarks.common`` is what they share."""
+"""The throughput suite and its scripts; ``moeq_triton.testing`` is what they share."""

@@ -34,16 +34,16 @@ os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret (set before tri
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from moeq_triton.kernels import amax as amax_module  # noqa: E402
-from moeq_triton.kernels import fp8 as fp8_module  # noqa: E402
-from moeq_triton.kernels import fp8_block as fp8_block_module  # noqa: E402
-from moeq_triton.kernels import grouping  # noqa: E402
-from moeq_triton.kernels import nvfp4 as nvfp4_module  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from moeq_triton import kernels  # noqa: E402
+from moeq_triton.kernels import amax as amax_module  # noqa: E402
+from moeq_triton.kernels import fp8 as fp8_module  # noqa: E402
+from moeq_triton.kernels import fp8_block as fp8_block_module  # noqa: E402
+from moeq_triton.kernels import grouping  # noqa: E402
+from moeq_triton.kernels import nvfp4 as nvfp4_module  # noqa: E402
 
 KERNEL_MODULES = (amax_module, fp8_module, fp8_block_module, nvfp4_module)
 

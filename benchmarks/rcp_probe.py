@@ -18,6 +18,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+
 from moeq_triton.kernels.rounding import approximate_reciprocal, refine_reciprocal
 
 BLOCK = 1024

@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
 from moeq_triton.kernels import amax as amax_module
 from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import (
@@ -52,10 +55,7 @@ from moeq_triton.kernels import (
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
 from moeq_triton.kernels.grouping import Tiles
-from rich.console import Console
-from rich.table import Table
-
-from benchmarks.common import MODEL_SHAPES, MoEShape, assert_bitwise_equal, assert_results_equal
+from moeq_triton.testing import MODEL_SHAPES, MoEShape, assert_bitwise_equal, assert_results_equal
 
 TILE_MODULES = {"grouped_amax": amax_module, "quantize_nvfp4": nvfp4_module, "quantize_fp8": fp8_module}
 
@@ -204,14 +204,14 @@ def counted_launches(fn: Callable[[], object]) -> int:
 
 
 def modelopt_functions():
-    """ModelOpt's per-expert export calls (benchmarks/modelopt_oracle.py), or None when ModelOpt is not installed."""
+    """ModelOpt's per-expert export calls (moeq_triton.modelopt.oracle), or None when ModelOpt is not installed."""
     import importlib.util
 
     if importlib.util.find_spec("modelopt") is None:
         return None
-    from benchmarks import modelopt_oracle
+    from moeq_triton.modelopt import oracle
 
-    return modelopt_oracle
+    return oracle
 
 
 def kernel_rows(shape: MoEShape, weights: list[torch.Tensor], device: str, reps: int, oracle) -> list[Row]:

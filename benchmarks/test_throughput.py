@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
 
-from benchmarks.common import QWEN3_30B_A3B
 from benchmarks.run import check_kernels, expert_views
+from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
+from moeq_triton.testing import QWEN3_30B_A3B
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

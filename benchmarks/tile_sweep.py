@@ -12,13 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
-from moeq_triton.kernels.grouping import Tiles
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import MODEL_SHAPES
 from benchmarks.run import TILE_MODULES, bytes_moved, check_kernels, expert_views, median_seconds
+from moeq_triton.kernels import grouped_amax, quantize_fp8, quantize_nvfp4
+from moeq_triton.kernels.grouping import Tiles
+from moeq_triton.testing import MODEL_SHAPES
 
 ROW_TILES = [(16, 256, 4), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (32, 256, 8)]
 BLOCK_TILES = [(16, 8, 4), (8, 16, 4), (16, 16, 8), (32, 8, 8), (4, 32, 4)]

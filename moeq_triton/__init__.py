@@ -35,22 +35,22 @@ __all__ = [*_BACKEND, *_STATS, *_CONFIGS, *_EXPORTER]
 
 def __getattr__(name: str):
     if name in _EXPORTER:
-        from . import exporter
+        from moeq_triton.export import hf as exporter
 
         return getattr(exporter, name)
     if name in _BACKEND or name in _CONFIGS or name in _STATS:
-        from . import modelopt_backend
+        from moeq_triton.modelopt import backend
 
         if name in _BACKEND:
-            return getattr(modelopt_backend, name)
+            return getattr(backend, name)
         if name in _CONFIGS:
-            value = modelopt_backend.make_configs()[name]  # registers, or raises naming the versions
+            value = backend.make_configs()[name]  # registers, or raises naming the versions
             globals()[name] = value
             return value
-        modelopt_backend.ensure_registered()
-        from . import calibration
+        backend.ensure_registered()
+        from moeq_triton.modelopt import calibrator
 
-        return getattr(calibration, name)
+        return getattr(calibrator, name)
     raise AttributeError(f"module 'moeq_triton' has no attribute {name!r}")
 
 
@@ -78,13 +78,13 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._loader.exec_module(module)
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-        from . import modelopt_backend
+        from moeq_triton.modelopt import backend
 
-        modelopt_backend.register_quietly()
+        backend.register_quietly()
 
 
 if _MODELOPT_QUANTIZATION in sys.modules:
-    from .modelopt_backend import register_quietly as _register_quietly
+    from moeq_triton.modelopt.backend import register_quietly as _register_quietly
 
     _register_quietly()
 elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):

@@ -4,6 +4,6 @@ The console script ``moeq-triton`` calls the same ``cli.main``."""
 
 import sys
 
-from .cli import main
+from moeq_triton.cli import main
 
 sys.exit(main())

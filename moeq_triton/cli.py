@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
+from moeq_triton import __version__
 
 
 def byte_size(text: str) -> int:
@@ -25,7 +25,7 @@ def byte_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint_format import FORMATS
+    from moeq_triton.checkpoint.formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="moeq-triton", description="Grouped NVFP4/FP8 quantization of MoE models.")
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print("moeq-triton: error: --device cuda, but torch sees no CUDA device (use --device cpu)", file=sys.stderr)
         return 1
     if args.command == "demo":
-        from .demo import run_demo
+        from moeq_triton.demo import run_demo
 
         run_demo(device)
         return 0
     if args.command == "inspect":
-        from .inspect import run_inspect
+        from moeq_triton.checkpoint.checks import run_inspect
 
         return run_inspect(args.path, device)
     with _terminate_as_interrupt():
@@ -108,7 +108,7 @@ def fast_path_note(device: str) -> str | None:
     """A note when the CPU run lacks the compiled C loop (the torch references are much slower)."""
     import torch
 
-    from . import kernels
+    from moeq_triton import kernels
 
     if device != "cpu" or kernels.use_triton(torch.device("cpu")):
         return None
@@ -142,11 +142,11 @@ def memory_line(peak) -> str:
 def _quantize(args, fmt, device: str) -> int:
     from rich.console import Console
 
-    from .checkpoint_io import CheckpointError
-    from .collectives import PeerFailure
-    from .memory import MemorySampler
-    from .model_free import quantize_checkpoint, verify
-    from .naming import UnsupportedArchitecture
+    from moeq_triton.checkpoint.io import CheckpointError
+    from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
+    from moeq_triton.distributed import PeerFailure
+    from moeq_triton.memory import MemorySampler
+    from moeq_triton.naming import UnsupportedArchitecture
 
     rank = int(os.environ.get("RANK", "0"))
     console = Console(stderr=False, quiet=rank != 0)
@@ -161,7 +161,7 @@ def _quantize(args, fmt, device: str) -> int:
         if args.model:
             source = args.model
         else:
-            from .synthetic import default_checkpoint
+            from moeq_triton.synthetic import default_checkpoint
 
             source = str(default_checkpoint())
             console.print(f"No --model given: using the embedded SYNTHETIC Qwen3-MoE checkpoint at {source}")
@@ -177,13 +177,13 @@ def _quantize(args, fmt, device: str) -> int:
         console.print(_table(plan, stats, seconds, out, device))
         for name in stats.nonfinite_kept:
             print(f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr)
-        from .serving import end_of_run_warning
+        from moeq_triton.checkpoint.serving import end_of_run_warning
 
         warning = end_of_run_warning(fmt.quant_algo, source_config(source))
         if warning and rank == 0:
             print(warning, file=sys.stderr)
         if args.verify and rank == 0:
-            from .checkpoint_io import SourceCheckpoint
+            from moeq_triton.checkpoint.io import SourceCheckpoint
 
             phase = "verifying"
             problems = verify(out, SourceCheckpoint(source), plan, torch_device(device))

@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .kernels import (
+from moeq_triton.checkpoint.quantize import relative_error
+from moeq_triton.kernels import (
     dequantize_nvfp4_reference,
     grouped_amax,
     launch_counts,
@@ -23,8 +24,7 @@ from .kernels import (
     reset_launch_counts,
     use_triton,
 )
-from .model_free import relative_error
-from .synthetic import heavy_tailed
+from moeq_triton.synthetic import heavy_tailed
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .kernels.native import cache_dir
+from moeq_triton.kernels.native import cache_dir
 
 NAME = "synthetic-qwen3-moe-4x16-v2"  # v2: written without transformers (other weights than v1)
 SHAPE = dict(

@@ -1,4 +1,4 @@
-"""Test assertions: the bitwise comparisons of benchmarks/common.py (which say how much differs) and
+"""Test assertions: the bitwise comparisons of moeq_triton/testing.py (which say how much differs) and
 checkpoint helpers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.common import as_bytes, assert_bitwise_equal, assert_results_equal, bitwise_mismatch  # noqa: F401
+from moeq_triton.testing import as_bytes, assert_bitwise_equal, assert_results_equal, bitwise_mismatch  # noqa: F401
 
 
 def checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

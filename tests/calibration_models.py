@@ -13,13 +13,14 @@ import os
 
 import modelopt.torch.opt as mto
 import torch
-from assertions import assert_bitwise_equal
 from modelopt.torch.export import export_hf_checkpoint
-from models import heavy_tailed_, qwen3_moe_config, tiny_qwen3_moe  # noqa: F401 (re-exported to the calibration tests)
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP, Qwen3MoeSparseMoeBlock
+
+from tests.assertions import assert_bitwise_equal
+from tests.models import heavy_tailed_, qwen3_moe_config, tiny_qwen3_moe  # noqa: F401 (re-exported to the calibration tests)
 
 SEED = 0  # every model below is heavy_tailed_(model, seed) (tests/models.py) with this default
 

@@ -4,7 +4,8 @@ import os
 import socket
 
 import pytest
-from device import TEST_DEVICE
+
+from tests.device import TEST_DEVICE
 
 if TEST_DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -14,12 +14,12 @@ import subprocess
 import sys
 
 import torch
-from moeq_triton.kernels import native
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from safetensors import safe_open
 
 from moeq_triton import synthetic
+from moeq_triton.kernels import native
 
 EXTRAS = ("modelopt", "megatron", "transformers")
 

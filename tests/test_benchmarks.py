@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from moeq_triton.kernels import quantize_fp8, quantize_nvfp4
 
 from benchmarks import run
-from benchmarks.common import MoEShape
+from moeq_triton.kernels import quantize_fp8, quantize_nvfp4
+from moeq_triton.testing import MoEShape
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -1,4 +1,4 @@
-"""The README's layout section is the tree: every module of kernels/, moeq_triton/, benchmarks/ and tests/
+"""The README's layout section is the tree: every module of moeq_triton/, benchmarks/ and tests/
 named there, and nothing named there that is gone.
 
 ``__init__.py`` files are the only ones not required by name.  The tree is git's view (tracked files plus
@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP = ("kernels", "moeq_triton", "benchmarks", "tests")
+TOP = ("moeq_triton", "benchmarks", "tests")
 FILE = re.compile(r"[\w*]+\.(?:py|c|sh|md)\b")
 
 
@@ -66,9 +66,10 @@ def test_layout_parser_sees_every_directory_and_a_missing_module():
     """The check above must not pass by parsing nothing: the README's block yields every directory with
     its files, and a module left out of a made-up layout is reported."""
     named = layout_names((ROOT / "README.md").read_text())
-    assert set(named) == {*TOP, "moeq_triton/naming"}
+    subpackages = {"moeq_triton/" + d for d in ("kernels", "naming", "checkpoint", "modelopt", "export")}
+    assert set(named) == {*TOP, *subpackages, *("tests/" + d for d in ("kernels", "checkpoint", "modelopt", "export"))}
     assert {"hf.py", "rules.py", "megatron.py"} <= named["moeq_triton/naming"]
     assert "cli.py" in named["moeq_triton"] and "hf.py" not in named["moeq_triton"]
     assert "test_*.py" in named["tests"] and "RESULTS.md" in named["benchmarks"]
-    made_up = "## Layout\n\n```\nkernels/   x\n  amax.py   y\nmoeq_triton/  z\n  naming/  hf.py\n  cli.py\n```\n"
-    assert layout_names(made_up) == {"kernels": {"amax.py"}, "moeq_triton": {"cli.py"}, "moeq_triton/naming": {"hf.py"}}
+    made_up = "## Layout\n\n```\nbenchmarks/   x\n  run.py   y\nmoeq_triton/  z\n  naming/  hf.py\n  cli.py\n```\n"
+    assert layout_names(made_up) == {"benchmarks": {"run.py"}, "moeq_triton": {"cli.py"}, "moeq_triton/naming": {"hf.py"}}

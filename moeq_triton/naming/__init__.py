@@ -6,8 +6,8 @@ Megatron-Core -> HF renames; the model-free command and the exporter both go thr
 
 from __future__ import annotations
 
-from .hf import FAMILIES
-from .rules import KEEP, PASS, QUANTIZE, Decision, Family, Naming, UnsupportedArchitecture, module_of
+from moeq_triton.naming.hf import FAMILIES
+from moeq_triton.naming.rules import KEEP, PASS, QUANTIZE, Decision, Family, Naming, UnsupportedArchitecture, module_of
 
 __all__ = [
     "FAMILIES",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .rules import SHARED_INPUT, Family
+from moeq_triton.naming.rules import SHARED_INPUT, Family
 
 ATTENTION = r"{L}\.self_attn\.[qkvo]_proj"
 LM_HEAD = r"(?:language_model\.)?lm_head"

@@ -1,0 +1,519 @@
+"""Model-free quantization of a Hugging Face checkpoint, straight from its safetensors files.
+
+Weight-only quantization needs no activations, so no model is built: the job is planned from tensor
+names and shapes alone, then each output shard is produced by reading its source tensors once,
+quantizing them in grouped kernel calls (scale groups such as an expert's gate/up are always read
+together, so their shared amax needs no second pass) and writing the shard.  The plan is
+deterministic, so N processes (torchrun) each produce whole shards and the result is the same files
+a single process writes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from moeq_triton.checkpoint.formats import Format
+from moeq_triton.checkpoint.io import (
+    SAFETENSORS_DTYPES,
+    AtomicCheckpointDir,
+    CheckpointError,
+    SourceCheckpoint,
+    shard_name,
+)
+from moeq_triton.checkpoint.source import ExpertSlice, fp8_block_scales, read_units, split_experts
+from moeq_triton.kernels import (
+    NonFiniteWeightError,
+    dequantize_fp8_block_reference,
+    dequantize_nvfp4_reference,
+    fp8_block_layout,
+    fp8_layout,
+    grouped_amax,
+    nvfp4_layout,
+    quantize_fp8,
+    quantize_fp8_block,
+    quantize_nvfp4,
+)
+from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
+from moeq_triton.naming import PASS, QUANTIZE, Decision, naming_for
+
+QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass
+class Unit:
+    """Tensors read and processed together: one scale group, or one kept tensor."""
+
+    names: list[str]
+    quantize: bool
+    in_bytes: int  # source bytes (FP8-block scales included)
+    out_bytes: int
+    scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
+    load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
+    transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
+    slices: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names read from a stacked tensor
+
+    @property
+    def held_bytes(self) -> int:
+        return self.load_bytes or self.in_bytes
+
+
+@dataclass
+class Plan:
+    fmt: Format | None  # None: an unquantized export (every tensor kept as it is)
+    shards: list[list[Unit]]
+    exclude_modules: list[str]
+    split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
+
+    @property
+    def units(self) -> list[Unit]:
+        return [u for shard in self.shards for u in shard]
+
+    def source_layout(self, source: SourceCheckpoint, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
+        piece = self.split.get(name)
+        return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
+
+
+def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
+    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
+
+    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
+    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
+    if not transposed:
+        if fmt.is_fp8_block:
+            return fp8_block_layout(shape)
+        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+    swapped = (*shape[:-2], shape[-1], shape[-2])
+    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
+
+
+def _swap(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
+    return sum(int(torch.Size(s).numel()) * d.itemsize for s, d in output_layout(shape, fmt, transposed))
+
+
+def make_plan(
+    source: SourceCheckpoint,
+    fmt: Format | None,
+    experts_only: bool,
+    max_shard_bytes: int,
+    exclude: tuple[str, ...] = (),
+) -> Plan:
+    """Which tensors are quantized, which share an amax, and which output shard holds each.
+
+    ``source``: anything with ``config``, ``names()``, ``shape_dtype()``, ``nbytes()`` and ``where()``
+    (a SourceCheckpoint, or the exporter's in-memory model tensors). ``exclude``: module-name globs kept
+    in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``)
+    is planned as its bf16 value; the scales themselves are dropped."""
+    naming = naming_for(source.config, exclude)
+    split = split_experts(source, naming.is_split)
+    stacked = {piece.stacked for piece in split.values()}
+    names = sorted([n for n in source.names() if n not in stacked] + list(split))
+    fp8_scales = fp8_block_scales(names)
+    dropped = set(fp8_scales.values())
+
+    def shape_dtype(name: str) -> tuple[tuple[int, ...], str]:
+        return (split[name].shape, split[name].dtype) if name in split else source.shape_dtype(name)
+
+    def nbytes(name: str) -> int:
+        return split[name].nbytes() if name in split else source.nbytes(name)
+
+    decisions = {n: naming.decide(n, experts_only) for n in names if n not in dropped}
+    if fmt is None:
+        decisions = {n: Decision(PASS) for n in decisions}
+    if naming.unused_excludes and fmt is not None:
+        raise CheckpointError(
+            f"--exclude {sorted(naming.unused_excludes)[0]}: matches no quantized module of this "
+            f"{naming.family.name} checkpoint (patterns are globs over module names, e.g. '*.self_attn.*')"
+        )
+    quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
+    routed = {n for n in quantized if decisions[n].routed}
+    keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
+    unit_of_key: dict[str, Unit] = {}
+    units: list[Unit] = []
+    exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
+    for name, decision in decisions.items():
+        shape, dtype = shape_dtype(name)
+        inv = fp8_scales.get(name)
+        in_bytes = nbytes(name) + (source.nbytes(inv) if inv else 0)
+        held = int(torch.Size(shape).numel()) * 2 if inv else 0  # dequantized to bf16
+        scale_inv = {name: inv} if inv else {}
+        slices = {name: split[name]} if name in split else {}
+        if decision.action != QUANTIZE:
+            units.append(Unit([name], False, in_bytes, held or nbytes(name), scale_inv, held, slices=slices))
+            continue
+        transposed = decision.transposed
+        dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
+        if (
+            (dtype not in QUANTIZABLE_DTYPES and not inv)
+            or len(shape) != dims
+            or (fmt.is_nvfp4 and inner % NVFP4_BLOCK_SIZE)
+        ):
+            raise CheckpointError(
+                f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
+                f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
+                "(or block-scaled FP8) weight"
+                + (
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {NVFP4_BLOCK_SIZE}"
+                    if fmt.is_nvfp4
+                    else ""
+                )
+            )
+        if transposed and fmt.per_channel:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name}: --format {fmt.name} is not supported for "
+                "stacked experts (use nvfp4 or fp8)"
+            )
+        key = keys[name]
+        if key not in unit_of_key:
+            unit_of_key[key] = Unit([], True, 0, 0, transposed=transposed)
+            units.append(unit_of_key[key])
+        unit = unit_of_key[key]
+        unit.names.append(name)
+        unit.in_bytes += in_bytes
+        unit.load_bytes += held or nbytes(name)
+        unit.out_bytes += _out_bytes(shape, fmt, transposed)
+        unit.scale_inv.update(scale_inv)
+        unit.slices.update(slices)
+    shards = pack(units, max_shard_bytes, lambda u: u.out_bytes)
+    return Plan(fmt, shards, sorted(exclude_modules), split)
+
+
+def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
+    shape, dtype = plan.source_layout(source, name)
+    return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
+
+
+@dataclass
+class Stats:
+    quantized: int = 0
+    kept: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
+    nonfinite_kept: list[str] = field(default_factory=list)  # kept tensors carried through with NaN/Inf
+
+
+def nonfinite_kept(
+    names: list[str], loaded: dict[str, torch.Tensor], source: SourceCheckpoint, allow: bool
+) -> list[str]:
+    """Kept floating-point tensors holding NaN/Inf, found by one grouped amax call; an error naming the
+    first (and how many) unless ``allow``."""
+    checked = [n for n in names if loaded[n].dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    checked = [n for n in checked if loaded[n].numel()]
+    bad: list[str] = []
+    while checked:  # one call when all are finite; a failure re-checks only the tensors after it
+        try:
+            grouped_amax([loaded[n].reshape(1, -1) if loaded[n].dim() < 2 else loaded[n] for n in checked])
+            break
+        except NonFiniteWeightError as error:
+            bad.append(checked[error.index])
+            checked = checked[error.index + 1 :]
+    bad += [n for n in names if loaded[n].dtype == torch.float64 and not bool(loaded[n].isfinite().all())]
+    if bad and not allow:
+        more = f" (and {len(bad) - 1} more kept tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{source.where(bad[0])}: kept tensor {bad[0]} contains NaN or Inf{more}; "
+            "pass --allow-nonfinite-kept to carry such tensors through"
+        )
+    return bad
+
+
+def quantize_units(
+    units: list[Unit], loaded: dict[str, torch.Tensor], fmt: Format, source: SourceCheckpoint
+) -> dict[str, torch.Tensor]:
+    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group."""
+    names = [n for u in units for n in u.names]
+    if not names:
+        return {}
+    transposed = [u.transposed for u in units for _ in u.names]
+    weights = [_stacked_input(loaded[n], fmt) if t else loaded[n] for n, t in zip(names, transposed)]
+    if fmt.is_fp8_block:  # block amaxes are local to each 128x128 tile: no amax pass, no shared scale
+        if any(transposed):
+            name = names[transposed.index(True)]
+            where = source.where(name)
+            raise CheckpointError(f"{where}: {name} is a stacked expert tensor; fp8-block takes 2-D weights")
+        try:
+            results = quantize_fp8_block(weights)
+        except NonFiniteWeightError as error:
+            name = names[error.index]
+            raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
+        return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
+    try:
+        amax = grouped_amax(weights)
+    except NonFiniteWeightError as error:
+        name = names[error.index]
+        raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
+    unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
+    scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
+    if fmt.is_nvfp4:
+        results = quantize_nvfp4(weights, scale_group_amax)
+    else:
+        results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
+    out: dict[str, torch.Tensor] = {}
+    for name, t, q in zip(names, transposed, results):
+        for output, tensor in zip(output_names(name, fmt), q):
+            out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
+    return out
+
+
+def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """A stacked [E, in, out] expert tensor as the kernels take it: [E, out, in]. For FP8 also in float32:
+    ModelOpt divides a 3-D weight by its scale unsqueezed to 1-D, which promotes the quotient to float32
+    (one rounding, where a 2-D bf16 weight's quotient is rounded to bf16 first)."""
+    weight = weight.transpose(-1, -2)
+    return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
+
+
+def output_names(name: str, fmt: Format) -> list[str]:
+    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
+    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them; fp8-block:
+    ``X.weight_scale_inv``, as the engines name it)."""
+    if fmt.is_fp8_block:
+        return [name, name + "_scale_inv"]
+    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
+    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
+
+
+def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
+    """float32 values of a quantized weight from its output tensors."""
+    from moeq_triton.kernels import NVFP4Weight
+
+    names = output_names(name, fmt)
+    if fmt.is_fp8_block:
+        return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
+    if fmt.is_nvfp4:
+        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
+    scale = tensors[names[1]]
+    return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
+
+
+def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
+    """Max and mean of |values - original| / max|original| (the figures the command and the demo report)."""
+    err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
+    return float(err.max()), float(err.mean())
+
+
+def run_shards(
+    plan: Plan,
+    source: SourceCheckpoint,
+    out: AtomicCheckpointDir,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    batch_bytes: int = 256 << 20,
+    advance: Callable[[int], None] = lambda n: None,
+    allow_nonfinite_kept: bool = False,
+) -> Stats:
+    """Produce this rank's shards (shard s belongs to rank s % world).
+
+    Kept floating-point tensors are checked for NaN/Inf in one grouped amax call per batch (quantized
+    ones are checked by their own amax, no extra pass); with ``allow_nonfinite_kept`` they are carried
+    through and listed in ``Stats.nonfinite_kept``."""
+    stats = Stats()
+    for s, shard in enumerate(plan.shards):
+        if s % world != rank:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
+            quantized = [u for u in batch if u.quantize]
+            result = quantize_units(quantized, loaded, plan.fmt, source)
+            sampled = next((u for u in quantized if not u.transposed), None)
+            if sampled:
+                sample = sampled.names[0]
+                stats.errors.append(relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+            kept = [u.names[0] for u in batch if not u.quantize]
+            stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
+            for unit in batch:
+                if not unit.quantize:
+                    result[unit.names[0]] = loaded[unit.names[0]]
+                stats.quantized += len(unit.names) if unit.quantize else 0
+                stats.kept += 0 if unit.quantize else 1
+                stats.bytes_in += unit.in_bytes
+                stats.bytes_out += unit.out_bytes
+                advance(unit.in_bytes)
+            tensors.update({k: v.cpu() for k, v in result.items()})
+        out.write_shard(shard_name(s, len(plan.shards)), tensors)
+    return stats
+
+
+def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
+    """The batches one shard is read in: at most ``batch_bytes`` held in memory each (dequantized size)."""
+    return pack(shard, batch_bytes, lambda u: u.held_bytes)
+
+
+def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
+    """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
+    compute; at most two batches in memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(batch: list[Unit]) -> dict[str, torch.Tensor]:
+        return read_units(batch, source, device)
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            loaded = pending.result()
+            pending = reader.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+            yield batch, loaded
+
+
+def pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
+    """Consecutive units in packs of at most ``budget`` bytes (a larger unit stands alone)."""
+    packs: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if packs[-1] and size + size_of(unit) > budget:
+            packs.append([])
+            size = 0
+        packs[-1].append(unit)
+        size += size_of(unit)
+    return packs
+
+
+def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:
+    """config.json with quantization_config, hf_quant_config.json, tokenizer/generation files, and
+    last the index (its metadata records every file written: the manifest)."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s, shard in enumerate(plan.shards):
+        for unit in shard:
+            for name in unit.names:
+                for output in output_names(name, plan.fmt) if unit.quantize else [name]:
+                    weight_map[output] = shard_name(s, len(plan.shards))
+            total += unit.out_bytes
+    config = dict(source.config)
+    if plan.fmt is not None:
+        config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
+        hf_quant_config = plan.fmt.hf_quant_config(plan.exclude_modules)
+        if hf_quant_config is not None:
+            out.write_json("hf_quant_config.json", hf_quant_config)
+    out.write_json("config.json", config)
+    for extra in source.extra_files():
+        out.copy_file(extra)
+    out.write_index({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
+    """Reload the output: every expected tensor with its dtype and shape, a bitwise re-quantization of one
+    scale group per shard, then ``inspect``'s checkpoint checks (missing or unshared scales, NaN/Inf in any
+    tensor).  Returns the problems found (empty when the checkpoint is sound)."""
+    problems = []
+    try:
+        result = SourceCheckpoint(destination)
+    except CheckpointError as error:
+        return [str(error)]
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    expected: dict[str, tuple[tuple[int, ...], str]] = {}
+    for unit in plan.units:
+        for name in unit.names:
+            if not unit.quantize:
+                expected[name] = kept_layout(plan, source, unit, name)
+                continue
+            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
+            for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
+                expected[output] = (tuple(shape), names[dtype])
+    missing = sorted(set(expected) - set(result.weight_map))
+    extra = sorted(set(result.weight_map) - set(expected))
+    if missing or extra:
+        problems.append(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, (shape, dtype) in expected.items():
+        if name in result.weight_map and result.shape_dtype(name) != (shape, dtype):
+            problems.append(f"{name}: {result.shape_dtype(name)}, expected shape {shape} and dtype {dtype}")
+    for shard in plan.shards:
+        unit = next((u for u in shard if u.quantize), None)
+        if unit is None or problems:
+            continue
+        loaded = read_units([unit], source, device)
+        again = quantize_units([unit], loaded, plan.fmt, source)
+        for key, tensor in again.items():
+            if not same_bytes(result.tensor(key), tensor.cpu()):
+                problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    if not problems:  # the bytes as written: scales present and shared, no NaN/Inf anywhere (a full pass)
+        from moeq_triton.checkpoint.checks import inspect_checkpoint
+
+        report = inspect_checkpoint(destination, device.type)
+        problems += [f.message for f in report.errors if f.about == "checkpoint"]
+    return problems
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Dtype, shape and every bit equal (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def quantize_checkpoint(
+    source_path: str | os.PathLike,
+    destination: str | os.PathLike,
+    fmt: Format,
+    experts_only: bool = False,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    batch_bytes: int = 256 << 20,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    exclude: tuple[str, ...] = (),
+    allow_nonfinite_kept: bool = False,
+    on_commit: Callable[[], None] = lambda: None,
+) -> tuple[Plan, Stats, float]:
+    """The whole job in one process (rank/world from torchrun's environment when present).
+
+    Any failure on any rank (an error, an interrupt) leaves the destination as it was on every rank;
+    ``on_commit`` runs as soon as the complete output is in place."""
+    from moeq_triton import distributed
+
+    start = time.perf_counter()
+    rank, world = distributed.init_from_environment(device)
+    made: dict = {}
+
+    def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
+        made["source"] = SourceCheckpoint(source_path)
+        made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
+        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
+        if rank == 0:
+            made["out"].create()
+
+    failure = distributed.agree(prepare, "reading the source and preparing the destination")
+    if failure is not None:
+        if rank == 0 and "out" in made:
+            made["out"].abort()
+        raise failure
+    source, plan, out = made["source"], made["plan"], made["out"]
+    advance = (
+        progress(rank, sum(u.in_bytes for s, sh in enumerate(plan.shards) if s % world == rank for u in sh))
+        if progress
+        else (lambda n: None)
+    )
+    stats = Stats()
+
+    def shards() -> None:
+        nonlocal stats
+        stats = run_shards(
+            plan, source, out, torch.device(device), rank, world, batch_bytes, advance, allow_nonfinite_kept
+        )
+
+    def finish() -> None:
+        if rank == 0:
+            write_metadata(plan, source, out)
+            out.commit(on_commit)
+
+    for step, what in ((shards, "quantizing and writing shards"), (finish, "writing metadata")):
+        failure = distributed.agree(step, what)
+        if failure is not None:
+            if rank == 0:
+                out.abort()
+            raise failure
+    distributed.barrier()
+    return plan, stats, time.perf_counter() - start

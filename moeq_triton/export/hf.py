@@ -1,0 +1,392 @@
+"""Export a model (calibrated through ModelOpt, or plain) as a Hugging Face checkpoint in ModelOpt's format.
+
+    moeq_triton.export_hf(model, "out/")                       # a transformers MoE model
+    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel (Qwen3-MoE)
+
+The model's tensors are first named as the Hugging Face checkpoint names them (transformers' own
+reverse conversion; for Megatron the mapping below), then the model-free machinery takes over: the
+same plan, the same grouped kernel calls per shard on the model's device, the same files and configs
+(``moeq_triton.checkpoint``, ``moeq_triton.naming``).  The format comes from the
+model's weight quantizers (NVFP4, FP8 per tensor or per channel); a model without them is exported
+unquantized.  Amaxes are recomputed as the weights' own max per scale group, which is exactly what
+ModelOpt's ``max`` calibration (and ``triton_grouped``) gives; a model whose weight quantizers were
+calibrated otherwise (another calibrator, pre-quantization scales from AWQ/SmoothQuant) is refused.
+
+Under torch.distributed each tensor is owned by the lowest rank that holds it (expert parallelism
+gives each rank its own experts); owners quantize their tensors, send the results to rank 0 as raw
+bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the files
+equal a single-process export.  The destination is complete or absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from moeq_triton import distributed
+from moeq_triton.checkpoint.formats import FORMATS, Format
+from moeq_triton.checkpoint.io import (
+    SAFETENSORS_DTYPES,
+    AtomicCheckpointDir,
+    CheckpointError,
+    SourceCheckpoint,
+    shard_name,
+)
+from moeq_triton.checkpoint.quantize import (
+    Plan,
+    dequantize,
+    make_plan,
+    output_layout,
+    output_names,
+    pack,
+    quantize_units,
+    write_metadata,
+)
+from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
+from moeq_triton.modelopt import patches
+from moeq_triton.naming import FAMILIES
+from moeq_triton.naming.megatron import hf_name
+
+# ---------------------------------------------------------------- the model's tensors under HF names
+
+
+def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """On-disk names and layout (per-expert tensors) via transformers' own reverse weight conversion."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {k: v for k, v in model.state_dict().items() if "quantizer" not in k and not k.endswith("_extra_state")}
+    return revert_weight_conversion(model, state)
+
+
+def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch.Tensor]:
+    """A Megatron-Core GPTModel (Qwen3-MoE layout) under Hugging Face names; experts under global indices.
+
+    Fused QKV rows come per KV head [the q heads that share it, k, v]; fused fc1 rows are
+    [gate; up].  Local spec (SequentialMLP) and TE spec (TEGroupedMLP: ``linear_fc1.weight{e}``) alike.
+    """
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    first_expert = _first_local_expert(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        name = name.removeprefix("module.")
+        tensor = param.detach()
+        target = hf_name(name)
+        if target is not None:
+            out[target] = tensor
+            continue
+        match = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", name)
+        if match:
+            prefix = f"model.layers.{match.group(1)}.self_attn"
+            per_kv_head = tensor.view(kv_heads, (heads // kv_heads + 2) * head_dim, -1)
+            q, k, v = per_kv_head.split([heads // kv_heads * head_dim, head_dim, head_dim], dim=1)
+            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[f"{prefix}.{proj}.weight"] = part.reshape(-1, tensor.shape[-1])
+            continue
+        match = re.fullmatch(
+            r"decoder\.layers\.(\d+)\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|"
+            r"linear_fc([12])\.weight(\d+))",
+            name,
+        )
+        if match:
+            layer, local = match.group(1), int(match.group(2) or match.group(5))
+            fc = match.group(3) or match.group(4)
+            prefix = f"model.layers.{layer}.mlp.experts.{first_expert + local}"
+            if fc == "1":
+                gate, up = tensor.chunk(2, dim=0)
+                out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
+            else:
+                out[f"{prefix}.down_proj.weight"] = tensor
+            continue
+        raise CheckpointError(f"Megatron parameter {name} (shape {list(tensor.shape)}) has no Qwen3-MoE counterpart")
+    return out
+
+
+def _first_local_expert(model: torch.nn.Module) -> int:
+    """Global index of this rank's first expert (expert parallelism); refuses what is not supported."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    for what, size in (
+        ("tensor", parallel_state.get_tensor_model_parallel_world_size()),
+        ("pipeline", parallel_state.get_pipeline_model_parallel_world_size()),
+        ("expert-tensor", parallel_state.get_expert_tensor_parallel_world_size()),
+    ):
+        if size > 1:
+            raise NotImplementedError(
+                f"export of a {what}-parallel Megatron model (size {size}) is not supported yet: "
+                "gather the tensor-parallel slices first (expert and data parallelism are supported)"
+            )
+    experts = model.config.num_moe_experts or 0
+    return parallel_state.get_expert_model_parallel_rank() * (
+        experts // parallel_state.get_expert_model_parallel_world_size()
+    )
+
+
+def is_megatron(model: torch.nn.Module) -> bool:
+    return (
+        type(model).__module__.startswith("megatron.core") or hasattr(model, "decoder") and hasattr(model, "embedding")
+    )
+
+
+def hf_config_dict(config) -> dict:
+    """config.json content from a transformers config or a dict; ``architectures`` filled in when absent."""
+    if not isinstance(config, dict):
+        config = json.loads(config.to_json_string(use_diff=True))
+    config = dict(config)
+    if not config.get("architectures"):
+        family = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
+        if family is not None:
+            config["architectures"] = [family.architectures[0]]
+    return config
+
+
+# ---------------------------------------------------------------- the format from the quantizers
+
+
+def detect_format(model: torch.nn.Module) -> Format | None:
+    """The format of the enabled weight quantizers (None: none enabled); mixed formats are refused."""
+    if importlib.util.find_spec("modelopt") is None:
+        return None  # without ModelOpt installed no model holds its quantizers: exported unquantized
+    from modelopt.torch.quantization.calib import MaxCalibrator
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    found = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, TensorQuantizer) or not module.is_enabled:
+            continue
+        if getattr(module, "pre_quant_scale", None) is not None:
+            raise CheckpointError(f"{name} has a pre_quant_scale (AWQ/SmoothQuant): use ModelOpt's exporter")
+        if "weight_quantizer" not in name:
+            continue
+        calibrator = patches.calibrator(module)
+        if calibrator is not None and not isinstance(calibrator, MaxCalibrator):
+            raise CheckpointError(
+                f"{name} was calibrated with {type(calibrator).__name__}; export_hf recomputes max amaxes "
+                "and would drop that calibration: use ModelOpt's exporter"
+            )
+        if module.num_bits == (2, 1) and (module.block_sizes or {}).get(-1) == NVFP4_BLOCK_SIZE:
+            found.add("nvfp4")
+        elif module.num_bits == (4, 3) and _is_fp8_2d_block(module.block_sizes):
+            found.add("fp8-block")
+        elif module.num_bits == (4, 3) and module.block_sizes is None:
+            found.add("fp8-per-channel" if module.axis == 0 else "fp8")
+        else:
+            raise CheckpointError(f"{name}: num_bits {module.num_bits} / blocks {module.block_sizes} is not exportable")
+    if len(found) > 1:
+        raise CheckpointError(f"the model mixes weight formats {sorted(found)}; export supports one per checkpoint")
+    return FORMATS[found.pop()] if found else None
+
+
+def _is_fp8_2d_block(block_sizes: dict | None) -> bool:
+    """FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG's weight quantizer: static 128x128 blocks over the last two dims."""
+    blocks = dict(block_sizes or {})
+    static = blocks.pop("type", "static") == "static" and blocks.pop("scale_bits", None) is None
+    return static and blocks == {-1: 128, -2: 128}
+
+
+# ---------------------------------------------------------------- the source the plan reads
+
+
+class ModelTensors:
+    """The model's tensors as a plan source (names, shapes, dtypes, origin), across ranks.
+
+    ``meta`` covers every rank's tensors; ``owner`` is the lowest rank holding each name.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], config: dict, source_dir: str | os.PathLike | None) -> None:
+        self.tensors = tensors
+        self.config = config
+        self.source_dir = Path(source_dir) if source_dir else None
+        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+        local = {n: (tuple(t.shape), names.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
+        self.rank, self.world = distributed.rank_world()
+        per_rank = distributed.gather_objects(local)  # names and shapes only; tensors never pickle
+        self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.owner: dict[str, int] = {}
+        for rank, entries in enumerate(per_rank):
+            for name, entry in entries.items():
+                if name in self.meta and self.meta[name] != entry:
+                    raise CheckpointError(
+                        f"{name}: rank {rank} holds {entry}, rank {self.owner[name]} {self.meta[name]}"
+                    )
+                self.meta.setdefault(name, entry)
+                self.owner.setdefault(name, rank)
+
+    def names(self) -> list[str]:
+        return sorted(self.meta)
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        return self.meta[name]
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.meta[name]
+        return int(torch.Size(shape).numel()) * SAFETENSORS_DTYPES[dtype].itemsize
+
+    def where(self, name: str) -> str:
+        return f"the model (rank {self.owner.get(name, self.rank)})"
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def extra_files(self):
+        from moeq_triton.checkpoint.io import EXTRA_FILES
+
+        for file in EXTRA_FILES if self.source_dir else ():
+            if (self.source_dir / file).is_file():
+                yield self.source_dir / file
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_hf(
+    model: torch.nn.Module,
+    export_dir: str | os.PathLike,
+    hf_config=None,
+    *,
+    fmt: str | None = "auto",
+    experts_only: bool = False,
+    exclude: tuple[str, ...] = (),
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[int], None] = lambda n: None,
+) -> Path:
+    """Write ``model`` as a checkpoint vLLM / TensorRT-LLM / SGLang load; every rank calls it.
+
+    hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
+    fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel", "fp8-block") or None
+    (unquantized); exclude: module-name globs kept in high precision (as ``--exclude``); source_dir: where
+    tokenizer and generation files are copied from.
+    """
+    if is_megatron(model):
+        if hf_config is None:
+            raise ValueError("a Megatron model needs hf_config (e.g. the Qwen3MoeConfig it mirrors)")
+        config = hf_config_dict(hf_config)
+        tensors = megatron_tensors(model, config)
+    else:
+        config = hf_config_dict(hf_config if hf_config is not None else model.config)
+        tensors = transformers_tensors(model)
+    chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
+    source = ModelTensors(tensors, config, source_dir)
+    plan = make_plan(source, chosen, experts_only, max_shard_bytes, tuple(exclude))
+    made: list[AtomicCheckpointDir] = []
+
+    def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
+        made.append(AtomicCheckpointDir(export_dir, overwrite, protect=[source_dir] if source_dir else []))
+        if source.rank == 0:
+            made[0].create()
+
+    def finish() -> None:
+        if source.rank == 0:
+            write_metadata(plan, source, made[0])
+            made[0].commit()
+
+    steps = (
+        (prepare, "checking the export directory"),
+        (lambda: _write_shards(plan, source, made[0], progress), "exporting shards"),  # agrees per step inside
+        (finish, "writing metadata"),
+    )
+    for step, what in steps:
+        failure = distributed.agree(step, what)
+        if failure is not None:
+            if source.rank == 0 and made:
+                made[0].abort()
+            raise failure
+    distributed.barrier()
+    return Path(export_dir)
+
+
+def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
+    """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes.
+
+    Every step that can fail on one rank alone runs through ``distributed.together``: a failure never
+    leaves rank 0 waiting for bytes that will not come.
+    """
+    for s, shard in enumerate(plan.shards):
+        produced: dict[str, torch.Tensor] = {}
+        distributed.together(partial(_quantize_own, shard, source, plan, produced, progress), "quantizing")
+        distributed.together(partial(_gather_to_rank0, shard, source, plan, produced), "sending to rank 0")
+        write = out.write_shard if source.rank == 0 else (lambda *_: None)
+        distributed.together(partial(write, shard_name(s, len(plan.shards)), produced), "writing a shard")
+
+
+def _quantize_own(shard, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
+    """This rank's units of a shard: grouped kernel calls per batch, results moved to the CPU."""
+    mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
+    for batch in pack(mine, 1 << 30, lambda u: u.in_bytes):
+        loaded = {n: source.tensor(n) for u in batch for n in u.names}
+        result = quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source)
+        result.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
+        produced.update({k: v.detach().cpu() for k, v in result.items()})
+        progress(sum(u.in_bytes for u in batch))
+
+
+def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]) -> None:
+    """Point-to-point transfer of raw bytes, in an order every rank derives from the plan, into rank 0's
+    ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
+    if source.world == 1:
+        return
+    for unit in shard:
+        owner = source.owner[unit.names[0]]
+        if owner == 0:
+            continue
+        names = [o for n in unit.names for o in output_names(n, plan.fmt)] if unit.quantize else unit.names
+        for name in names:
+            if source.rank == owner:
+                distributed.send_bytes(produced.pop(name), dst=0)
+            elif source.rank == 0:
+                shape, dtype = _output_layout(name, unit, source, plan)
+                buffer = distributed.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=owner)
+                produced[name] = buffer.view(dtype).reshape(shape)
+
+
+def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of one output tensor, from the plan alone (the receiver allocates with it)."""
+    if not unit.quantize:
+        shape, dtype = source.meta[name]
+        return shape, SAFETENSORS_DTYPES[dtype]
+    base = next(n for n in unit.names if name in output_names(n, plan.fmt))
+    layouts = output_layout(source.meta[base][0], plan.fmt, unit.transposed)
+    return layouts[output_names(base, plan.fmt).index(name)]
+
+
+# ---------------------------------------------------------------- loading back
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a checkpoint written here or by ModelOpt; quantized weights are dequantized.
+
+    Refuses anything that is not a complete checkpoint: a missing config, index or shard, or a tensor
+    the index lists but no file holds.
+    """
+    source = SourceCheckpoint(path)
+    quant = Path(path) / "hf_quant_config.json"
+    fmt = None
+    if quant.is_file():
+        algo = json.loads(quant.read_text())["quantization"]["quant_algo"]
+        fmt = next((f for f in FORMATS.values() if f.quant_algo == algo), None)
+        if fmt is None:
+            raise CheckpointError(f"{quant}: quant_algo {algo} is not one this loader reads")
+    elif source.config.get("quantization_config", {}).get("weight_block_size") == [128, 128]:
+        fmt = FORMATS["fp8-block"]
+    stored = {name: source.tensor(name) for name in source.names()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in stored.items():
+        base = name.removesuffix("_inv").removesuffix("_2").removesuffix("_scale")
+        if name.endswith(("_scale", "_scale_2", "_scale_inv")) and base in stored:
+            continue
+        if fmt is not None and output_names(name, fmt)[1] in stored:
+            tensors[name] = dequantize(stored, name, fmt).to(dtype)
+        else:
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return source.config, tensors

@@ -1,0 +1,599 @@
+"""Fault matrix of ``moeq-triton quantize``: each fault x exit code x what must remain on disk.
+
+One table (FAULTS) drives one test.  Every row starts from a fresh copy of one tiny Qwen3-MoE checkpoint
+(built once, seeded, from safetensors directly), runs the command (in-process where it can; a real
+subprocess for real signals; real gloo processes for multi-rank rows) and then checks the exit code,
+that stderr names what went wrong in one line without a traceback, and the disk:
+- "as before": every file and directory under the test's folder is byte-identical to before the run
+  (the source, the destination, and no hidden sibling left behind);
+- "complete": the destination is a complete checkpoint whose manifest lists exactly its
+  files, and everything else is as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeq_triton import cli
+from moeq_triton.checkpoint.io import INDEX, AtomicCheckpointDir, SourceCheckpoint, manifest
+from tests.distributed_harness import run_ranks, values
+
+SEED = 0
+HIDDEN, FFN, VOCAB, EXPERTS, LAYERS = 32, 16, 64, 2, 2
+SLOW = pytest.mark.slow  # a subprocess or several processes: start-up alone is a few seconds here
+
+
+def tiny_tensors() -> dict[str, torch.Tensor]:
+    """Qwen3-MoE names and layouts, small shapes (last dims multiples of 16), seeded heavy-tailed values."""
+    gen = torch.Generator().manual_seed(SEED)
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN)}
+    shapes["model.norm.weight"] = (HIDDEN,)
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}"
+        shapes |= {f"{p}.input_layernorm.weight": (HIDDEN,), f"{p}.post_attention_layernorm.weight": (HIDDEN,)}
+        shapes |= {f"{p}.self_attn.{n}_proj.weight": (HIDDEN if n in "qo" else FFN, HIDDEN) for n in "qkvo"}
+        shapes |= {f"{p}.self_attn.q_norm.weight": (FFN,), f"{p}.self_attn.k_norm.weight": (FFN,)}
+        shapes[f"{p}.mlp.gate.weight"] = (EXPERTS, HIDDEN)
+        for e in range(EXPERTS):
+            shapes |= {f"{p}.mlp.experts.{e}.{n}_proj.weight": (FFN, HIDDEN) for n in ("gate", "up")}
+            shapes[f"{p}.mlp.experts.{e}.down_proj.weight"] = (HIDDEN, FFN)
+    return {n: ((torch.randn(s, generator=gen) ** 3) * 0.02).to(torch.bfloat16) for n, s in sorted(shapes.items())}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The source: config.json, a tokenizer file, three shards and their index."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-qwen3-moe"
+    path.mkdir()
+    tensors = tiny_tensors()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(3):
+        file = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = names[i::3]
+        save_file({n: tensors[n] for n in part}, path / file, {"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": HIDDEN}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prior(tiny, tmp_path_factory) -> Path:
+    """A complete earlier output of this tool."""
+    out = tmp_path_factory.mktemp("prior") / "out"
+    assert cli.main(["quantize", "--model", str(tiny), "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def snapshot(root: Path, skip: Path | None = None) -> dict[str, object]:
+    """Every entry under root: file bytes, 'dir', or the link target (``skip``'s contents left out)."""
+    found: dict[str, object] = {}
+    for here, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(here) / name
+            if skip is not None and skip in path.parents:
+                continue
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                found[key] = f"-> {os.readlink(path)}"
+            elif path.is_dir():
+                found[key] = "dir"
+            else:
+                found[key] = path.read_bytes()
+    return found
+
+
+def assert_complete(out: Path) -> None:
+    """A checkpoint that loads, every tensor readable, and a manifest listing exactly its files."""
+    checkpoint = SourceCheckpoint(out)
+    assert len(checkpoint.names()) > 20
+    for name in checkpoint.names():
+        checkpoint.tensor(name)
+    record = manifest(out)
+    assert record is not None and sorted(record["files"]) == sorted(os.listdir(out)), record
+    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+
+
+# ---------------------------------------------------------------- preparing each fault
+
+
+def corrupt(path: Path, edit: Callable[[dict[str, torch.Tensor]], None], tensor: str) -> None:
+    """Rewrite the shard holding ``tensor`` after ``edit`` changed its tensors."""
+    file = path / json.loads((path / INDEX).read_text())["weight_map"][tensor]
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, {"format": "pt"})
+
+
+def set_nan(name: str) -> Callable[[dict], None]:
+    def edit(tensors: dict) -> None:
+        tensors[name][1, 3] = float("nan")
+
+    return edit
+
+
+def shard_of(src: Path, tensor: str) -> str:
+    return json.loads((src / INDEX).read_text())["weight_map"][tensor]
+
+
+def to_dev_full(method: str, when: Callable[[str], bool]) -> Callable:
+    """Fault injection: before AtomicCheckpointDir.<method> writes a chosen file, that file becomes a link
+    to /dev/full, so the real write fails with the kernel's ENOSPC (No space left on device).  (Not for
+    shards: safetensors writes a temporary file and renames it over the link.)"""
+
+    def install(monkeypatch) -> None:
+        original = getattr(AtomicCheckpointDir, method)
+
+        def writing(self, file, *args):
+            if when(file):
+                os.symlink("/dev/full", self.partial / file)
+            return original(self, file, *args)
+
+        monkeypatch.setattr(AtomicCheckpointDir, method, writing)
+
+    return install
+
+
+MOUNTS: list[Path] = []  # unmounted after each test
+
+
+def full_disk(directory: Path, size: str = "8k") -> Path:
+    """A real small tmpfs mounted at ``directory``: writes beyond ``size`` fail with ENOSPC from the kernel."""
+    directory.mkdir()
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True)
+    if run.returncode:
+        pytest.skip(f"mounting a small tmpfs needs root (CAP_SYS_ADMIN): {run.stderr.decode().strip()}")
+    MOUNTS.append(directory)
+    return directory
+
+
+def no_c_compiler(monkeypatch) -> None:
+    """No compiler and nothing cached: the fast CPU path cannot be built (as on a machine without cc)."""
+    from moeq_triton.kernels import native
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("MOEQ_TRITON_CACHE", os.environ["FAULT_EMPTY_CACHE"])
+    native.library.cache_clear()
+
+
+@dataclass
+class Fault:
+    id: str
+    prepare: Callable[[Path, Path, Path, Path], list[str]]  # (tmp, src, out, prior) -> argv after the defaults
+    code: int
+    says: str
+    after: str  # "as before" | "complete"
+    inject: Callable | None = None  # in-process fault injection (given monkeypatch)
+    signal_at: str | None = None  # a real signal sent to a subprocess at this phase
+    ranks: str | None = None  # a 2-process run: "fail-rank-1" or "nccl"
+    argv: Callable[[Path, Path], list[str]] | None = None  # replaces the default argv
+    marks: list = field(default_factory=list)
+
+
+def defaults(src: Path, out: Path) -> list[str]:
+    return ["quantize", "--model", str(src), "--out", str(out), "--device", "cpu", "--max-shard-size", "8KB"]
+
+
+def with_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def bad_source_file(id: str, file: str, text: str, says: str) -> Fault:
+    """The source's ``file`` rewritten as ``text``: refused with exit 1 naming it, the destination as before."""
+    return Fault(id, lambda t, s, o, p: (with_file(s / file, text), [])[1], 1, says, "as before")
+
+
+def copy_prior(prior: Path, out: Path, extra: str | None = None) -> None:
+    shutil.copytree(prior, out)
+    if extra:
+        (out / extra).write_text("the user's own notes")
+
+
+def without_architectures(config: Path) -> None:
+    data = json.loads(config.read_text())
+    assert data.pop("architectures") and data["model_type"] == "qwen3_moe"
+    config.write_text(json.dumps(data))
+
+
+N = lambda *a: []  # noqa: E731  (no change to the defaults)
+
+FAULTS = [
+    # item 1: the source is never written
+    Fault(
+        "out-is-source",
+        lambda t, s, o, p: ["--out", str(s), "--overwrite", "--verify"],
+        1,
+        "is the source",
+        "as before",
+    ),
+    Fault(
+        "out-inside-source",
+        lambda t, s, o, p: ["--out", str(s / "q"), "--overwrite"],
+        1,
+        "is inside the source",
+        "as before",
+    ),
+    Fault(
+        "out-contains-source",
+        lambda t, s, o, p: ["--out", str(t), "--overwrite"],
+        1,
+        "contains the source",
+        "as before",
+    ),
+    Fault(
+        "out-links-to-source",
+        lambda t, s, o, p: (os.symlink(s, t / "link"), ["--out", str(t / "link" / "q")])[1],
+        1,
+        "is inside the source",
+        "as before",
+    ),
+    Fault(
+        "source-through-link",
+        lambda t, s, o, p: (os.symlink(s, t / "link"), ["--model", str(t / "link"), "--out", str(s), "--overwrite"])[1],
+        1,
+        "is the source",
+        "as before",
+    ),
+    # item 2: --overwrite replaces only an empty directory or one this tool wrote, never a file
+    Fault(
+        "out-is-a-file",
+        lambda t, s, o, p: (with_file(o, "mine"), ["--overwrite"])[1],
+        1,
+        "not a directory",
+        "as before",
+    ),
+    Fault("out-is-a-link", lambda t, s, o, p: (os.symlink(t / "elsewhere", o), [])[1], 1, "symbolic link", "as before"),
+    Fault(
+        "out-foreign-dir",
+        lambda t, s, o, p: (with_file(o / "keep.txt", "mine"), ["--overwrite"])[1],
+        1,
+        "not written by moeq-triton",
+        "as before",
+    ),
+    Fault(
+        "out-ours-plus-foreign-file",
+        lambda t, s, o, p: (copy_prior(p, o, "notes.txt"), ["--overwrite"])[1],
+        1,
+        "notes.txt, which moeq-triton did not write",
+        "as before",
+    ),
+    Fault("out-ours-replaced", lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1], 0, "", "complete"),
+    Fault("out-empty-dir", lambda t, s, o, p: (o.mkdir(), [])[1], 0, "", "complete"),
+    Fault(
+        "existing-destination",
+        lambda t, s, o, p: (with_file(o / "keep.txt", "mine"), [])[1],
+        1,
+        "pass --overwrite",
+        "as before",
+    ),
+    Fault(
+        "unwritable-destination",
+        lambda t, s, o, p: ["--out", str(with_file(t / "blocker", "x") / "out")],
+        1,
+        "cannot write there",
+        "as before",
+    ),
+    Fault(
+        "foreign-partial-sibling",
+        lambda t, s, o, p: (with_file(t / ".out.moeq-triton-partial" / "x", "mine"), [])[1],
+        1,
+        "not made by moeq-triton",
+        "as before",
+    ),
+    Fault(
+        "stale-partial-of-ours",
+        lambda t, s, o, p: (with_file(t / ".out.moeq-triton-partial" / ".moeq-triton-partial", ""), [])[1],
+        0,
+        "",
+        "complete",
+    ),
+    # item 3: bad JSON
+    bad_source_file("config-invalid-json", "config.json", "{oops", "config.json: invalid JSON"),
+    bad_source_file("index-invalid-json", INDEX, "[1,", f"{INDEX}: invalid JSON"),
+    bad_source_file("config-is-a-list", "config.json", "[]", "config.json: expected a JSON object, found list"),
+    bad_source_file("index-without-weight-map", INDEX, "{}", "no weight_map"),
+    # existing: the source's files
+    Fault(
+        "missing-config",
+        lambda t, s, o, p: ((s / "config.json").unlink(), [])[1],
+        1,
+        "config.json: not found",
+        "as before",
+    ),
+    Fault(
+        "truncated-shard",
+        lambda t, s, o, p: (
+            (s / "model-00002-of-00003.safetensors").write_bytes(
+                (s / "model-00002-of-00003.safetensors").read_bytes()[:300]
+            ),
+            [],
+        )[1],
+        1,
+        "model-00002-of-00003.safetensors",
+        "as before",
+    ),
+    Fault(
+        "missing-shard",
+        lambda t, s, o, p: ((s / "model-00003-of-00003.safetensors").unlink(), [])[1],
+        1,
+        "model-00003-of-00003.safetensors",
+        "as before",
+    ),
+    Fault(
+        "nan-in-quantized",
+        lambda t, s, o, p: (corrupt(s, set_nan(w := "model.layers.1.mlp.experts.1.up_proj.weight"), w), [])[1],
+        1,
+        "model.layers.1.mlp.experts.1.up_proj.weight contains NaN",
+        "as before",
+    ),
+    # item 10: no `architectures` in config.json: the family comes from `model_type` (a success, not a refusal)
+    Fault(
+        "config-without-architectures",
+        lambda t, s, o, p: (without_architectures(s / "config.json"), [])[1],
+        0,
+        "",
+        "complete",
+    ),
+    # item 4: no subcommand, a bad device
+    Fault("no-subcommand", N, 2, "usage: moeq-triton", "as before", argv=lambda s, o: []),
+    Fault("demo-bad-device", N, 2, "invalid choice: 'foo'", "as before", argv=lambda s, o: ["demo", "--device", "foo"]),
+    # item 6: disk full while writing a shard, and while writing metadata
+    Fault(
+        "enospc-shard",
+        lambda t, s, o, p: ["--out", str(full_disk(t / "small-disk") / "out")],
+        1,
+        ".safetensors: write failed (No space left on device)",
+        "as before",
+    ),
+    Fault(
+        "enospc-metadata",
+        N,
+        1,
+        "config.json: write failed (No space left on device)",
+        "as before",
+        inject=to_dev_full("write_json", lambda f: f == "config.json"),
+    ),
+    # item 7: non-finite kept tensors
+    Fault(
+        "nan-in-kept",
+        lambda t, s, o, p: (corrupt(s, set_nan(w := "model.embed_tokens.weight"), w), [])[1],
+        1,
+        "kept tensor model.embed_tokens.weight contains NaN or Inf; pass --allow-nonfinite-kept",
+        "as before",
+    ),
+    Fault(
+        "nan-in-kept-allowed",
+        lambda t, s, o, p: (corrupt(s, set_nan(w := "model.embed_tokens.weight"), w), ["--allow-nonfinite-kept"])[1],
+        0,
+        "warning: kept tensor model.embed_tokens.weight contains NaN or Inf",
+        "complete",
+    ),
+    # item 8: the fast CPU path cannot be built
+    Fault("no-c-compiler", N, 0, "could not be compiled, no working C compiler", "complete", inject=no_c_compiler),
+    # item 9: the memory figure separates the heap from mapped files
+    Fault("memory-figure", N, 0, "MiB heap (anonymous: the output shard being assembled", "complete"),
+    # item 5: real signals (subprocess): the message says what is on disk
+    Fault("sigint-reading", N, 130, "is as it was before the run", "as before", signal_at="reading", marks=[SLOW]),
+    Fault(
+        "sigint-quantizing", N, 130, "is as it was before the run", "as before", signal_at="quantizing", marks=[SLOW]
+    ),
+    Fault(
+        "sigint-writing",
+        lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1],
+        130,
+        "is as it was before the run",
+        "as before",
+        signal_at="writing",
+        marks=[SLOW],
+    ),
+    Fault(
+        "sigint-verifying",
+        lambda t, s, o, p: ["--verify"],
+        130,
+        "had been written completely, but it is not verified",
+        "complete",
+        signal_at="verifying",
+        marks=[SLOW],
+    ),
+    Fault(
+        "sigterm-writing",
+        N,
+        143,
+        "terminated (SIGTERM) before the output was complete",
+        "as before",
+        signal_at="writing:TERM",
+        marks=[SLOW],
+    ),
+    Fault(
+        "sigint-committing",
+        lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1],
+        130,
+        "out had already been written completely",
+        "complete",
+        signal_at="committing",
+        marks=[SLOW],
+    ),
+    # a rank failing in a 2-process run; item 13: every collective on the device NCCL requires
+    Fault(
+        "rank-1-disk-full",
+        N,
+        1,
+        "rank 1 failed while quantizing and writing shards",
+        "as before",
+        ranks="fail-rank-1",
+        marks=[SLOW],
+    ),
+    Fault("two-ranks-nccl-rules", N, 0, "", "complete", ranks="nccl", marks=[SLOW]),
+]
+
+
+# ---------------------------------------------------------------- running each fault
+
+
+def run_inline(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit:  # argparse's own usage errors
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.err + " ".join(captured.out.split())  # rich wraps stdout lines: unwrapped here
+
+
+PHASE_HOOKS = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from moeq_triton import cli
+    from moeq_triton.checkpoint import io as checkpoint_io
+    from moeq_triton.checkpoint import quantize as model_free
+
+    # Ctrl-C as a terminal user has it: a parent started in the background (nohup, `&` without job control)
+    # passes SIGINT down ignored, and an ignored SIGINT is rightly ignored by the command too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    phase = sys.argv[1]
+
+    def pause(*args, **kwargs):
+        print(f"FAULT-POINT {phase}", file=sys.stderr, flush=True)
+        time.sleep(60 if threading.current_thread() is threading.main_thread() else 3)
+
+    def hook(holder, name):
+        original = getattr(holder, name)
+
+        def paused(*args, **kwargs):
+            pause()
+            setattr(holder, name, original)
+            return original(*args, **kwargs)
+
+        setattr(holder, name, paused)
+
+    where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
+             "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
+    if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
+        import pathlib
+
+        original = pathlib.Path.rename
+
+        def rename(self, target):
+            result = original(self, target)
+            if str(target).endswith(".moeq-triton-old"):
+                moved = f"{self.name} -> {pathlib.Path(target).name}"
+                print(f"FAULT-POINT {phase}: after {moved}", file=sys.stderr, flush=True)
+                signal.raise_signal(signal.SIGINT)
+            return result
+
+        pathlib.Path.rename = rename
+    else:
+        hook(*where[phase.split(":")[0]])
+    sys.exit(cli.main(sys.argv[2:]))
+    """
+)
+
+
+def run_with_signal(argv: list[str], phase: str) -> tuple[int, str]:
+    """A real process; a real SIGINT/SIGTERM from here while it waits at ``phase``."""
+    number = signal.SIGTERM if phase.endswith(":TERM") else signal.SIGINT
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PHASE_HOOKS, phase, *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("FAULT-POINT"):
+            if phase != "committing":  # there the process has raised it itself, at the exact point
+                proc.send_signal(number)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    return proc.returncode, "".join(seen) + rest
+
+
+def _rank_main(rank: int, world: int, argv: list[str], mode: str) -> tuple[int, str]:
+    """One rank of a 2-process run: the command in-process, its exit code and stderr."""
+    import contextlib
+    import io
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), TRITON_INTERPRET="0")
+    err = io.StringIO()
+    context = contextlib.nullcontext()
+    if mode == "fail-rank-1" and rank == 1:
+        from moeq_triton.checkpoint import io as checkpoint_io
+
+        def disk_full(tensors, path, metadata=None):  # rank 1 alone fails, as its own full disk would
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        checkpoint_io.save_file = disk_full
+    if mode == "nccl":
+        from tests.pretend_nccl import pretend_nccl
+
+        context = pretend_nccl()
+    with context, contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, err.getvalue()
+
+
+def run_two_ranks(argv: list[str], mode: str) -> tuple[int, str]:
+    results = values(run_ranks(_rank_main, 2, argv, mode, timeout_s=240))
+    codes = {code for code, _ in results}
+    assert len(codes) == 1, results  # every rank ends the same way
+    if mode == "fail-rank-1":
+        assert "No space left on device" in results[1][1], results[1][1]
+    return codes.pop(), results[0][1]
+
+
+@pytest.mark.parametrize("fault", [pytest.param(f, id=f.id, marks=f.marks) for f in FAULTS])
+def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the command's own CPU path (the C loop), as users run it
+    monkeypatch.setenv("FAULT_EMPTY_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    argv = fault.argv(src, out) if fault.argv else defaults(src, out)
+    argv += fault.prepare(tmp_path, src, out, prior)
+    if fault.inject:
+        fault.inject(monkeypatch)
+    before = snapshot(tmp_path)
+    try:
+        if fault.signal_at:
+            code, err = run_with_signal(argv, fault.signal_at)
+        elif fault.ranks:
+            code, err = run_two_ranks(argv, fault.ranks)
+        else:
+            code, err = run_inline(argv, capsys)
+    finally:
+        for mount in MOUNTS:
+            assert snapshot(mount) == {}, "the full disk keeps nothing"  # checked before it goes away
+            subprocess.run(["umount", str(mount)], check=True)
+        MOUNTS.clear()
+        from moeq_triton.kernels import native
+
+        native.library.cache_clear()  # no-c-compiler: the next run finds the real compiler again
+    assert code == fault.code, err[-2000:]
+    assert fault.says in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    if code not in (0, 2):
+        assert len([line for line in err.splitlines() if line.startswith("moeq-triton:")]) >= 1
+    if fault.after == "as before":
+        assert snapshot(tmp_path) == before
+    else:
+        assert_complete(out)
+        stale = ".out.moeq-triton-partial"  # a partial directory of ours, left by a killed run: discarded
+        expected = {k: v for k, v in before.items() if not k.startswith(("out/", stale))}
+        assert snapshot(tmp_path, skip=out) == expected | {"out": "dir"}
