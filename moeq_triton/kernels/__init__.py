@@ -6,7 +6,7 @@ reference sits beside each kernel.
 """
 
 from .amax import NonFiniteWeightError, grouped_amax, grouped_amax_reference, grouped_row_amax
-from .dequant import dequantize_fp8_block, dequantize_fp8_block_reference
+from .dequant import FP8BlockSource, dequantize_fp8_block, dequantize_fp8_block_reference
 from .fp8 import FP8Weight, fp8_layout, quantize_fp8, quantize_fp8_reference
 from .fp8_block import (
     FP8BlockWeight,
@@ -18,6 +18,7 @@ from .grouping import launch_counts, reset_launch_counts, use_triton
 from .nvfp4 import NVFP4Weight, dequantize_nvfp4_reference, nvfp4_layout, quantize_nvfp4, quantize_nvfp4_reference
 
 __all__ = [
+    "FP8BlockSource",
     "FP8BlockWeight",
     "FP8Weight",
     "NonFiniteWeightError",

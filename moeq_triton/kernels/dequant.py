@@ -8,10 +8,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from .formats import FP8_BLOCK_SIZE
+
+
+class FP8BlockSource(NamedTuple):
+    """A source weight stored as FP8-block codes (DeepSeek-V3/R1, Kimi-K2, MiniMax-M2 as released).
+
+    Where a kernel accepts it in place of a bf16 weight, it computes on exactly the bf16 values
+    ``dequantize_fp8_block_reference(codes, scale_inv)`` gives, without materializing them."""
+
+    codes: torch.Tensor  # float8_e4m3fn [N, K]
+    scale_inv: torch.Tensor  # float32 [ceil(N / 128), ceil(K / 128)]: one multiplier per 128x128 block
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def dequantize(self) -> torch.Tensor:
+        """The bf16 weight this source stands for (plain torch)."""
+        return dequantize_fp8_block_reference(self.codes, self.scale_inv)
 
 
 def _check(i: int, weight: torch.Tensor, scale_inv: torch.Tensor, block: int) -> None:
