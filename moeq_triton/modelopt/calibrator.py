@@ -15,7 +15,7 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 
 from moeq_triton.distributed import Group, SyncItem, max_reduce
 from moeq_triton.kernels import NonFiniteWeightError, grouped_amax, grouped_row_amax
-from moeq_triton.modelopt.backend import CALIBRATOR
+from moeq_triton.modelopt.names import CALIBRATOR
 from moeq_triton.modelopt.patches import calibrator
 
 

@@ -19,13 +19,13 @@ from moeq_triton.distributed import active
 from moeq_triton.modelopt import patches as mo
 from moeq_triton.modelopt import shared_amax
 from moeq_triton.modelopt.calibrator import (
-    CALIBRATOR,
     Calibrated,
     TritonGroupedCalibrator,
     WeightBatch,
     reduction_view,
     set_last_stats,
 )
+from moeq_triton.modelopt.names import CALIBRATOR
 from moeq_triton.modelopt.sync_groups import rank_groups, sync_groups
 
 
