@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeq_triton import __version__  # noqa: F401 (the package init is light)
 from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
+from moeq_triton.version import __version__
 
 PRODUCER = {"name": "moeq-triton", "version": __version__}
 

@@ -309,6 +309,7 @@ def run_shards(
     source: SourceCheckpoint,
     out: AtomicCheckpointDir,
     device: torch.device,
+    *,
     rank: int = 0,
     world: int = 1,
     batch_bytes: int = 256 << 20,
@@ -458,6 +459,7 @@ def quantize_checkpoint(
     source_path: str | os.PathLike,
     destination: str | os.PathLike,
     fmt: Format,
+    *,
     experts_only: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
@@ -501,7 +503,15 @@ def quantize_checkpoint(
     def shards() -> None:
         nonlocal stats
         stats = run_shards(
-            plan, source, out, torch.device(device), rank, world, batch_bytes, advance, allow_nonfinite_kept
+            plan,
+            source,
+            out,
+            torch.device(device),
+            rank=rank,
+            world=world,
+            batch_bytes=batch_bytes,
+            advance=advance,
+            allow_nonfinite_kept=allow_nonfinite_kept,
         )
 
     def finish() -> None:

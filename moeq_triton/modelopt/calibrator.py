@@ -137,7 +137,7 @@ class WeightBatch:
         self.entries[index].shapes.append(tuple(weight.shape))
         return index
 
-    def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+    def add(self, quantizer, name: str, weight: torch.Tensor, *, per_channel: bool, groups: tuple[Group, ...]) -> None:
         """A weight as ModelOpt feeds it; per_channel: its quantizer's axis keeps dim 0 only.  The caller
         checked ``reduction_view`` (it is reduced through that view; its shape is what is recorded)."""
         index = self._entry(quantizer, name, weight, per_channel, groups)

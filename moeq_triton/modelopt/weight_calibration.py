@@ -131,7 +131,7 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                         if axis is None:
                             per_tensor.append((quantizer, name, weight, groups))
                         else:
-                            batch.add(quantizer, name, weight, True, groups)
+                            batch.add(quantizer, name, weight, per_channel=True, groups=groups)
                 elif fast:
                     raise _NotPlain(found.names.get(id(quantizer)))
                 else:
@@ -165,7 +165,7 @@ def _add_per_tensor(batch: WeightBatch, pairs: list[tuple]) -> None:
             start += size
         else:
             quantizer, name, weight, groups = pairs[start]
-            batch.add(quantizer, name, weight, False, groups)
+            batch.add(quantizer, name, weight, per_channel=False, groups=groups)
             start += 1
 
 
