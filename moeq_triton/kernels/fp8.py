@@ -208,7 +208,7 @@ def quantize_fp8(
         _fp8_kernel,
         weights,
         tiles,
-        (
+        args=(
             amax if amax is not None else placeholder,
             # padded by a tile of rows: the kernel reads a tile's row amaxes without a mask
             torch.cat([row_amax, placeholder.new_zeros(tiles.rows)]) if row_amax is not None else placeholder,

@@ -162,7 +162,16 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     step = tiles_for(TILES, device)
     outputs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     constexprs = {"STEP_R": step.cols, "RECIPROCAL": divides_by_reciprocal(device), "HW": hardware_math(device)}
-    launch("fp8_block", _fp8_block_kernel, weights, step, (nonfinite,), outputs, _dtype_constexprs, **constexprs)
+    launch(
+        "fp8_block",
+        _fp8_block_kernel,
+        weights,
+        step,
+        args=(nonfinite,),
+        outputs=outputs,
+        per_dtype=_dtype_constexprs,
+        **constexprs,
+    )
     problems = Problems(weights)
     problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()

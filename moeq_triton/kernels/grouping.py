@@ -320,6 +320,7 @@ def launch(
     kernel,
     weights: Sequence[torch.Tensor],
     tiles: Tiles,
+    *,
     args: Sequence = (),
     outputs: Sequence[Sequence[torch.Tensor]] = (),
     per_dtype=None,

@@ -435,7 +435,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
                 _nvfp4_kernel,
                 weights,
                 tiles,
-                (amax, nonfinite, redo),
+                args=(amax, nonfinite, redo),
                 outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
                 BLOCKS=tiles.cols,
                 RECIPROCAL=divides_by_reciprocal(device),

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import moeq_triton
-from moeq_triton.checkpoint.formats import FORMATS
-from moeq_triton.checkpoint.quantize import dequantize
+from moeq_triton.checkpoint.formats import FORMATS, dequantize
 from moeq_triton.kernels import dequantize_nvfp4_reference, grouped_amax, quantize_nvfp4_reference
 from tests.assertions import assert_bitwise_equal, checkpoint_tensors
 from tests.distributed_harness import run_ranks, values
