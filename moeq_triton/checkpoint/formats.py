@@ -1,7 +1,8 @@
 """The checkpoint vocabulary (what vLLM, TensorRT-LLM and SGLang load), in one place.
 
 The modelopt layouts follow ModelOpt 0.47's ``export_hf_checkpoint`` output for weight-only configs, key
-for key (shared/reference/checkpoint-format.md); only ``producer`` differs: it names this project.
+for key (compared against a real export in tests/checkpoint/test_quantize_command.py and tests/export/); only
+``producer`` differs: it names this project.
 ``fp8-block`` follows the engines' own FP8 block layout instead (DeepSeek-V3, Qwen ``*-FP8``): see
 ``FP8_BLOCK_CONFIG`` for the keys and the loader lines they were checked against.
 """
