@@ -3,7 +3,8 @@ tensors a quantized weight becomes (names, shapes, dtypes), the input shapes a f
 tensors read back as values.  The number formats themselves (block sizes, E4M3/E2M1) are ``kernels.formats``.
 
 The modelopt layouts follow ModelOpt 0.47's ``export_hf_checkpoint`` output for weight-only configs, key
-for key (shared/reference/checkpoint-format.md); only ``producer`` differs: it names this project.
+for key (compared against a real export in tests/checkpoint/test_quantize_command.py and tests/export/); only
+``producer`` differs: it names this project.
 ``fp8-block`` follows the engines' own FP8 block layout instead (DeepSeek-V3, Qwen ``*-FP8``): see
 ``FP8_BLOCK_CONFIG`` for the keys and the loader lines they were checked against.
 """

@@ -7,6 +7,7 @@ Bit-exact with ModelOpt's HF export (``get_scaling_factor`` -> ``TensorQuantizer
   round twice; on CUDA the 0-dim scale is itself first rounded to the weight dtype (an N-D weight is
   treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
 - per channel ("FP8_PER_CHANNEL_PER_TOKEN"): the quotient stays float32.
+Steps and their rounding: docs/numerics.md, sections "FP8 per tensor" and "FP8 per channel".
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ the numbers of ModelOpt 0.47's ``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG`` export (``FP
   quotient promotes to float32 and is rounded once (unlike per-tensor FP8, which stays in the weight dtype).
 The scale is stored as the engines name it, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)]; ModelOpt's own
 export writes the same values as ``weight_scale`` shaped (ceil(N/128), 1, ceil(K/128), 1).
+Steps and their rounding: docs/numerics.md, section "FP8 block (128x128)".
 """
 
 from __future__ import annotations
