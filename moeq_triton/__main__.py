@@ -1,9 +1,7 @@
 """``python -m moeq_triton``: the command line as a module, which is what ``torchrun -m moeq_triton`` runs.
 
-The console script ``moeq-triton`` calls the same ``cli.main``."""
+The console script ``moeq-triton`` calls the same ``cli.run``."""
 
-import sys
+from moeq_triton.cli import run
 
-from moeq_triton.cli import main
-
-sys.exit(main())
+run()

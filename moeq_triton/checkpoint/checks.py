@@ -44,6 +44,8 @@ class Finding:
     severity: str
     message: str
     about: str = "checkpoint"  # "checkpoint": its bytes and files; "serving": what the engines do with the format
+    tensor: str = ""  # the tensor it is about, where it is about one
+    nonfinite: bool = False  # a NaN/Inf finding (``--verify --allow-nonfinite-kept`` accepts those it allowed)
 
 
 @dataclass
@@ -60,8 +62,10 @@ class Report:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == ERROR]
 
-    def add(self, severity: str, message: str, about: str = "checkpoint") -> None:
-        self.findings.append(Finding(severity, message, about))
+    def add(
+        self, severity: str, message: str, about: str = "checkpoint", *, tensor: str = "", nonfinite: bool = False
+    ) -> None:
+        self.findings.append(Finding(severity, message, about, tensor, nonfinite))
 
 
 def checkpoint_format(path: Path, config: dict) -> tuple[str, str, list[str]]:
@@ -227,7 +231,9 @@ def _nonfinite_pass(
     if batch:
         flush()
     for name in bad:
-        report.add(ERROR, f"{name} ({meta[name][1]}) holds NaN or Inf ({source.where(name)})")
+        report.add(
+            ERROR, f"{name} ({meta[name][1]}) holds NaN or Inf ({source.where(name)})", tensor=name, nonfinite=True
+        )
 
 
 # ---------------------------------------------------------------- printing

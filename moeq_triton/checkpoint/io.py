@@ -2,20 +2,25 @@
 
 No pickle anywhere: tensors are read with ``safe_open`` one at a time and written with safetensors.
 A destination is either complete or as it was: everything is written into a hidden sibling directory
-that is renamed into place at the very end (signals deferred during the renames), and the sibling is
-removed on any failure.  ``--overwrite`` replaces only an empty directory or one this tool wrote
-(recognized by the manifest in its index, which lists every file it wrote), never a file,
-never a directory holding anything else, and never the source.
+(its name unique to the run) that is renamed into place at the very end (signals deferred during the
+renames), and the sibling is removed on any failure.  One run per destination: an exclusive ``flock`` on a
+lock file beside it is held from the creation of the partial to the end (the kernel releases it when
+the process dies, so a lock that can be taken proves that no run is writing there).  ``--overwrite``
+replaces only an empty directory or one this tool wrote (recognized by the manifest in its index, which
+lists every file it wrote), never a file, never a directory holding anything else, and never the source.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +63,8 @@ MANIFEST_KEY = "moeq_triton"
 """Key of the manifest in the index's ``metadata``: ``{"version": ..., "files": [...]}``."""
 PARTIAL_MARK = ".moeq-triton-partial"
 """Written first into a partial directory: a stale partial is ours to discard only if it holds this."""
+LOCK_SUFFIX = ".moeq-triton-lock"
+"""``.NAME.moeq-triton-lock`` beside the destination: flock'ed by the run writing NAME, holding its pid."""
 
 
 class CheckpointError(ValueError):
@@ -201,35 +208,116 @@ def signals_deferred() -> Iterator[None]:
                 signal.raise_signal(number)
 
 
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``path`` (created if needed) that records the holder's pid.
+
+    The kernel drops the lock when the holder dies, however it dies, so a lock taken proves that no
+    other run holds it.  ``release`` removes the file while still holding the lock; ``acquire`` checks
+    that the file it locked is still the one at ``path`` (a holder may have removed it meanwhile).
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what  # how the error names the locked thing
+        self.fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{self.what}: another moeq-triton run ({self.holder()}) is writing it "
+                    f"(lock {self.path}); wait for it to end or choose another destination"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self.fd = fd
+
+    def holder(self) -> str:
+        """'pid N' of the run holding the lock (it writes its pid right after locking: retried briefly)."""
+        for _ in range(20):
+            try:
+                text = self.path.read_text().strip()
+            except OSError:
+                text = ""
+            if text:
+                return text
+            time.sleep(0.01)
+        return "pid unknown"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_path(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}{LOCK_SUFFIX}"
+
+
 class AtomicCheckpointDir:
-    """Write into ``.<name>.moeq-triton-partial`` beside the destination; ``commit`` renames it into place.
+    """Write into ``.<name>.moeq-triton-partial-<pid>-<random>`` beside the destination; ``commit`` renames it
+    into place.
 
     ``protect``: directories that must never be written (the source); a destination equal to, inside
     or containing one is refused.  Every rank may construct it (each checks the destination); rank 0
-    creates, commits or aborts.
+    creates, commits or aborts; ``run_id`` (rank 0's, shared with the others) names the partial directory.
+    From ``create`` to ``commit``/``abort`` the creating process holds the destination's RunLock.
     """
 
     def __init__(
-        self, destination: str | os.PathLike, overwrite: bool = False, protect: Sequence[str | os.PathLike] = ()
+        self,
+        destination: str | os.PathLike,
+        overwrite: bool = False,
+        protect: Sequence[str | os.PathLike] = (),
+        run_id: str | None = None,
     ) -> None:
         self.destination = Path(destination)
+        if not self.destination.name or self.destination.name in (".", ".."):
+            raise CheckpointError(f"{destination!r}: not a directory name to write to (name the output directory)")
         for source in protect:
             refuse_overlap(self.destination, source)
         self.overwrite = overwrite
-        self.partial = self.destination.parent / f".{self.destination.name}.moeq-triton-partial"
-        self.old = self.destination.parent / f".{self.destination.name}.moeq-triton-old"
+        self.run_id = run_id or new_run_id()
+        self.partial = self.destination.parent / f".{self.destination.name}{PARTIAL_MARK}-{self.run_id}"
+        self.old = self.destination.parent / f".{self.destination.name}.moeq-triton-old-{self.run_id}"
+        self.lock = RunLock(lock_path(self.destination), str(self.destination))
         self.created = False  # abort removes the partial directory only if this object made it
         self.check_destination()
 
     def check_destination(self) -> None:
         """Refuse what must not be replaced; run again just before the commit."""
         dest = self.destination
-        if dest.is_symlink():
-            raise CheckpointError(f"{dest}: is a symbolic link; name the directory itself")
-        if dest.exists() and not dest.is_dir():
-            raise CheckpointError(f"{dest}: exists and is not a directory; it is never replaced")
-        if not dest.is_dir() or not any(dest.iterdir()):
-            return
+        try:
+            if dest.is_symlink():
+                raise CheckpointError(f"{dest}: is a symbolic link; name the directory itself")
+            if dest.exists() and not dest.is_dir():
+                raise CheckpointError(f"{dest}: exists and is not a directory; it is never replaced")
+            blocker = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                raise CheckpointError(f"{dest}: cannot write there ({blocker} is a file, not a directory)")
+            if not dest.is_dir() or not any(dest.iterdir()):
+                return
+        except OSError as error:  # a name too long, a directory that cannot be read
+            raise CheckpointError(f"{dest}: cannot write there ({_os_reason(error)})") from None
         if not self.overwrite:
             raise CheckpointError(f"{dest}: exists and is not empty (pass --overwrite to replace it)")
         record = manifest(dest)
@@ -244,21 +332,37 @@ class AtomicCheckpointDir:
                 f"{dest}: holds {foreign[0]}, which moeq-triton did not write; not replaced (move it away first)"
             )
 
+    def stale(self) -> list[Path]:
+        """Partial and old directories of this destination left by killed runs (this tool's marks only).
+        Only called with the lock held: no live run can own them."""
+        parent, name = self.destination.parent, self.destination.name
+        found = []
+        for entry in sorted(parent.glob(f".{glob_escape(name)}{PARTIAL_MARK}*")):
+            if entry.is_dir() and not entry.is_symlink() and (entry / PARTIAL_MARK).is_file():
+                found.append(entry)
+        for entry in sorted(parent.glob(f".{glob_escape(name)}.moeq-triton-old*")):
+            if entry.is_dir() and not entry.is_symlink() and manifest(entry) is not None:
+                found.append(entry)
+        return found
+
     def create(self) -> Path:
-        """A fresh partial directory (a stale one from an interrupted run of this tool is discarded)."""
-        try:
-            self.destination.parent.mkdir(parents=True, exist_ok=True)
-            for stale in (self.partial, self.old):
-                if stale.exists() and not (stale / PARTIAL_MARK).exists() and manifest(stale) is None:
-                    raise CheckpointError(f"{stale}: exists and was not made by moeq-triton; remove or rename it")
-                if stale.exists():
+        """Take the destination's lock (one run per destination), discard the partials of killed runs,
+        make this run's partial directory.  Signals are held back so that nothing is left half-made."""
+        with signals_deferred():
+            try:
+                self.destination.parent.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()
+                for stale in self.stale():
                     shutil.rmtree(stale)
-            self.partial.mkdir()
-            self.created = True
-            (self.partial / PARTIAL_MARK).touch()
-        except OSError as error:
-            self.abort()
-            raise CheckpointError(f"{self.destination}: cannot write there ({_os_reason(error)})") from None
+                self.partial.mkdir()
+                self.created = True
+                (self.partial / PARTIAL_MARK).touch()
+            except CheckpointError:
+                self.abort()
+                raise
+            except OSError as error:
+                self.abort()
+                raise CheckpointError(f"{self.destination}: cannot write there ({_os_reason(error)})") from None
         return self.partial
 
     def write_shard(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -288,7 +392,11 @@ class AtomicCheckpointDir:
     def commit(self, then: Callable[[], None] = lambda: None) -> None:
         """Rename into place; with overwrite, the old directory goes only after the new one is in.
         ``then`` runs right after, before a signal deferred during the renames is delivered."""
-        self.check_destination()  # the destination may have changed while this run worked
+        try:
+            self.check_destination()  # the destination may have changed while this run worked
+        except CheckpointError:
+            self.abort()
+            raise
         with signals_deferred():
             try:
                 (self.partial / PARTIAL_MARK).unlink()
@@ -300,10 +408,25 @@ class AtomicCheckpointDir:
                     self.old.rename(self.destination)
                 self.abort()
                 raise CheckpointError(f"{self.destination}: cannot move the output into place ({error})") from None
+            self.created = False  # the partial is the destination now
             shutil.rmtree(self.old, ignore_errors=True)
+            self.lock.release()
             then()
 
     def abort(self) -> None:
-        """Remove the partial directory this object made (nothing else)."""
-        if self.created:
-            shutil.rmtree(self.partial, ignore_errors=True)
+        """Remove the partial directory this object made (nothing else) and release the lock; signals are
+        held back meanwhile, so a second Ctrl-C cannot leave a half-removed directory behind."""
+        with signals_deferred():
+            if self.created:
+                shutil.rmtree(self.partial, ignore_errors=True)
+                self.created = False
+            self.lock.release()
+
+
+def new_run_id() -> str:
+    """What makes a partial directory's name unique to its run: the pid and 32 random bits."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)

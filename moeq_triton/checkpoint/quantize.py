@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from moeq_triton.checkpoint.io import (
     AtomicCheckpointDir,
     CheckpointError,
     SourceCheckpoint,
+    new_run_id,
     shard_name,
 )
 from moeq_triton.checkpoint.source import ExpertSlice, fp8_block_scales, read_units, split_experts
@@ -202,6 +203,8 @@ class Stats:
     bytes_out: int = 0
     errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
     nonfinite_kept: list[str] = field(default_factory=list)  # kept tensors carried through with NaN/Inf
+    all_zero: int = 0  # quantized tensors whose every value is zero (written as the exact-zero encoding)
+    warnings: list[str] = field(default_factory=list)  # odd but loadable: said once at the end
 
 
 def nonfinite_kept(
@@ -404,15 +407,23 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
     out.write_index({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
+def verify(
+    destination: str | os.PathLike,
+    source: SourceCheckpoint,
+    plan: Plan,
+    device: torch.device,
+    *,
+    allowed_nonfinite: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
     """Reload the output: every expected tensor with its dtype and shape, a bitwise re-quantization of one
-    scale group per shard, then ``inspect``'s checkpoint checks (missing or unshared scales, NaN/Inf in any
-    tensor).  Returns the problems found (empty when the checkpoint is sound)."""
+    scale group per shard, then ``inspect``'s checks (missing or unshared scales, NaN/Inf in any tensor but
+    the kept ones the user allowed with ``allowed_nonfinite``).  Returns (problems, warnings): the problems
+    found (empty when the checkpoint is sound) and inspect's warnings (the same lines ``inspect`` prints)."""
     problems = []
     try:
         result = SourceCheckpoint(destination)
     except CheckpointError as error:
-        return [str(error)]
+        return [str(error)], []
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     expected: dict[str, tuple[tuple[int, ...], str]] = {}
     for unit in plan.units:
@@ -439,12 +450,18 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
                 problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    warnings: list[str] = []
     if not problems:  # the bytes as written: scales present and shared, no NaN/Inf anywhere (a full pass)
-        from moeq_triton.checkpoint.checks import inspect_checkpoint
+        from moeq_triton.checkpoint.checks import ERROR, inspect_checkpoint
 
         report = inspect_checkpoint(destination, device.type)
-        problems += [f.message for f in report.errors if f.about == "checkpoint"]
-    return problems
+        allowed = set(allowed_nonfinite)
+        for finding in report.findings:
+            if finding.severity != ERROR:
+                warnings.append(finding.message)
+            elif finding.about == "checkpoint" and not (finding.nonfinite and finding.tensor in allowed):
+                problems.append(finding.message)
+    return problems, warnings
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -477,11 +494,12 @@ def quantize_checkpoint(
     start = time.perf_counter()
     rank, world = distributed.init_from_environment(device)
     made: dict = {}
+    run_id = distributed.gather_objects(new_run_id())[0]  # rank 0's: names the partial directory on every rank
 
     def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
         made["source"] = SourceCheckpoint(source_path)
         made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
-        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
+        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
         if rank == 0:
             made["out"].create()
 

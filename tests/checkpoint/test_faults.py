@@ -164,6 +164,25 @@ def full_disk(directory: Path, size: str = "8k") -> Path:
     return directory
 
 
+HOLDERS: list[subprocess.Popen] = []  # processes holding a lock for a row, ended after it
+
+
+def lock_held_by_another_process(lock: Path) -> subprocess.Popen:
+    """A real process that holds ``lock`` as a running moeq-triton would (flock, its pid inside), until killed."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'pid {os.getpid()}\\n'.encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    HOLDERS.append(holder)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
 def no_c_compiler(monkeypatch) -> None:
     """No compiler and nothing cached: the fast CPU path cannot be built (as on a machine without cc)."""
     from moeq_triton.kernels import native
@@ -292,12 +311,12 @@ FAULTS = [
         "cannot write there",
         "as before",
     ),
-    Fault(
+    Fault(  # partial names are unique to each run: a directory of the user's there is simply left alone
         "foreign-partial-sibling",
         lambda t, s, o, p: (with_file(t / ".out.moeq-triton-partial" / "x", "mine"), [])[1],
-        1,
-        "not made by moeq-triton",
-        "as before",
+        0,
+        "",
+        "complete",
     ),
     Fault(
         "stale-partial-of-ours",
@@ -305,6 +324,35 @@ FAULTS = [
         0,
         "",
         "complete",
+    ),
+    # issue 23 item 1: one run per destination (the lock is a real flock held by another process)
+    Fault(
+        "destination-locked-by-another-run",
+        lambda t, s, o, p: (lock_held_by_another_process(t / ".out.moeq-triton-lock"), [])[1],
+        1,
+        "out: another moeq-triton run (pid ",
+        "as before",
+    ),
+    Fault(  # a killed run leaves its lock file and its partial; the lock is free, so both are discarded
+        "killed-run-leftovers",
+        lambda t, s, o, p: (
+            with_file(t / ".out.moeq-triton-partial-4242-0badf00d" / ".moeq-triton-partial", ""),
+            with_file(t / ".out.moeq-triton-partial-4242-0badf00d" / "model-00001-of-00009.safetensors", "half"),
+            with_file(t / ".out.moeq-triton-lock", "pid 4242\n"),
+            [],
+        )[-1],
+        0,
+        "",
+        "complete",
+    ),
+    Fault(
+        "cache-below-a-regular-file",
+        N,
+        1,
+        "cannot create the default checkpoint in the cache",
+        "as before",
+        inject=lambda mp: mp.setenv("MOEQ_TRITON_CACHE", os.environ["FAULT_TMP"] + "/blocker/cache"),
+        argv=lambda s, o: (with_file(o.parent / "blocker", "x"), ["quantize", "--out", str(o), "--device", "cpu"])[1],
     ),
     # item 3: bad JSON
     bad_source_file("config-invalid-json", "config.json", "{oops", "config.json: invalid JSON"),
@@ -423,11 +471,11 @@ FAULTS = [
         signal_at="writing:TERM",
         marks=[SLOW],
     ),
-    Fault(
+    Fault(  # a signal once the output is complete ends nothing: exit 0, and it is said
         "sigint-committing",
         lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1],
-        130,
-        "out had already been written completely",
+        0,
+        "SIGINT received after",
         "complete",
         signal_at="committing",
         marks=[SLOW],
@@ -563,6 +611,7 @@ def run_two_ranks(argv: list[str], mode: str) -> tuple[int, str]:
 def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the command's own CPU path (the C loop), as users run it
     monkeypatch.setenv("FAULT_EMPTY_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+    monkeypatch.setenv("FAULT_TMP", str(tmp_path))
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(tiny, src)
     argv = fault.argv(src, out) if fault.argv else defaults(src, out)
@@ -578,6 +627,10 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         else:
             code, err = run_inline(argv, capsys)
     finally:
+        for holder in HOLDERS:
+            holder.kill()
+            holder.wait()
+        HOLDERS.clear()
         for mount in MOUNTS:
             assert snapshot(mount) == {}, "the full disk keeps nothing"  # checked before it goes away
             subprocess.run(["umount", str(mount)], check=True)
@@ -594,6 +647,96 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         assert snapshot(tmp_path) == before
     else:
         assert_complete(out)
-        stale = ".out.moeq-triton-partial"  # a partial directory of ours, left by a killed run: discarded
-        expected = {k: v for k, v in before.items() if not k.startswith(("out/", stale))}
+        # partial directories of ours (they hold the mark), left by killed runs: discarded
+        stale = tuple(k.split("/")[0] for k in before if k.endswith("/.moeq-triton-partial"))
+        stale += (".out.moeq-triton-lock",)  # the lock file of a killed run: the next run takes it and removes it
+        expected = {k: v for k, v in before.items() if not k.startswith(("out/", *stale))}
         assert snapshot(tmp_path, skip=out) == expected | {"out": "dir"}
+
+
+# ---------------------------------------------------------------- one run per destination (issue 23, item 1)
+
+
+def command(argv: list[str], **kwargs) -> subprocess.Popen:
+    """The command as users start it, in a real process."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.Popen([sys.executable, "-m", "moeq_triton", *argv], text=True, env=env, **kwargs)
+
+
+@SLOW
+def test_second_run_fails_at_once_naming_the_first(tiny, tmp_path):
+    """Run A waits inside its first shard write (a real process); run B into the same --out fails at once in
+    one line naming A's pid and touches nothing of A's; A, terminated, leaves everything as before."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    before = snapshot(tmp_path)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", PHASE_HOOKS, "writing", *defaults(src, out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert first.stderr.readline().startswith("FAULT-POINT"), "run A never reached its first shard"
+        partial = [p for p in os.listdir(tmp_path) if p.startswith(".out.moeq-triton-partial-")]
+        assert partial and partial[0].startswith(f".out.moeq-triton-partial-{first.pid}-"), partial
+        during = snapshot(tmp_path)
+        second = command([*defaults(src, out), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = second.communicate(timeout=120)[1]
+        assert second.returncode == 1, err
+        assert f"out: another moeq-triton run (pid {first.pid}) is writing it" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert snapshot(tmp_path) == during  # A's partial and lock untouched
+        first.send_signal(signal.SIGTERM)
+        rest = first.communicate(timeout=120)[1]
+        assert first.returncode == 143, rest
+    finally:
+        first.kill()
+    assert snapshot(tmp_path) == before
+
+
+@SLOW
+@pytest.mark.parametrize("formats", [("nvfp4", "fp8-block"), ("fp8", "nvfp4"), ("fp8-per-channel", "fp8")])
+def test_racing_runs_leave_one_complete_output(formats, tiny, tmp_path):
+    """Two runs started together into one --out (the issue's reproduction): exactly one succeeds, the other
+    fails in one line (the lock, or the finished destination), and the output is the winner's, complete."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    runs = [
+        command([*defaults(src, out), "--format", f], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for f in formats
+    ]
+    errs = [r.communicate(timeout=240)[1] for r in runs]
+    codes = [r.returncode for r in runs]
+    assert sorted(codes) == [0, 1], (codes, errs)
+    winner, loser = codes.index(0), codes.index(1)
+    assert "another moeq-triton run (pid" in errs[loser] or "exists and is not empty" in errs[loser], errs[loser]
+    assert "Traceback" not in errs[loser] + errs[winner]
+    checkpoint = SourceCheckpoint(out)
+    for name in checkpoint.names():
+        checkpoint.tensor(name)
+    assert sorted(manifest(out)["files"]) == sorted(os.listdir(out))
+    algo = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8", "fp8-per-channel": "FP8_PER_CHANNEL_PER_TOKEN"}
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config.get("quant_algo", "FP8_BLOCK_SCALES") == algo.get(formats[winner], "FP8_BLOCK_SCALES")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no partial, no lock file left
+
+
+@SLOW
+def test_first_runs_share_the_default_checkpoint(tmp_path):
+    """Two first runs without --model at once: one generates the cached checkpoint, the other waits for it
+    (no SafetensorError, no leftovers in the cache)."""
+    env = {**os.environ, "MOEQ_TRITON_CACHE": str(tmp_path / "cache")}
+    code = "from moeq_triton.synthetic import default_checkpoint; print(default_checkpoint())"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [r.communicate(timeout=240) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0, 0], outs
+    assert len({o.strip() for o, _ in outs}) == 1
+    path = Path(outs[0][0].strip())
+    checkpoint = SourceCheckpoint(path)
+    assert len(checkpoint.names()) > 100 and checkpoint.tensor("lm_head.weight").dtype == torch.bfloat16
+    assert sorted(os.listdir(tmp_path / "cache")) == [path.name]
