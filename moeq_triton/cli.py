@@ -319,21 +319,34 @@ def _table(plan, stats, seconds: float, out: str, device: str):
     from rich.table import Table
 
     table = Table(title=f"{out}: {plan.fmt.quant_algo} on {device}, {len(plan.shards)} shard(s)")
-    for column in ("quantized", "kept", "GB in", "GB out", "seconds", "GB/s", "max rel. err", "mean rel. err"):
+    for column in (
+        "quantized",
+        "all-zero",
+        "kept",
+        "GB in",
+        "GB out",
+        "seconds",
+        "GB/s",
+        "max rel. err",
+        "mean rel. err",
+    ):
         table.add_column(column, justify="right")
     errors = stats.errors or [(float("nan"), float("nan"))]
     table.add_row(
-        str(stats.quantized), str(stats.kept), f"{stats.bytes_in / 1e9:.3f}", f"{stats.bytes_out / 1e9:.3f}",
-        f"{seconds:.2f}", f"{stats.bytes_in / 1e9 / seconds:.2f}", f"{max(e[0] for e in errors):.2e}",
+        str(stats.quantized), str(stats.all_zero), str(stats.kept), f"{stats.bytes_in / 1e9:.3f}",
+        f"{stats.bytes_out / 1e9:.3f}", f"{seconds:.2f}", f"{stats.bytes_in / 1e9 / seconds:.2f}",
+        f"{max(e[0] for e in errors):.2e}",
         f"{sum(e[1] for e in errors) / len(errors):.2e}",
     )  # fmt: skip
     excluded = ", ".join(plan.exclude_modules[:4]) + (" ..." if len(plan.exclude_modules) > 4 else "")
     table.caption = (
-        "GB/s counts this rank's source bytes over the whole job. Error: |dequantized - w| / max|w| of one "
+        "all-zero: quantized tensors whose every value is zero (they dequantize to exact zeros; for NVFP4 ModelOpt "
+        "writes NaN scales there). GB/s counts this rank's source bytes over the whole job. Error: "
+        "|dequantized - w| / max|w| of one "
         f"sampled tensor per batch. Kept unquantized (exclude_modules): {excluded}"
     )
     return table
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

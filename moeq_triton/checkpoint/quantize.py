@@ -29,6 +29,7 @@ from moeq_triton.checkpoint.io import (
 from moeq_triton.checkpoint.source import ExpertSlice, fp8_block_scales, read_units, split_experts
 from moeq_triton.kernels import (
     NonFiniteWeightError,
+    NVFP4Weight,
     dequantize_fp8_block_reference,
     dequantize_nvfp4_reference,
     fp8_block_layout,
@@ -233,9 +234,17 @@ def nonfinite_kept(
 
 
 def quantize_units(
-    units: list[Unit], loaded: dict[str, torch.Tensor], fmt: Format, source: SourceCheckpoint
+    units: list[Unit],
+    loaded: dict[str, torch.Tensor],
+    fmt: Format,
+    source: SourceCheckpoint,
+    *,
+    all_zero: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group."""
+    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group.
+
+    ``all_zero`` (when given) receives the names of the tensors whose every value is zero; an all-zero
+    NVFP4 scale group is written as ``zero_nvfp4`` (finite bytes that dequantize to exact zeros)."""
     names = [n for u in units for n in u.names]
     if not names:
         return {}
@@ -251,6 +260,8 @@ def quantize_units(
         except NonFiniteWeightError as error:
             name = names[error.index]
             raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
+        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero
+            all_zero += [n for n, q in zip(names, results) if not bool((q[0].view(torch.uint8) & 0x7F).any())]
         return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
     try:
         amax = grouped_amax(weights)
@@ -259,8 +270,11 @@ def quantize_units(
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
     unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
     scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
+    zero = (scale_group_amax == 0).tolist()  # amax 0: every value of every member of the group is zero
+    if all_zero is not None:
+        all_zero += [n for n, z in zip(names, zero) if z]
     if fmt.is_nvfp4:
-        results = quantize_nvfp4(weights, scale_group_amax)
+        results = [zero_nvfp4(q) if z else q for q, z in zip(quantize_nvfp4(weights, scale_group_amax), zero)]
     else:
         results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
     out: dict[str, torch.Tensor] = {}
@@ -268,6 +282,18 @@ def quantize_units(
         for output, tensor in zip(output_names(name, fmt), q):
             out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
     return out
+
+
+def zero_nvfp4(q: NVFP4Weight) -> NVFP4Weight:
+    """The encoding of an all-zero NVFP4 scale group: codes 0 (E2M1 +0), block scales 1.0 (what ModelOpt writes
+    for a zero block inside a non-zero tensor) and weight_scale_2 1.0.  Every dequantized value is
+    0 x 1.0 x 1.0 = +0 exactly, with no zero or NaN scale an engine could divide by.
+
+    The one place where the bytes differ from ModelOpt's export: there amax 0 gives weight_scale_2 = 0 and
+    block scales 0/0 = NaN (codes 0x77), so every engine computes NaN for the layer.  Done here, on the
+    kernels' output, rather than in the kernels: the group's amax is known here, and a group is all-zero
+    exactly when its amax is 0 (NaN/Inf raise before), so nothing else changes."""
+    return NVFP4Weight(torch.zeros_like(q.weight), torch.ones_like(q.weight_scale), torch.ones_like(q.weight_scale_2))
 
 
 def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -290,8 +316,6 @@ def output_names(name: str, fmt: Format) -> list[str]:
 
 def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
     """float32 values of a quantized weight from its output tensors."""
-    from moeq_triton.kernels import NVFP4Weight
-
     names = output_names(name, fmt)
     if fmt.is_fp8_block:
         return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
@@ -330,7 +354,9 @@ def run_shards(
         tensors: dict[str, torch.Tensor] = {}
         for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
-            result = quantize_units(quantized, loaded, plan.fmt, source)
+            zero: list[str] = []
+            result = quantize_units(quantized, loaded, plan.fmt, source, all_zero=zero)
+            stats.all_zero += len(zero)
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]

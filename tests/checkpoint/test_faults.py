@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -740,3 +741,52 @@ def test_first_runs_share_the_default_checkpoint(tmp_path):
     checkpoint = SourceCheckpoint(path)
     assert len(checkpoint.names()) > 100 and checkpoint.tensor("lm_head.weight").dtype == torch.bfloat16
     assert sorted(os.listdir(tmp_path / "cache")) == [path.name]
+
+
+# ---------------------------------------------------------------- all-zero weights (issue 23, item 2)
+
+ZEROED = ("model.layers.0.mlp.experts.1.gate_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight")
+ZEROED_ALONE = "model.layers.1.self_attn.o_proj.weight"  # not in a scale group of its own under any format
+
+
+def zero(*names: str) -> Callable[[dict], None]:
+    def edit(tensors: dict) -> None:
+        for name in names:
+            if name in tensors:
+                tensors[name].zero_()
+
+    return edit
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "fp8-per-channel", "fp8-block"])
+def test_all_zero_weights_dequantize_to_exact_zeros(fmt, tiny, tmp_path, capsys, monkeypatch):
+    """A pruned expert (gate and up all zero) and an all-zero o_proj: no NaN/Inf in any output tensor, the
+    zero tensors decode to exact zeros, the table counts them, and --verify and inspect accept the result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    for name in (*ZEROED, ZEROED_ALONE):
+        corrupt(src, zero(name), name)
+    code, err = run_inline([*defaults(src, out), "--format", fmt, "--verify"], capsys)
+    assert code == 0, err
+    assert "verify failed" not in err and "verify: " in err, err
+    row = re.search(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│", err)
+    assert row and int(row.group(2)) == 3, err  # quantized, all-zero, kept
+    result = SourceCheckpoint(out)
+    for name in result.names():
+        tensor = result.tensor(name)
+        if tensor.dtype == torch.float8_e4m3fn:
+            assert not bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any()), name
+        elif tensor.is_floating_point():
+            assert bool(tensor.isfinite().all()), name
+    for name in (*ZEROED, ZEROED_ALONE):
+        codes = result.tensor(name).view(torch.uint8)
+        assert not bool(codes.any()), name  # E2M1 / E4M3 code 0 is +0, whatever the scales
+        scales = [n for n in result.names() if n.startswith(name + "_scale") or n.startswith(name[:-6] + "weight_sc")]
+        for scale in scales:
+            value = result.tensor(scale).float()
+            assert bool((value == 1.0).all()), (scale, value)  # finite, non-zero: nothing an engine divides by
+    if fmt == "nvfp4":  # the other expert of the layer keeps ModelOpt's bytes: only all-zero groups differ
+        assert result.tensor("model.layers.0.mlp.experts.0.gate_proj.weight_scale_2").item() != 1.0
+    assert cli.main(["inspect", str(out), "--device", "cpu"]) == 0  # (the tiny config.json declares no experts)
+    assert "no problem found" in capsys.readouterr().out
