@@ -132,8 +132,17 @@ class SourceCheckpoint:
         return sorted(self.weight_map)
 
     def where(self, name: str) -> str:
-        """How errors name a tensor's origin: its file."""
-        return str(self.path / self.weight_map[name])
+        """How errors name a tensor's origin: its file (for one expert's slice of a stacked tensor on disk,
+        the file and the stacked tensor)."""
+        if name in self.weight_map:
+            return str(self.path / self.weight_map[name])
+        per_expert = re.fullmatch(r"(.*)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if per_expert:
+            base, expert, leaf = per_expert.groups()
+            stacked = f"{base}.{'down_proj' if leaf == 'down_proj' else 'gate_up_proj'}"
+            if stacked in self.weight_map:
+                return f"{self.path / self.weight_map[stacked]} ({stacked}[{expert}])"
+        return str(self.path)
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         piece = self._open(self.weight_map[name]).get_slice(name)

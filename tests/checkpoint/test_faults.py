@@ -495,6 +495,79 @@ FAULTS = [
 ]
 
 
+# ---------------------------------------------------------------- issue 23, items 3 to 5: one line, never silent
+
+
+def qwen3_5_source(path: Path, edit: Callable[[dict], None] = lambda t: None, experts: int = 2) -> Path:
+    """A tiny Qwen3.5-MoE as released: stacked ``experts.gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(HIDDEN, HIDDEN, generator=gen),
+        "model.layers.0.mlp.gate.weight": torch.randn(experts, HIDDEN, generator=gen),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(experts, 2 * FFN, HIDDEN, generator=gen),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(experts, HIDDEN, FFN, generator=gen),
+    }
+    tensors = {n: t.to(torch.bfloat16) for n, t in tensors.items()}
+    edit(tensors)
+    path.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in tensors.items()}, path / "model.safetensors", {"format": "pt"})
+    config = {"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "num_experts": experts}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def replace_source(make: Callable[[Path], Path]) -> Callable:
+    """A prepare step: the row's source replaced by ``make(src)``."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        shutil.rmtree(s)
+        make(s)
+        return []
+
+    return prepare
+
+
+def _stacked_nan(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"][1, 3, 5] = float("nan")
+
+
+def _stacked_narrow(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = tensors["model.layers.0.mlp.experts.gate_up_proj"][..., :24]
+
+
+def _stacked_odd(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = tensors["model.layers.0.mlp.experts.gate_up_proj"][:, :31]
+
+
+ROWS_23 = [
+    Fault(
+        "qwen3_5-nan-in-stacked-experts",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_nan)),
+        1,
+        "model.safetensors (model.layers.0.mlp.experts.gate_up_proj[1]): tensor "
+        "model.layers.0.mlp.experts.1.gate_proj.weight contains NaN or Inf",
+        "as before",
+    ),
+    Fault(
+        "qwen3_5-slice-not-quantizable",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_narrow)),
+        1,
+        "model.safetensors (model.layers.0.mlp.experts.gate_up_proj[0]): tensor "
+        "model.layers.0.mlp.experts.0.gate_proj.weight (BF16, shape [16, 24]) cannot be quantized to nvfp4",
+        "as before",
+    ),
+    Fault(
+        "qwen3_5-gate-up-odd-rows",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_odd)),
+        1,
+        "model.layers.0.mlp.experts.gate_up_proj has 31 rows",
+        "as before",
+    ),
+]
+FAULTS += ROWS_23
+
+
 # ---------------------------------------------------------------- running each fault
 
 
