@@ -55,8 +55,16 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "I32": torch.int32,
     "I64": torch.int64,
+    "BOOL": torch.bool,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E5M2": torch.float8_e5m2,
+    **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {}),
 }
-"""safetensors' dtype names (as shards and ``get_slice`` spell them) and the torch dtypes they hold."""
+"""safetensors' dtype names (as shards and ``get_slice`` spell them) and the torch dtypes they hold: every
+one torch can hold, so that any tensor that is not the weight of a quantized linear is carried through."""
 
 
 MANIFEST_KEY = "moeq_triton"
@@ -93,7 +101,13 @@ class SourceCheckpoint:
     """config.json plus safetensors shards (with or without an index), read tensor by tensor."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        try:
+            self._read(Path(path))
+        except OSError as error:  # a name too long, a directory that cannot be listed
+            raise CheckpointError(f"{path}: cannot read ({_os_reason(error)})") from None
+
+    def _read(self, path: Path) -> None:
+        self.path = path
         config = self.path / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{config}: not found (expected a Hugging Face model directory)")
@@ -101,10 +115,15 @@ class SourceCheckpoint:
         if (self.path / INDEX).is_file():
             weight_map = read_json(self.path / INDEX).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
-                for k, v in weight_map.items()
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
             ):
                 raise CheckpointError(f"{self.path / INDEX}: no weight_map of tensor name -> shard file name")
+            outside = next((k for k, v in weight_map.items() if "/" in v or v in ("", ".", "..")), None)
+            if outside is not None:
+                raise CheckpointError(
+                    f"{self.path / INDEX}: weight_map entry {outside} -> {weight_map[outside]!r} is not a file name "
+                    "in the checkpoint directory (shards are read only from there)"
+                )
         elif (self.path / SINGLE).is_file():
             weight_map = None
         else:
@@ -113,16 +132,20 @@ class SourceCheckpoint:
         if weight_map is None:
             weight_map = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
         self.weight_map: dict[str, str] = weight_map
+        self.unindexed: list[str] = []  # tensors in a shard that the index does not list (loaders skip them)
         for file in sorted(set(weight_map.values())):
             names = set(self._open(file).keys())
             missing = [n for n, f in weight_map.items() if f == file and n not in names]
             if missing:
                 raise CheckpointError(f"{self.path / file}: lacks {missing[0]} listed in the index")
+            self.unindexed += sorted(f"{n} (in {file})" for n in names if weight_map.get(n) != file)
 
     def _open(self, file: str):
         if file not in self._handles:
             path = self.path / file
             try:
+                with open(path, "rb"):  # the OS's own reason (permission denied, ...), which safetensors hides
+                    pass
                 self._handles[file] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as error:
                 raise CheckpointError(f"{path}: unreadable safetensors file ({error})") from None
@@ -150,6 +173,8 @@ class SourceCheckpoint:
 
     def nbytes(self, name: str) -> int:
         shape, dtype = self.shape_dtype(name)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.where(name)}: tensor {name} has dtype {dtype}, which torch cannot hold")
         return SAFETENSORS_DTYPES[dtype].itemsize * int(torch.Size(shape).numel())
 
     def tensor(self, name: str) -> torch.Tensor:

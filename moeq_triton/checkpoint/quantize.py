@@ -11,6 +11,7 @@ a single process writes.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Plan:
     shards: list[list[Unit]]
     exclude_modules: list[str]
     split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
+    warnings: list[str] = field(default_factory=list)  # odd but loadable: said at the end of the run
 
     @property
     def units(self) -> list[Unit]:
@@ -138,6 +140,13 @@ def make_plan(
             f"{naming.family.name} checkpoint (patterns are globs over module names, e.g. '*.self_attn.*')"
         )
     quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
+    if fmt is not None and not quantized:
+        raise CheckpointError(
+            f"nothing to quantize: every linear of this {naming.family.name} checkpoint is kept (by --exclude, or "
+            "--experts-only on a model without routed experts); the output would be the source labelled "
+            f"{fmt.name}"
+        )
+    check_experts(source, {n: shape_dtype(n)[0] for n, d in decisions.items() if d.routed and not d.transposed})
     routed = {n for n in quantized if decisions[n].routed}
     keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
     unit_of_key: dict[str, Unit] = {}
@@ -187,7 +196,61 @@ def make_plan(
         unit.scale_inv.update(scale_inv)
         unit.slices.update(slices)
     shards = pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    return Plan(fmt, shards, sorted(exclude_modules), split)
+    plan = Plan(fmt, shards, sorted(exclude_modules), split)
+    if fmt is not None and fmt.is_fp8_block:
+        from moeq_triton.checkpoint.checks import block_shape_warning
+
+        warning = block_shape_warning({n: shape_dtype(n)[0][0] for n in quantized})
+        plan.warnings += [warning] if warning else []
+    unindexed = getattr(source, "unindexed", [])
+    if unindexed:
+        plan.warnings.append(
+            f"{len(unindexed)} tensor(s) in the source's shards are not in its index and are not carried "
+            f"(loaders skip them too), e.g. {unindexed[0]}"
+        )
+    return plan
+
+
+_EXPERT = re.compile(r"(.*)\.(\d+)\.(\w+)\.weight")
+_EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+
+
+def check_experts(source, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Routed experts an engine would load wrongly, refused: an expert missing gate, up or down, gate and up
+    of different shapes (the engines fuse them), or a layer whose expert count is not config.json's.
+
+    ``shapes``: routed per-expert weight name -> shape (stacked tensors on disk already split per expert)."""
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    for name in shapes:
+        match = _EXPERT.fullmatch(name)
+        if match:
+            base, e, leaf = match.groups()
+            experts.setdefault(base, {}).setdefault(int(e), {})[leaf] = name
+    config = source.config.get("text_config") if isinstance(source.config.get("text_config"), dict) else {}
+    config = {**config, **source.config}
+    declared = next(((k, config[k]) for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    config_file = f"{source.path / 'config.json'}" if hasattr(source, "path") else "config"
+    for base, by_index in sorted(experts.items()):
+        for e, leaves in sorted(by_index.items()):
+            wanted = ("w1", "w3", "w2") if set(leaves) & {"w1", "w2", "w3"} else ("gate_proj", "up_proj", "down_proj")
+            missing = [leaf for leaf in wanted if leaf not in leaves]
+            some = next(iter(leaves.values()))
+            if missing:
+                raise CheckpointError(
+                    f"{source.where(some)}: expert {base}.{e} has {', '.join(sorted(leaves))} but no {missing[0]}; "
+                    "an engine would load it with uninitialized weights"
+                )
+            gate, up = leaves[wanted[0]], leaves[wanted[1]]
+            if shapes[gate] != shapes[up]:
+                raise CheckpointError(
+                    f"{source.where(up)}: {up} has shape {list(shapes[up])} but {gate} has {list(shapes[gate])}; "
+                    "the engines fuse gate and up into one tensor"
+                )
+        if declared and declared[1] > 1 and (len(by_index) != declared[1] or max(by_index) + 1 != declared[1]):
+            raise CheckpointError(
+                f"{config_file}: {declared[0]} = {declared[1]}, but {base} holds {len(by_index)} experts "
+                f"(indices {min(by_index)}..{max(by_index)}); the engines allocate {declared[0]} experts per layer"
+            )
 
 
 def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
@@ -524,6 +587,7 @@ def quantize_checkpoint(
 
     def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
         made["source"] = SourceCheckpoint(source_path)
+        refuse_quantized_source(made["source"])
         made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
         made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
         if rank == 0:
@@ -560,4 +624,30 @@ def quantize_checkpoint(
                 out.abort()
             raise failure
     distributed.barrier()
+    stats.warnings += plan.warnings
     return plan, stats, time.perf_counter() - start
+
+
+def refuse_quantized_source(source: SourceCheckpoint) -> None:
+    """A checkpoint that is already quantized (other than the FP8-block sources dequantized on reading) is
+    refused by name: re-quantizing its codes would be meaningless."""
+    config_file = source.path / "config.json"
+    quant = source.config.get("quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        raise CheckpointError(f"{config_file}: quantization_config is a {type(quant).__name__}, expected an object")
+    if quant and not (quant.get("quant_method") == "fp8" and quant.get("weight_block_size")):
+        raise CheckpointError(
+            f"{config_file}: the source is already quantized (quantization_config quant_method "
+            f"{quant.get('quant_method')!r}); quantize from the unquantized (bf16) checkpoint"
+        )
+    if (source.path / "hf_quant_config.json").is_file():
+        raise CheckpointError(
+            f"{source.path / 'hf_quant_config.json'}: the source is already quantized (ModelOpt's hf_quant_config); "
+            "quantize from the unquantized (bf16) checkpoint"
+        )
+    scale = next((n for n in source.names() if n.endswith((".weight_scale", ".weight_scale_2"))), None)
+    if scale is not None:
+        raise CheckpointError(
+            f"{source.where(scale)}: tensor {scale}: the source is already quantized; quantize from the unquantized "
+            "(bf16) checkpoint"
+        )

@@ -109,7 +109,8 @@ def assert_complete(out: Path) -> None:
         checkpoint.tensor(name)
     record = manifest(out)
     assert record is not None and sorted(record["files"]) == sorted(os.listdir(out)), record
-    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization.get("quant_algo", quantization["quant_method"]) in ("W4A16_NVFP4", "fp8"), quantization
 
 
 # ---------------------------------------------------------------- preparing each fault
@@ -540,7 +541,190 @@ def _stacked_odd(tensors: dict) -> None:
     tensors["model.layers.0.mlp.experts.gate_up_proj"] = tensors["model.layers.0.mlp.experts.gate_up_proj"][:, :31]
 
 
+def add_tensors(tensors: dict[str, torch.Tensor], index: bool = True) -> Callable:
+    """A prepare step: ``tensors`` added to the first shard (and to the index unless ``index`` is False)."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        first = "model-00001-of-00003.safetensors"
+        shard = load_file(s / first)
+        save_file({**shard, **tensors}, s / first, {"format": "pt"})
+        if index:
+            data = json.loads((s / INDEX).read_text())
+            data["weight_map"] |= dict.fromkeys(tensors, first)
+            (s / INDEX).write_text(json.dumps(data))
+        return []
+
+    return prepare
+
+
+def edit_source(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable:
+    """A prepare step: every tensor of the source through ``edit`` (which may add or drop), reshard as three."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        tensors = {}
+        for file in sorted(s.glob("*.safetensors")):
+            tensors |= load_file(file)
+            file.unlink()
+        edit(tensors)
+        names = sorted(tensors)
+        weight_map = {}
+        for i in range(3):
+            file = f"model-{i + 1:05d}-of-00003.safetensors"
+            save_file({n: tensors[n].contiguous() for n in names[i::3]}, s / file, {"format": "pt"})
+            weight_map |= dict.fromkeys(names[i::3], file)
+        (s / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return []
+
+    return prepare
+
+
+def set_config(**values) -> Callable:
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        config = json.loads((s / "config.json").read_text())
+        (s / "config.json").write_text(json.dumps(config | values))
+        return []
+
+    return prepare
+
+
+EXPERT = "model.layers.1.mlp.experts.1"
+ODD_DTYPES = {
+    "model.layers.0.attention_mask_buffer": torch.ones(4, dtype=torch.bool),
+    "model.layers.0.position_ids_i16": torch.arange(4, dtype=torch.int16),
+    "model.layers.0.hash_u16": torch.arange(4).to(torch.uint16),
+    "model.layers.0.hash_u32": torch.arange(4).to(torch.uint32),
+    "model.layers.0.table_e5m2": torch.ones(4, dtype=torch.float8_e5m2),
+    "model.layers.0.rope_f64": torch.ones(4, dtype=torch.float64),
+}
+
+
+def _drop(name: str) -> Callable[[dict], None]:
+    return lambda tensors: tensors.pop(name)
+
+
+def _narrow_up(tensors: dict) -> None:
+    tensors[f"{EXPERT}.up_proj.weight"] = tensors[f"{EXPERT}.up_proj.weight"][:8]
+
+
+def _as_int16(tensors: dict) -> None:
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(
+        torch.int16
+    )
+
+
+def _traversing_index(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+    data = json.loads((s / INDEX).read_text())
+    data["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    (s / INDEX).write_text(json.dumps(data))
+    return []
+
+
 ROWS_23 = [
+    Fault("kept-dtypes-outside-the-quantized-set", add_tensors(ODD_DTYPES), 0, "", "complete"),
+    Fault(
+        "quantized-linear-of-int16",
+        edit_source(_as_int16),
+        1,
+        "tensor model.layers.0.self_attn.q_proj.weight (I16, shape [32, 32]) cannot be quantized",
+        "as before",
+    ),
+    Fault(
+        "tensor-not-in-the-index",
+        add_tensors({"model.layers.0.stray.weight": torch.ones(4, dtype=torch.bfloat16)}, index=False),
+        0,
+        "1 tensor(s) in the source's shards are not in its index and are not carried (loaders skip them too), "
+        "e.g. model.layers.0.stray.weight (in model-00001-of-00003.safetensors)",
+        "complete",
+    ),
+    Fault(
+        "num-experts-disagrees",
+        set_config(num_experts=4),
+        1,
+        "config.json: num_experts = 4, but model.layers.0.mlp.experts holds 2 experts",
+        "as before",
+    ),
+    Fault(
+        "gate-and-up-of-different-shapes",
+        edit_source(_narrow_up),
+        1,
+        f"{EXPERT}.up_proj.weight has shape [8, 32] but {EXPERT}.gate_proj.weight has [16, 32]; the engines fuse",
+        "as before",
+    ),
+    Fault(
+        "expert-missing-up",
+        edit_source(_drop(f"{EXPERT}.up_proj.weight")),
+        1,
+        f"expert {EXPERT.rsplit('.', 1)[0]}.1 has down_proj, gate_proj but no up_proj",
+        "as before",
+    ),
+    Fault(
+        "expert-missing-down",
+        edit_source(_drop(f"{EXPERT}.down_proj.weight")),
+        1,
+        "has gate_proj, up_proj but no down_proj",
+        "as before",
+    ),
+    Fault(
+        "exclude-everything",
+        lambda t, s, o, p: ["--exclude", "*"],
+        1,
+        "nothing to quantize: every linear of this Qwen3-MoE checkpoint is kept",
+        "as before",
+    ),
+    Fault(
+        "experts-only-without-experts",
+        lambda t, s, o, p: ["--experts-only", "--exclude", "*.mlp.experts.*"],
+        1,
+        "nothing to quantize",
+        "as before",
+    ),
+    Fault(
+        "already-quantized-source",
+        lambda t, s, o, p: ["--model", str(p)],
+        1,
+        "out/config.json: the source is already quantized (quantization_config quant_method 'modelopt')",
+        "as before",
+    ),
+    Fault(
+        "index-entry-outside-the-checkpoint",
+        _traversing_index,
+        1,
+        "weight_map entry model.norm.weight -> '../elsewhere.safetensors' is not a file name in the checkpoint",
+        "as before",
+    ),
+    Fault(
+        "out-name-too-long",
+        lambda t, s, o, p: ["--out", str(t / ("x" * 300))],
+        1,
+        "cannot write there (File name too long)",
+        "as before",
+    ),
+    Fault(
+        "model-path-too-long",
+        lambda t, s, o, p: ["--model", str(s) + "/x" * 3000],
+        1,
+        "cannot read (File name too long)",
+        "as before",
+    ),
+    Fault("out-empty", lambda t, s, o, p: ["--out", ""], 2, "--out: an empty path", "as before"),
+    Fault("out-dot", lambda t, s, o, p: ["--out", "."], 1, "'.': not a directory name to write to", "as before"),
+    Fault(
+        "allow-nonfinite-kept-with-verify",
+        lambda t, s, o, p: (
+            corrupt(s, set_nan(w := "model.embed_tokens.weight"), w),
+            ["--allow-nonfinite-kept", "--verify"],
+        )[1],
+        0,
+        "verify: ",
+        "complete",
+    ),
+    Fault(
+        "fp8-block-shapes-the-engines-refuse",
+        lambda t, s, o, p: ["--format", "fp8-block"],
+        0,
+        "warning: vLLM and SGLang refuse FP8 blocks at load when an expert's intermediate size",
+        "complete",
+    ),
     Fault(
         "qwen3_5-nan-in-stacked-experts",
         replace_source(lambda s: qwen3_5_source(s, _stacked_nan)),
