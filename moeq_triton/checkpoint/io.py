@@ -387,7 +387,10 @@ class AtomicCheckpointDir:
                 self.destination.parent.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire()
                 for stale in self.stale():
-                    shutil.rmtree(stale)
+                    if ".moeq-triton-old" in stale.name and not self.destination.exists():
+                        stale.rename(self.destination)  # killed between the commit's renames: the old one is back
+                    else:
+                        shutil.rmtree(stale)
                 self.partial.mkdir()
                 self.created = True
                 (self.partial / PARTIAL_MARK).touch()

@@ -356,6 +356,13 @@ FAULTS = [
         inject=lambda mp: mp.setenv("MOEQ_TRITON_CACHE", os.environ["FAULT_TMP"] + "/blocker/cache"),
         argv=lambda s, o: (with_file(o.parent / "blocker", "x"), ["quantize", "--out", str(o), "--device", "cpu"])[1],
     ),
+    Fault(  # killed between the commit's two renames: the previous output is back first, then replaced
+        "killed-between-commit-renames",
+        lambda t, s, o, p: (shutil.copytree(p, t / ".out.moeq-triton-old-4242-0badf00d"), ["--overwrite"])[1],
+        0,
+        "",
+        "complete",
+    ),
     # item 3: bad JSON
     bad_source_file("config-invalid-json", "config.json", "{oops", "config.json: invalid JSON"),
     bad_source_file("index-invalid-json", INDEX, "[1,", f"{INDEX}: invalid JSON"),
@@ -907,7 +914,7 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         assert_complete(out)
         # partial directories of ours (they hold the mark), left by killed runs: discarded
         stale = tuple(k.split("/")[0] for k in before if k.endswith("/.moeq-triton-partial"))
-        stale += (".out.moeq-triton-lock",)  # the lock file of a killed run: the next run takes it and removes it
+        stale += (".out.moeq-triton-lock", ".out.moeq-triton-old")  # a killed run's lock file and old output
         expected = {k: v for k, v in before.items() if not k.startswith(("out/", *stale))}
         assert snapshot(tmp_path, skip=out) == expected | {"out": "dir"}
 
@@ -1047,3 +1054,145 @@ def test_all_zero_weights_dequantize_to_exact_zeros(fmt, tiny, tmp_path, capsys,
         assert result.tensor("model.layers.0.mlp.experts.0.gate_proj.weight_scale_2").item() != 1.0
     assert cli.main(["inspect", str(out), "--device", "cpu"]) == 0  # (the tiny config.json declares no experts)
     assert "no problem found" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the fuzz (issue 23, item 5), slow tier
+
+FUZZ_SIGNALS, FUZZ_CORRUPTIONS = 50, 20
+
+
+def blocked_start() -> None:
+    """preexec_fn: SIGINT/SIGTERM blocked across exec, as a supervisor can start a process; the command
+    unblocks them first thing (moeq_triton/__main__.py), so a signal sent during Python's own start-up, before
+    any line of the command can run, reaches the command's handler instead of Python's default."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def fuzz_run(argv: list[str], delay: float | None, number: int) -> tuple[int, str]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeq_triton", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, preexec_fn=blocked_start,
+    )  # fmt: skip
+    if delay is not None:
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(number)
+    err = proc.communicate(timeout=300)[1]
+    return (128 - proc.returncode if proc.returncode < 0 else proc.returncode), err
+
+
+def corrupt_randomly(src: Path, rng) -> str:
+    """One random corruption of a shard, the index or config.json; returns what was done (for the report)."""
+    kind = rng.choice(["shard-truncate", "shard-header", "shard-data", "index-text", "index-entry", "config-text",
+                       "config-value"])  # fmt: skip
+    shards = sorted(src.glob("*.safetensors"))
+    if kind.startswith("shard"):
+        file = rng.choice(shards)
+        data = bytearray(file.read_bytes())
+        header = 8 + int.from_bytes(data[:8], "little")
+        if kind == "shard-truncate":
+            data = data[: rng.randrange(len(data))]
+        else:
+            at = rng.randrange(0, header) if kind == "shard-header" else rng.randrange(header, len(data))
+            for i in range(at, min(at + rng.randint(1, 4), len(data))):
+                data[i] = rng.randrange(256)
+        file.write_bytes(bytes(data))
+        return f"{kind} {file.name}"
+    file = src / (INDEX if kind.startswith("index") else "config.json")
+    text = file.read_text()
+    if kind.endswith("text"):
+        file.write_text(text[: rng.randrange(len(text))] if rng.random() < 0.5 else text.replace('"', "'", 1))
+        return kind
+    data = json.loads(text)
+    if kind == "index-entry":
+        name = rng.choice(sorted(data["weight_map"]))
+        data["weight_map"][name] = rng.choice([shards[0].name, "missing.safetensors", "../x.safetensors", 3, None])
+    else:
+        key = rng.choice(["architectures", "num_experts", "hidden_size", "model_type"])
+        data[key] = rng.choice([None, "x", -1, 7, ["Nope"], {}])
+    file.write_text(json.dumps(data))
+    return f"{kind}"
+
+
+def check_fuzz_trial(label: str, code: int, err: str, root: Path, before: dict, src_before: dict) -> str:
+    """The guarantees after any run: the source unchanged, the destination complete or exactly as before,
+    nothing else left, an expected exit code, at most one line of error and no traceback."""
+    out, src = root / "out", root / "src"
+    assert code in (0, 1, 2, 130, 143), (label, code, err[-2000:])
+    assert "Traceback" not in err, (label, err[-3000:])
+    said = [line for line in err.splitlines() if line.startswith("moeq-triton:") and "warning" not in line]
+    said = [line for line in said if not line.startswith("moeq-triton: note:")]
+    assert len(said) <= 1, (label, err[-2000:])
+    assert snapshot(src) == src_before, label
+    assert sorted(os.listdir(root)) == sorted({"src", *(["out"] if out.exists() else [])}), (label, os.listdir(root))
+    if snapshot(root) == before:
+        assert code != 0, (label, "exit 0 but nothing written")
+        return "as before"
+    assert code in (0, 130, 143), (label, code, err[-2000:])
+    assert_complete(out)
+    return "complete"
+
+
+@SLOW
+def test_fuzz_signals_and_corruptions(tiny, tmp_path):
+    """>= 50 SIGINT/SIGTERM at random times over whole runs (start-up and exit included, with and without
+    --verify or a prior output to --overwrite) and >= 20 random corruptions of shards, index and config.
+    Two trials run at a time (2 cores). Seeds are printed: rerun one with FUZZ_SEED=<seed>."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed = int(os.environ.get("FUZZ_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"fuzz seed {seed} (FUZZ_SEED={seed} to rerun)")
+    master = random.Random(seed)
+    prior = tmp_path / "prior"
+    started = time.perf_counter()
+    code, err = fuzz_run([*defaults(tiny, prior)], None, 0)
+    duration = time.perf_counter() - started
+    assert code == 0, err
+    print(f"one undisturbed run: {duration:.2f} s")
+
+    def trial(i: int, trial_seed: int) -> str:
+        rng = random.Random(trial_seed)
+        root = tmp_path / f"t{i}"
+        root.mkdir()
+        shutil.copytree(tiny, root / "src")
+        argv = defaults(root / "src", root / "out")
+        if rng.random() < 0.4:
+            shutil.copytree(prior, root / "out")
+            argv.append("--overwrite")
+        if rng.random() < 0.3:
+            argv.append("--verify")
+        if i < FUZZ_SIGNALS:
+            what = f"signal {i} seed {trial_seed}"
+            delay = rng.uniform(0, 1.3 * duration)
+            number = rng.choice([signal.SIGINT, signal.SIGTERM])
+            what += f" {signal.Signals(number).name} at {delay:.2f} s"
+        else:
+            what = f"corruption {i} seed {trial_seed}: " + corrupt_randomly(root / "src", rng)
+            delay, number = None, 0
+        before, src_before = snapshot(root), snapshot(root / "src")
+        code, err = fuzz_run(argv, delay, number)
+        outcome = check_fuzz_trial(what, code, err, root, before, src_before)
+        shutil.rmtree(root)
+        return f"{what}: exit {code}, {outcome}"
+
+    seeds = [master.randrange(2**32) for _ in range(FUZZ_SIGNALS + FUZZ_CORRUPTIONS)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(trial, range(len(seeds)), seeds))
+    print("\n".join(results))
+    codes = [r.split("exit ")[1].split(",")[0] for r in results[:FUZZ_SIGNALS]]
+    assert {"130", "143"} <= set(codes), codes  # the signals did land inside runs
+
+
+def test_old_output_comes_back_when_a_run_died_between_the_renames(prior, tmp_path):
+    """A run killed after moving the previous output aside and before moving the new one in: the next run
+    (holding the lock) puts the previous output back before anything else; aborting leaves just that."""
+    shutil.copytree(prior, tmp_path / ".out.moeq-triton-old-4242-0badf00d")
+    out = AtomicCheckpointDir(tmp_path / "out", overwrite=True)
+    out.create()
+    assert snapshot(tmp_path / "out") == snapshot(prior)
+    out.abort()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
