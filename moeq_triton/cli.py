@@ -230,7 +230,7 @@ def _quantize(args, fmt, device: str, signals: _Signals) -> int:
                 print(
                     f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr
                 )
-            for warning in stats.warnings:
+            for warning in stats.warnings if rank == 0 else ():
                 print(f"moeq-triton: warning: {warning}", file=sys.stderr)
             from moeq_triton.checkpoint.serving import end_of_run_warning
 
