@@ -806,7 +806,7 @@ PHASE_HOOKS = textwrap.dedent(
 
         def rename(self, target):
             result = original(self, target)
-            if str(target).endswith(".moeq-triton-old"):
+            if ".moeq-triton-old" in str(target):
                 moved = f"{self.name} -> {pathlib.Path(target).name}"
                 print(f"FAULT-POINT {phase}: after {moved}", file=sys.stderr, flush=True)
                 signal.raise_signal(signal.SIGINT)
