@@ -11,6 +11,8 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moeq_triton import __version__
@@ -43,7 +45,8 @@ def run() -> None:
 
 
 def _main(argv: list[str] | None, signals: _Signals) -> int:
-    from moeq_triton.checkpoint.formats import FORMATS
+    with signals.held():  # imports torch (through the kernels' constants)
+        from moeq_triton.checkpoint.formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="moeq-triton", description="Grouped NVFP4/FP8 quantization of MoE models.")
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
@@ -86,7 +89,8 @@ def _main(argv: list[str] | None, signals: _Signals) -> int:
             if value is not None and not value.strip():
                 parser.error(f"{option}: an empty path (name a directory)")
 
-    import torch
+    with signals.held():
+        import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -127,6 +131,8 @@ class _Signals:
         self.settled = False
         self.ignored: list[int] = []
         self.previous: dict[int, object] = {}
+        self.holding = False
+        self.pending: list[int] = []
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
@@ -139,14 +145,34 @@ class _Signals:
         if self.settled:
             self.ignored.append(number)
             return
+        if self.holding:
+            self.pending.append(number)
+            return
         raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
 
     def settle(self) -> None:
         self.settled = True
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A signal inside the block is raised when it ends.  For the heavy imports (torch, triton): an
+        exception raised while torch's C++ initialisation runs Python code ends the process in
+        std::terminate (SIGABRT, exit 134) instead of unwinding."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending and not self.settled:
+                number = self.pending[0]
+                self.pending.clear()
+                raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+
     def __exit__(self, *exc) -> None:
-        if self.keep_settled:
-            self.settle()
+        if self.keep_settled:  # ignored, not just settled: Python's finalization resets Python-level handlers to
+            self.settle()  # the default (death by the signal) but leaves an ignored signal ignored
+            for number in self.previous:
+                signal.signal(number, signal.SIG_IGN)
             return
         for number, previous in self.previous.items():  # None: a handler set outside Python
             signal.signal(number, signal.SIG_DFL if previous is None else previous)
@@ -199,13 +225,14 @@ def _quantize(args, fmt, device: str, signals: _Signals) -> int:
             signals.settle()  # the output is complete: a signal from now on ends nothing
 
     try:
-        from rich.console import Console
+        with signals.held():  # triton, safetensors, rich
+            from rich.console import Console
 
-        from moeq_triton.checkpoint.io import CheckpointError
-        from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
-        from moeq_triton.distributed import PeerFailure
-        from moeq_triton.memory import MemorySampler
-        from moeq_triton.naming import UnsupportedArchitecture
+            from moeq_triton.checkpoint.io import CheckpointError
+            from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
+            from moeq_triton.distributed import PeerFailure
+            from moeq_triton.memory import MemorySampler
+            from moeq_triton.naming import UnsupportedArchitecture
 
         console = Console(stderr=False, quiet=rank != 0)
         try:
