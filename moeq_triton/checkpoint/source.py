@@ -53,6 +53,11 @@ def split_experts(source, is_split) -> dict[str, ExpertSlice]:
             )
         experts, rows, cols = shape
         base, _, projection = name.rpartition(".")
+        if projection == "gate_up_proj" and rows % 2:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name} has {rows} rows: it holds gate and up, "
+                "an even count (the engines split it in halves)"
+            )
         parts = (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)) if projection == "gate_up_proj" else (
             (projection, 0, rows),)  # fmt: skip
         for e in range(experts):

@@ -72,13 +72,14 @@ def test_format_facts():
 
 
 class InMemorySource:
-    """The five things make_plan reads of a source, for a two-tensor Qwen3-MoE."""
+    """The five things make_plan reads of a source, for a one-expert Qwen3-MoE (gate/up input dim k)."""
 
     def __init__(self, k: int):
         self.config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": 1}
         self.meta = {
             "model.layers.0.mlp.experts.0.gate_proj.weight": ((32, k), "BF16"),
             "model.layers.0.mlp.experts.0.up_proj.weight": ((32, k), "BF16"),
+            "model.layers.0.mlp.experts.0.down_proj.weight": ((k, 32), "BF16"),
         }
 
     def names(self):
@@ -99,4 +100,5 @@ def test_an_input_dim_the_format_cannot_take_is_refused_naming_the_tensor():
         make_plan(InMemorySource(24), FORMATS["nvfp4"], False, 1 << 30)
     for fmt in ("fp8", "fp8-per-channel", "fp8-block"):  # any input dim
         plan = make_plan(InMemorySource(24), FORMATS[fmt], False, 1 << 30)
-        assert [u.names for u in plan.units] == [[n for n in InMemorySource(24).meta]]  # gate/up: one scale group
+        gate, up, down = InMemorySource(24).meta
+        assert sorted(u.names for u in plan.units) == sorted([[gate, up], [down]])  # gate/up: one scale group
