@@ -66,7 +66,18 @@ def rcp_approx(d: np.ndarray) -> np.ndarray:
     return np.where(np.abs(r) < np.float32(2.0**-126), np.float32(0.0) * np.sign(r), r).astype(np.float32)
 
 
-INLINE_ASM = {"rcp.approx.ftz.f32 $0, $1;": rcp_approx}
+def cvt_rn_bf16x2_high(x: np.ndarray) -> np.ndarray:
+    """``cvt.rn.bf16x2.f32 d, x, 0.0``: bf16(x) (round to nearest even, subnormals kept, NaN a NaN) in the
+    high half, +0.0's bf16 (0x0000) in the low half: the float32 bits of the rounded value (torch's
+    float32 -> bfloat16 cast rounds the same way)."""
+    rounded = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float()
+    return rounded.numpy()
+
+
+INLINE_ASM = {
+    "rcp.approx.ftz.f32 $0, $1;": rcp_approx,
+    "{ .reg .b32 z; mov.b32 z, 0; cvt.rn.bf16x2.f32 $0, $1, z; }": cvt_rn_bf16x2_high,
+}
 """The PTX the kernels write through tl.inline_asm_elementwise, each with its stand-in."""
 
 
