@@ -234,3 +234,19 @@ def test_strided_codes_and_scales():
     v = view.dequantize()
     assert_results_equal(quantize_fp8_block([view])[0], quantize_fp8_block_reference(v), "strided source")
     assert_bitwise_equal(grouped_amax([view]), grouped_amax_reference([v]), "strided amax")
+
+
+def test_sources_beyond_int32_offsets_are_split_on_scale_rows(monkeypatch):
+    """A source spanning more elements than an entry's int32 offsets is split by rows, each chunk starting on
+    a multiple of 128 rows with its scale pointer moved to that scale row; results must not change by a bit."""
+    monkeypatch.setattr(grouping, "MAX_ENTRY_ELEMENTS", 128 * 144)
+    grouping.clear_table_cache()
+    src = source(272, 144, 0.0123, shift=2)
+    groups = grouping.groups_for([src], 16)
+    assert [r0 for _, r0, _ in groups[0].entries] == [0, 128, 256]
+    v = src.dequantize()
+    assert_bitwise_equal(grouped_amax([src]), grouped_amax_reference([v]), "amax of a split source")
+    assert_bitwise_equal(grouped_row_amax([src])[0], v.abs().amax(-1).float(), "row amax of a split source")
+    amax = grouped_amax_reference([v])
+    assert_results_equal(quantize_fp8([src], amax)[0], quantize_fp8_reference(v, amax[0]), "fp8 of a split source")
+    grouping.clear_table_cache()
