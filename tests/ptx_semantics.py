@@ -1,7 +1,8 @@
 """The Triton interpreter made to compute as the GPU's instructions are specified, for the HW kernel paths.
 
 Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand),
-cvt.rn(.satfinite) conversions and, in NVFP4's common regime, rcp.approx.ftz.f32 through inline asm.  The
+cvt.rn(.satfinite) conversions (e4m3 -> f16 -> f32 for FP8-block sources among them) and, through inline
+asm, rcp.approx.ftz.f32 in NVFP4's common regime and cvt.rn.bf16x2.f32 (a source's bf16 rounding).  The
 interpreter rounds its fma twice, propagates NaN through min, converts to float8 wrongly and has no
 inline asm, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma exactly; numpy's
 fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite; a reciprocal up to
