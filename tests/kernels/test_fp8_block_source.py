@@ -143,7 +143,7 @@ def test_nvfp4(path, full):
     for i, (got, v) in enumerate(zip(fused, values)):
         where = f"{path} source {i} {tuple(v.shape)} scale {sources[i].scale_inv.flatten()[0].item()}"
         if path == "gpu-path" and amax[i] / 2688 == 0:  # weight_scale_2 underflows: ModelOpt's 0/0 NaN block
-            # scales (shared/reference numerics, step 6), whose NaN sign x86 and the GPU path choose differently;
+            # scales (a ModelOpt defect the kernels reproduce), whose NaN sign x86 and the GPU path choose differently;
             # a bf16 tensor gives the same (not a question of sources); the portable path compares them
             assert torch.isnan(got.weight_scale.float()).all(), where
             continue
