@@ -132,7 +132,14 @@ def amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, proble
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
         launch(
-            "amax", _amax_kernel, weights, tiles, args=(amax,), BLOCK_K=tiles.cols, PER_ROW=False, HW=hardware_math(device)
+            "amax",
+            _amax_kernel,
+            weights,
+            tiles,
+            args=(amax,),
+            BLOCK_K=tiles.cols,
+            PER_ROW=False,
+            HW=hardware_math(device),
         )
     elif engine == "native":
         amax = native.amax(dequantized_sources(weights))
