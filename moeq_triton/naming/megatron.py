@@ -52,9 +52,11 @@ SPELLINGS: dict[str, Spelling] = {
         shared="mlp.shared_experts", router_bias="mlp.gate.e_score_correction_bias", qk_norm=False
     ),
     "Mixtral": Spelling(
-        experts="block_sparse_moe.experts", expert_gate_up_down=("w1", "w3", "w2"), router="block_sparse_moe.gate",
+        experts="block_sparse_moe.experts",
+        expert_gate_up_down=("w1", "w3", "w2"),
+        router="block_sparse_moe.gate",
         qk_norm=False,
-    ),  # fmt: skip
+    ),
 }
 """The families a Megatron GPTModel exports to, by ``naming.hf`` family name."""
 
@@ -68,9 +70,11 @@ TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (r"decoder\.final_layernorm\.weight", COPY, ("{P}norm.weight",)),
     (_L + r"input_layernorm\.weight", COPY, ("{L}.input_layernorm.weight",)),
     (_L + r"self_attention\.linear_qkv\.layer_norm_weight", COPY, ("{L}.input_layernorm.weight",)),
-    (_L + r"self_attention\.linear_qkv\.(?P<p>weight|bias)", QKV, ("{L}.self_attn.q_proj.{p}",
-                                                                   "{L}.self_attn.k_proj.{p}",
-                                                                   "{L}.self_attn.v_proj.{p}")),  # fmt: skip
+    (
+        _L + r"self_attention\.linear_qkv\.(?P<p>weight|bias)",
+        QKV,
+        ("{L}.self_attn.q_proj.{p}", "{L}.self_attn.k_proj.{p}", "{L}.self_attn.v_proj.{p}"),
+    ),
     (_L + r"self_attention\.linear_proj\.weight", ROW, ("{L}.self_attn.o_proj.weight",)),
     (_L + r"self_attention\.linear_proj\.bias", COPY, ("{L}.self_attn.o_proj.bias",)),
     (_L + r"self_attention\.q_layernorm\.weight", COPY, ("{L}.self_attn.q_norm.weight",)),
@@ -82,8 +86,11 @@ TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (_L + r"mlp\.linear_fc2\.bias", COPY, ("{L}.{mlp}.{down}.bias",)),
     (_L + r"mlp\.router\.weight", COPY, ("{L}.{router}.weight",)),
     (_L + r"mlp\.router\.expert_bias", COPY, ("{L}.{router_bias}",)),
-    (_L + r"mlp\.shared_experts\.linear_fc1\.(?P<p>weight|bias)", GLU, ("{L}.{shared}.{gate}.{p}",
-                                                                        "{L}.{shared}.{up}.{p}")),  # fmt: skip
+    (
+        _L + r"mlp\.shared_experts\.linear_fc1\.(?P<p>weight|bias)",
+        GLU,
+        ("{L}.{shared}.{gate}.{p}", "{L}.{shared}.{up}.{p}"),
+    ),
     (_L + r"mlp\.shared_experts\.linear_fc2\.weight", ROW, ("{L}.{shared}.{down}.weight",)),
     (_L + r"mlp\.shared_experts\.linear_fc2\.bias", COPY, ("{L}.{shared}.{down}.bias",)),
     (_L + r"mlp\.shared_experts\.gate_weight", COPY, ("{L}.{shared_gate}.weight",)),
