@@ -31,8 +31,13 @@ _HF_COMMON = dict(
 )  # fmt: skip
 
 
-def hf_config(layout: str = "moe"):
+def hf_config(layout: str = "moe", scale: int = 1):
     """The transformers config the tiny GPTModel of ``layout`` mirrors (conventions of the Megatron notes)."""
+    if scale != 1:  # the benchmark's larger model: every width times ``scale``
+        widths = dict(hidden_size=HIDDEN * scale, head_dim=16 * scale)
+        return Qwen3MoeConfig(**{**_HF_COMMON, **widths}, intermediate_size=FFN * scale,
+                              moe_intermediate_size=MOE_FFN * scale, num_experts=EXPERTS, num_experts_per_tok=2,
+                              norm_topk_prob=True)  # fmt: skip
     if layout == "dense":
         return Qwen3Config(**_HF_COMMON, intermediate_size=FFN)
     if layout == "shared":
@@ -47,23 +52,25 @@ def hf_config(layout: str = "moe"):
     )  # fmt: skip
 
 
-def gpt_model(layout: str = "moe", dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> GPTModel:
-    """The GPTModel of ``layout`` at the parallelism ``parallel_state`` was initialized with."""
+def gpt_model(layout: str = "moe", dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, scale: int = 1) -> GPTModel:
+    """The GPTModel of ``layout`` at the parallelism ``parallel_state`` was initialized with (``scale``
+    multiplies every width: the benchmark's larger model)."""
     moe = layout != "dense"
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
     config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-        ffn_hidden_size=FFN, gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=layout != "shared",
+        num_layers=LAYERS, hidden_size=HIDDEN * scale, num_attention_heads=4, num_query_groups=2,
+        kv_channels=16 * scale, ffn_hidden_size=FFN * scale, gated_linear_unit=True, normalization="RMSNorm",
+        qk_layernorm=layout != "shared",
         add_bias_linear=False, add_qkv_bias=layout == "shared", use_cpu_initialization=True, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, layernorm_epsilon=1e-5, activation_func=torch.nn.functional.silu,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp, pipeline_dtype=dtype,
         **(dict(
-            num_moe_experts=EXPERTS, moe_ffn_hidden_size=MOE_FFN, moe_router_topk=2,
+            num_moe_experts=EXPERTS, moe_ffn_hidden_size=MOE_FFN * scale, moe_router_topk=2,
             moe_layer_freq=[0, 1] if layout == "dense_first" else 1,
         ) if moe else {}),
-        **(dict(moe_shared_expert_intermediate_size=SHARED_FFN, moe_shared_expert_gate=True)
+        **(dict(moe_shared_expert_intermediate_size=SHARED_FFN * scale, moe_shared_expert_gate=True)
            if layout == "shared" else {}),
     )  # fmt: skip
     if layout == "dense_first":
