@@ -23,7 +23,8 @@ EXPERTS, LAYERS, HIDDEN, MOE_FFN, FFN, SHARED_FFN = 4, 2, 64, 32, 128, 48
 VOCAB, PADDED_VOCAB = 128, 144
 """The HF vocabulary and Megatron's padded one (divisible by TP 1, 2, 4): the exporter drops 16 rows."""
 
-LAYOUTS = ("moe", "dense", "shared", "dense_first")
+LAYOUTS = ("moe", "dense", "tied", "shared", "dense_first")
+"""``tied``: the dense model with its output layer tied to the embedding."""
 
 _HF_COMMON = dict(
     hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -38,8 +39,8 @@ def hf_config(layout: str = "moe", scale: int = 1):
         return Qwen3MoeConfig(**{**_HF_COMMON, **widths}, intermediate_size=FFN * scale,
                               moe_intermediate_size=MOE_FFN * scale, num_experts=EXPERTS, num_experts_per_tok=2,
                               norm_topk_prob=True)  # fmt: skip
-    if layout == "dense":
-        return Qwen3Config(**_HF_COMMON, intermediate_size=FFN)
+    if layout in ("dense", "tied"):
+        return Qwen3Config(**{**_HF_COMMON, "tie_word_embeddings": layout == "tied"}, intermediate_size=FFN)
     if layout == "shared":
         return Qwen2MoeConfig(
             **{k: v for k, v in _HF_COMMON.items() if k != "head_dim"}, intermediate_size=FFN,
@@ -55,7 +56,7 @@ def hf_config(layout: str = "moe", scale: int = 1):
 def gpt_model(layout: str = "moe", dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, scale: int = 1) -> GPTModel:
     """The GPTModel of ``layout`` at the parallelism ``parallel_state`` was initialized with (``scale``
     multiplies every width: the benchmark's larger model)."""
-    moe = layout != "dense"
+    moe = layout not in ("dense", "tied")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
     config = TransformerConfig(
@@ -81,9 +82,9 @@ def gpt_model(layout: str = "moe", dtype: torch.dtype = torch.bfloat16, *, seed:
             normalization="RMSNorm",
         )  # fmt: skip
     model = GPTModel(
-        config, spec, vocab_size=PADDED_VOCAB, max_sequence_length=32, share_embeddings_and_output_weights=False,
-        position_embedding_type="rope", rotary_base=10000, pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        config, spec, vocab_size=PADDED_VOCAB, max_sequence_length=32,
+        share_embeddings_and_output_weights=layout == "tied", position_embedding_type="rope", rotary_base=10000,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     ).to(dtype)  # fmt: skip
     fill_from_global_names(model, seed)
     return model

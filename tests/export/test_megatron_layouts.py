@@ -15,7 +15,12 @@ from tests.assertions import checkpoint_tensors
 from tests.export.test_megatron_export import megatron_cpu_forward_patches
 from tests.megatron_models import VOCAB, gpt_model, hf_config
 
-ARCHITECTURE = {"dense": "Qwen3ForCausalLM", "shared": "Qwen2MoeForCausalLM", "dense_first": "Qwen3MoeForCausalLM"}
+ARCHITECTURE = {
+    "dense": "Qwen3ForCausalLM",
+    "tied": "Qwen3ForCausalLM",
+    "shared": "Qwen2MoeForCausalLM",
+    "dense_first": "Qwen3MoeForCausalLM",
+}
 
 
 def assert_same_files(a, b) -> None:
@@ -33,6 +38,7 @@ def test_export_equals_model_free_quantize_of_the_hf_layout(layout, megatron_wor
     moeq_triton.export_hf(model, tmp_path / "plain", hf_config(layout), fmt=None)
     plain = checkpoint_tensors(tmp_path / "plain")
     assert plain["model.embed_tokens.weight"].shape[0] == VOCAB  # Megatron's padding rows dropped
+    assert ("lm_head.weight" in plain) == (layout != "tied")
     if layout == "shared":
         assert "model.layers.1.mlp.shared_expert_gate.weight" in plain
         assert "model.layers.0.self_attn.q_proj.bias" in plain
