@@ -3,12 +3,14 @@
     python -m benchmarks.megatron_export [--scale 32]
 
 Per rank: the bytes of its own parameter slices, the export's wall time, and the export's heap peak (anonymous
-resident memory, ``moeq_triton.memory``) above what the process held just before it.
+resident memory, ``moeq_triton.memory``) above what the process held just before it (after glibc's
+``malloc_trim``, so that memory freed while building the model is not silently reused by the export).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import tempfile
 import time
@@ -34,6 +36,7 @@ def _export(rank: int, world: int, out: str, tp: int, pp: int, scale: int) -> di
         model = gpt_model("moe", scale=scale)
         own = sum(p.numel() * p.element_size() for p in model.parameters())
         gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building goes back: not counted as free room
         before = resident()[0]
         start = time.perf_counter()
         with MemorySampler(0.002) as peak:

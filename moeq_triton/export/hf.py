@@ -1,7 +1,7 @@
 """Export a model (calibrated through ModelOpt, or plain) as a Hugging Face checkpoint in ModelOpt's format.
 
     moeq_triton.export_hf(model, "out/")                       # a transformers MoE model
-    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel (Qwen3-MoE)
+    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel, any TP x PP x EP
 
 The model's tensors are first named as the Hugging Face checkpoint names them (transformers' own
 reverse conversion; for Megatron the mapping below), then the model-free machinery takes over: the
@@ -12,10 +12,12 @@ unquantized.  Amaxes are recomputed as the weights' own max per scale group, whi
 ModelOpt's ``max`` calibration (and ``triton_grouped``) gives; a model whose weight quantizers were
 calibrated otherwise (another calibrator, pre-quantization scales from AWQ/SmoothQuant) is refused.
 
-Under torch.distributed each tensor is owned by the lowest rank that holds it (expert parallelism
-gives each rank its own experts); owners quantize their tensors, send the results to rank 0 as raw
-bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the files
-equal a single-process export.  The destination is complete or absent.
+Under torch.distributed each rank lists the parts it holds (Megatron: its tensor-parallel slices, its experts,
+its pipeline stage's layers under global numbers); each tensor is owned by the lowest rank holding part 0,
+which receives the other parts per batch and joins them as Megatron cut them (``naming.megatron``), so
+amaxes come from the whole weight.  Owners quantize, send the results to rank 0 as raw bytes (no pickling
+of tensors; only names and shapes travel as objects), and rank 0 writes: the files equal a single-process
+export.  The destination is complete or absent.
 """
 
 from __future__ import annotations
