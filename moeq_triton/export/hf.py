@@ -13,11 +13,11 @@ ModelOpt's ``max`` calibration (and ``triton_grouped``) gives; a model whose wei
 calibrated otherwise (another calibrator, pre-quantization scales from AWQ/SmoothQuant) is refused.
 
 Under torch.distributed each rank lists the parts it holds (Megatron: its tensor-parallel slices, its experts,
-its pipeline stage's layers under global numbers); each tensor is owned by the lowest rank holding part 0,
-which receives the other parts per batch and joins them as Megatron cut them (``naming.megatron``), so
-amaxes come from the whole weight.  Owners quantize, send the results to rank 0 as raw bytes (no pickling
-of tensors; only names and shapes travel as objects), and rank 0 writes: the files equal a single-process
-export.  The destination is complete or absent.
+its pipeline stage's layers under global numbers); each tensor has one owner (split tensors' owners rotate
+over the ranks holding them), which receives the other parts per batch and joins them as Megatron cut them
+(``naming.megatron``), so amaxes come from the whole weight.  Owners quantize, send the results to rank 0
+as raw bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the
+files equal a single-process export.  The destination is complete or absent.
 """
 
 from __future__ import annotations
@@ -223,8 +223,9 @@ def _is_fp8_2d_block(block_sizes: dict | None) -> bool:
 class ModelTensors:
     """The model's tensors as a plan source (names, shapes, dtypes, origin), across ranks.
 
-    ``meta`` covers every rank's tensors at their full (joined) shape; ``owner`` is the lowest rank that
-    holds part 0 of a name, and the one that joins its parts (``join``) before quantizing it.  Ranks
+    ``meta`` covers every rank's tensors at their full (joined) shape; ``owner`` joins a name's parts
+    (``join``) and quantizes it: the lowest rank holding part 0, until ``spread`` rotates the owners of
+    split units over the ranks holding their parts.  Ranks
     holding the same part (data-parallel replicas, a norm every tensor-parallel rank holds) are
     equivalent: the lowest one sends it.
     """
@@ -260,6 +261,18 @@ class ModelTensors:
             self.owner[name] = parts[0][0]
         self.joined: dict[str, torch.Tensor] = {}
 
+    def spread(self, units) -> None:
+        """The k-th unit whose tensors are all split gets the lowest holder of part k (modulo the part count)
+        of its first tensor as owner of all its tensors: joining and quantizing spread over the TP ranks."""
+        k = 0
+        for unit in units:
+            counts = {len(self.holders[n]) for n in unit.names}
+            if min(counts) > 1:
+                parts = self.holders[unit.names[0]]
+                owner = parts[k % len(parts)][0]
+                self.owner.update(dict.fromkeys(unit.names, owner))
+                k += 1
+
     def names(self) -> list[str]:
         return sorted(self.meta)
 
@@ -293,7 +306,7 @@ class ModelTensors:
                 if self.rank == holder and holder != owner:
                     distributed.send_bytes(self.pieces[name].tensor, dst=owner)
                 elif self.rank == owner:
-                    if holder == owner:  # part 0, its own
+                    if holder == owner:  # its own part
                         received.append(self.pieces[name].tensor)
                         continue
                     shape, dtype = layout[4], SAFETENSORS_DTYPES[layout[5]]
@@ -354,6 +367,7 @@ def export_hf(
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
     plan = make_plan(source, chosen, experts_only, max_shard_bytes, tuple(exclude))
+    source.spread(plan.units)
     made: list[AtomicCheckpointDir] = []
 
     def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
