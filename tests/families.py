@@ -132,6 +132,19 @@ def qwen3_5_moe(seed: int = SEED + 8) -> nn.Module:
     return _built(Qwen3_5MoeForConditionalGeneration, cfg, seed)
 
 
+def qwen3_dense(seed: int = SEED + 9) -> nn.Module:
+    """Qwen3 dense (the Qwen3-8B layout): attention with q/k norms, one gated MLP per layer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _built(Qwen3ForCausalLM, Qwen3Config(**_COMMON, head_dim=32, intermediate_size=96), seed)
+
+
+def llama_dense(seed: int = SEED + 10) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _built(LlamaForCausalLM, LlamaConfig(**_COMMON, intermediate_size=96), seed)
+
+
 MULTIMODAL = ("llama4", "qwen3_5_moe")
 """Loaded back with AutoModelForImageTextToText."""
 
@@ -145,6 +158,8 @@ BUILDERS = {
     "llama4": llama4,
     "llama4_text": llama4_text,
     "qwen3_5_moe": qwen3_5_moe,
+    "qwen3_dense": qwen3_dense,
+    "llama_dense": llama_dense,
 }
 
 

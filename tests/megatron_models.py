@@ -1,4 +1,11 @@
-"""The tiny megatron-core GPTModel (Qwen3-MoE layout) of the Megatron tests and the transformers config it mirrors."""
+"""Tiny megatron-core GPTModels (Qwen3-MoE, Qwen3 dense, Qwen2-MoE with a gated shared expert, a
+dense-first Qwen3-MoE) and the transformers configs they mirror.
+
+Every weight is a function of its *global* parameter name (global layer number, global expert index):
+the whole tensor is drawn from that name's seed and this rank keeps the slice Megatron gives it, read from
+Megatron's own partition attributes (``partition_dim``; a GLU ``linear_fc1`` holds [gate slice; up slice]).
+So the same model built at any TP x PP x EP x ETP holds slices of one set of weights.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +13,117 @@ import re
 import zlib
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from transformers import Qwen3MoeConfig
+from transformers import Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
-EXPERTS, LAYERS, HIDDEN, MOE_FFN = 4, 2, 64, 32
+EXPERTS, LAYERS, HIDDEN, MOE_FFN, FFN, SHARED_FFN = 4, 2, 64, 32, 128, 48
+VOCAB, PADDED_VOCAB = 128, 144
+"""The HF vocabulary and Megatron's padded one (divisible by TP 1, 2, 4): the exporter drops 16 rows."""
+
+LAYOUTS = ("moe", "dense", "tied", "shared", "dense_first")
+"""``tied``: the dense model with its output layer tied to the embedding."""
+
+_HF_COMMON = dict(
+    hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=VOCAB, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=32,
+)  # fmt: skip
 
 
-def hf_config() -> Qwen3MoeConfig:
-    """The transformers config the tiny GPTModel mirrors (same sizes, RMSNorm eps, rope theta, untied head)."""
+def hf_config(layout: str = "moe", scale: int = 1):
+    """The transformers config the tiny GPTModel of ``layout`` mirrors (same sizes, RMSNorm eps, rope theta)."""
+    if scale != 1:  # the benchmark's larger model: every width times ``scale``
+        widths = dict(hidden_size=HIDDEN * scale, head_dim=16 * scale)
+        return Qwen3MoeConfig(**{**_HF_COMMON, **widths}, intermediate_size=FFN * scale,
+                              moe_intermediate_size=MOE_FFN * scale, num_experts=EXPERTS, num_experts_per_tok=2,
+                              norm_topk_prob=True)  # fmt: skip
+    if layout in ("dense", "tied"):
+        return Qwen3Config(**{**_HF_COMMON, "tie_word_embeddings": layout == "tied"}, intermediate_size=FFN)
+    if layout == "shared":
+        return Qwen2MoeConfig(
+            **{k: v for k, v in _HF_COMMON.items() if k != "head_dim"}, intermediate_size=FFN,
+            moe_intermediate_size=MOE_FFN, shared_expert_intermediate_size=SHARED_FFN, num_experts=EXPERTS,
+            num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+        )  # fmt: skip
     return Qwen3MoeConfig(
-        hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
-        num_experts_per_tok=2, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=128, rms_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
-        tie_word_embeddings=False, max_position_embeddings=32,
+        **_HF_COMMON, intermediate_size=FFN, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0] if layout == "dense_first" else [],
     )  # fmt: skip
 
 
-def gpt_moe(dtype: torch.dtype = torch.bfloat16, ep_rank: int = 0, ep_size: int = 1) -> GPTModel:
-    """Weights are a function of the parameter's *global* name, so an EP rank holds slices of one model."""
+def gpt_model(layout: str = "moe", dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, scale: int = 1) -> GPTModel:
+    """The GPTModel of ``layout`` at the parallelism ``parallel_state`` was initialized with (``scale``
+    multiplies every width: the benchmark's larger model)."""
+    moe = layout not in ("dense", "tied")
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
     config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-        ffn_hidden_size=128, moe_ffn_hidden_size=MOE_FFN, num_moe_experts=EXPERTS, moe_router_topk=2,
-        gated_linear_unit=True, normalization="RMSNorm", qk_layernorm=True, add_bias_linear=False,
-        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        expert_model_parallel_size=ep_size, layernorm_epsilon=1e-5, activation_func=torch.nn.functional.silu,
+        num_layers=LAYERS, hidden_size=HIDDEN * scale, num_attention_heads=4, num_query_groups=2,
+        kv_channels=16 * scale, ffn_hidden_size=FFN * scale, gated_linear_unit=True, normalization="RMSNorm",
+        qk_layernorm=layout != "shared",
+        add_bias_linear=False, add_qkv_bias=layout == "shared", use_cpu_initialization=True, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, layernorm_epsilon=1e-5, activation_func=torch.nn.functional.silu,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp, pipeline_dtype=dtype,
+        **(dict(
+            num_moe_experts=EXPERTS, moe_ffn_hidden_size=MOE_FFN * scale, moe_router_topk=2,
+            moe_layer_freq=[0, 1] if layout == "dense_first" else 1,
+        ) if moe else {}),
+        **(dict(moe_shared_expert_intermediate_size=SHARED_FFN * scale, moe_shared_expert_gate=True)
+           if layout == "shared" else {}),
     )  # fmt: skip
-    spec = get_gpt_layer_local_spec(
-        num_experts=EXPERTS, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
-    )
+    if layout == "dense_first":
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=EXPERTS if moe else None, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
+            normalization="RMSNorm",
+        )  # fmt: skip
     model = GPTModel(
-        config, spec, vocab_size=128, max_sequence_length=32, share_embeddings_and_output_weights=False,
-        position_embedding_type="rope", rotary_base=10000,
+        config, spec, vocab_size=PADDED_VOCAB, max_sequence_length=32,
+        share_embeddings_and_output_weights=layout == "tied", position_embedding_type="rope", rotary_base=10000,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     ).to(dtype)  # fmt: skip
-    local = EXPERTS // ep_size
+    fill_from_global_names(model, seed)
+    return model
+
+
+def global_name(model: GPTModel, name: str) -> str:
+    """The parameter's name in the TP = PP = EP = 1 model: global layer number, global expert index."""
+    layers = model.decoder.layers
+    name = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{layers[int(m[1])].layer_number - 1}.", name)
+    local = (model.config.num_moe_experts or 0) // ps.get_expert_model_parallel_world_size()
+    first = ps.get_expert_model_parallel_rank() * local
+    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{first + int(m[1])}.", name)
+
+
+def fill_from_global_names(model: GPTModel, seed: int = 0) -> None:
+    """Draw each whole tensor from its global name's seed; keep this rank's slice as Megatron cuts it."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            glob = re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{ep_rank * local + int(m[1])}.", name)
-            gen = torch.Generator().manual_seed(zlib.crc32(glob.encode()))
-            scale = 0.2 if "layernorm" not in name else 1.0
-            p.copy_((1.0 if "layernorm" in name else 0.0) + scale * torch.randn(p.shape, generator=gen))
-    return model
+            glob = global_name(model, name)
+            expert = ".mlp.experts." in name
+            rank, size = (
+                (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
+                if expert else (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+            )  # fmt: skip
+            dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= size
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{glob}".encode()))
+            norm = "layernorm" in name or name.endswith("norm.weight")
+            whole = (1.0 if norm else 0.0) + (1.0 if norm else 0.2) * torch.randn(shape, generator=gen)
+            if dim is None:
+                p.copy_(whole)
+            elif name.endswith("linear_fc1.weight"):  # GLU: [gate slice; up slice]
+                p.copy_(torch.cat([half.chunk(size, dim)[rank] for half in whole.chunk(2, 0)]))
+            else:
+                p.copy_(whole.chunk(size, dim)[rank])
+
+
+def gpt_moe(dtype: torch.dtype = torch.bfloat16) -> GPTModel:
+    """The Qwen3-MoE GPTModel (SequentialMLP experts) at the initialized parallelism."""
+    return gpt_model("moe", dtype)

@@ -1,7 +1,7 @@
 """Export a model (calibrated through ModelOpt, or plain) as a Hugging Face checkpoint in ModelOpt's format.
 
     moeq_triton.export_hf(model, "out/")                       # a transformers MoE model
-    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel (Qwen3-MoE)
+    moeq_triton.export_hf(gpt_model, "out/", hf_config=config)  # a Megatron-Core GPTModel, any TP x PP x EP
 
 The model's tensors are first named as the Hugging Face checkpoint names them (transformers' own
 reverse conversion; for Megatron the mapping below), then the model-free machinery takes over: the
@@ -12,10 +12,12 @@ unquantized.  Amaxes are recomputed as the weights' own max per scale group, whi
 ModelOpt's ``max`` calibration (and ``triton_grouped``) gives; a model whose weight quantizers were
 calibrated otherwise (another calibrator, pre-quantization scales from AWQ/SmoothQuant) is refused.
 
-Under torch.distributed each tensor is owned by the lowest rank that holds it (expert parallelism
-gives each rank its own experts); owners quantize their tensors, send the results to rank 0 as raw
-bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the files
-equal a single-process export.  The destination is complete or absent.
+Under torch.distributed each rank lists the parts it holds (Megatron: its tensor-parallel slices, its experts,
+its pipeline stage's layers under global numbers); each tensor has one owner (split tensors' owners rotate
+over the ranks holding them), which receives the other parts per batch and joins them as Megatron cut them
+(``naming.megatron``), so amaxes come from the whole weight.  Owners quantize, send the results to rank 0
+as raw bytes (no pickling of tensors; only names and shapes travel as objects), and rank 0 writes: the
+files equal a single-process export.  The destination is complete or absent.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -51,8 +53,7 @@ from moeq_triton.checkpoint.quantize import (
 )
 from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
 from moeq_triton.modelopt import patches
-from moeq_triton.naming import FAMILIES
-from moeq_triton.naming.megatron import hf_name
+from moeq_triton.naming import FAMILIES, family_for, megatron
 
 # ---------------------------------------------------------------- the model's tensors under HF names
 
@@ -65,70 +66,93 @@ def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return revert_weight_conversion(model, state)
 
 
-def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, torch.Tensor]:
-    """A Megatron-Core GPTModel (Qwen3-MoE layout) under Hugging Face names; experts under global indices.
+@dataclass
+class Piece:
+    """One rank's slice of an HF tensor: part ``index`` of ``parts`` equal parts along ``dim``; the joined
+    tensor keeps its first ``rows`` rows (vocab padding dropped; None: all)."""
 
-    Fused QKV rows come per KV head [the q heads that share it, k, v]; fused fc1 rows are
-    [gate; up].  Local spec (SequentialMLP) and TE spec (TEGroupedMLP: ``linear_fc1.weight{e}``) alike.
+    tensor: torch.Tensor
+    index: int = 0
+    parts: int = 1
+    dim: int = 0
+    rows: int | None = None
+
+    def layout(self) -> tuple:
+        return (self.index, self.parts, self.dim, self.rows, tuple(self.tensor.shape), _dtype_name(self.tensor))
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}.get(tensor.dtype, str(tensor.dtype))
+
+
+def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, Piece]:
+    """This rank's slices of a Megatron-Core GPTModel under Hugging Face names (``naming.megatron``).
+
+    Global layer numbers (pipeline stages), global expert indices (expert parallelism), and for each
+    tensor-parallel parameter which part of the HF tensor this rank holds (tensor / expert-tensor ranks).
     """
-    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    family = family_for(hf_config).name
+    par = _parallelism(model)
+    heads, groups = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
-    first_expert = _first_local_expert(model)
-    out: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
+    layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(getattr(model.decoder, "layers", ()))}
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n.endswith("router.expert_bias"))
+    out: dict[str, Piece] = {}
+    for name, param in tensors.items():
         name = name.removeprefix("module.")
+        if param is None or (tied and name == "output_layer.weight"):
+            continue  # a tied output layer is the embedding (HF writes no lm_head)
         tensor = param.detach()
-        target = hf_name(name)
-        if target is not None:
-            out[target] = tensor
-            continue
-        match = re.fullmatch(r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", name)
-        if match:
-            prefix = f"model.layers.{match.group(1)}.self_attn"
-            per_kv_head = tensor.view(kv_heads, (heads // kv_heads + 2) * head_dim, -1)
-            q, k, v = per_kv_head.split([heads // kv_heads * head_dim, head_dim, head_dim], dim=1)
-            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                out[f"{prefix}.{proj}.weight"] = part.reshape(-1, tensor.shape[-1])
-            continue
-        match = re.fullmatch(
-            r"decoder\.layers\.(\d+)\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc([12])\.weight|"
-            r"linear_fc([12])\.weight(\d+))",
-            name,
-        )
-        if match:
-            layer, local = match.group(1), int(match.group(2) or match.group(5))
-            fc = match.group(3) or match.group(4)
-            prefix = f"model.layers.{layer}.mlp.experts.{first_expert + local}"
-            if fc == "1":
-                gate, up = tensor.chunk(2, dim=0)
-                out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
-            else:
-                out[f"{prefix}.down_proj.weight"] = tensor
-            continue
-        raise CheckpointError(f"Megatron parameter {name} (shape {list(tensor.shape)}) has no Qwen3-MoE counterpart")
+        expert = ".mlp.experts." in name
+        rank, size = (par["etp_rank"], par["etp"]) if expert else (par["tp_rank"], par["tp"])
+        try:
+            mapped = megatron.hf_names(name, family, layer_of=layer_of, first_expert=par["first_expert"])
+        except megatron.UnmappedParameter as error:
+            raise CheckpointError(str(error)) from None
+        cut, names = mapped.cut, mapped.names
+        if cut == megatron.COPY:
+            out[names[0]] = Piece(tensor)
+        elif cut in (megatron.COLUMN, megatron.ROW):
+            out[names[0]] = Piece(tensor, rank, size, 0 if cut == megatron.COLUMN or tensor.dim() == 1 else 1)
+        elif cut == megatron.VOCAB:
+            out[names[0]] = Piece(tensor, rank, size, 0, hf_config["vocab_size"])
+        elif cut == megatron.GLU:
+            for hf, half in zip(names, tensor.chunk(2, dim=0)):
+                out[hf] = Piece(half, rank, size)
+        elif cut == megatron.QKV:
+            per_group = tensor.view(groups // size, (heads // groups + 2) * head_dim, *tensor.shape[1:])
+            parts = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+            for hf, part in zip(names, parts):
+                out[hf] = Piece(part.reshape(-1, *tensor.shape[1:]), rank, size)
+        else:  # GroupedMLP: weight1 [H, E_local * fc1_out], weight2 [E_local * fc2_in, H]
+            local = model.config.num_moe_experts // par["ep"]
+            stacked = tensor.view(tensor.shape[0], local, -1).permute(1, 2, 0) if cut == megatron.GROUPED_FC1 else (
+                tensor.view(local, -1, tensor.shape[-1]).transpose(1, 2))  # fmt: skip
+            for e in range(local):
+                hf = [n.format(e=par["first_expert"] + e) for n in names]
+                if cut == megatron.GROUPED_FC1:
+                    for one, half in zip(hf, stacked[e].chunk(2, dim=0)):
+                        out[one] = Piece(half, rank, size)
+                else:
+                    out[hf[0]] = Piece(stacked[e], rank, size, 1)
     return out
 
 
-def _first_local_expert(model: torch.nn.Module) -> int:
-    """Global index of this rank's first expert (expert parallelism); refuses what is not supported."""
-    from megatron.core import parallel_state
+def _parallelism(model: torch.nn.Module) -> dict[str, int]:
+    """Tensor / expert-tensor ranks and sizes, and this rank's first global expert (1 / 0 without Megatron)."""
+    from megatron.core import parallel_state as ps
 
-    if not parallel_state.model_parallel_is_initialized():
-        return 0
-    for what, size in (
-        ("tensor", parallel_state.get_tensor_model_parallel_world_size()),
-        ("pipeline", parallel_state.get_pipeline_model_parallel_world_size()),
-        ("expert-tensor", parallel_state.get_expert_tensor_parallel_world_size()),
-    ):
-        if size > 1:
-            raise NotImplementedError(
-                f"export of a {what}-parallel Megatron model (size {size}) is not supported yet: "
-                "gather the tensor-parallel slices first (expert and data parallelism are supported)"
-            )
-    experts = model.config.num_moe_experts or 0
-    return parallel_state.get_expert_model_parallel_rank() * (
-        experts // parallel_state.get_expert_model_parallel_world_size()
-    )
+    if not ps.model_parallel_is_initialized():
+        return dict(tp=1, tp_rank=0, etp=1, etp_rank=0, ep=1, first_expert=0)
+    ep = ps.get_expert_model_parallel_world_size()
+    experts = getattr(model.config, "num_moe_experts", None) or 0
+    return dict(
+        tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        etp=ps.get_expert_tensor_parallel_world_size(), etp_rank=ps.get_expert_tensor_parallel_rank(),
+        ep=ep, first_expert=ps.get_expert_model_parallel_rank() * (experts // ep),
+    )  # fmt: skip
 
 
 def is_megatron(model: torch.nn.Module) -> bool:
@@ -199,27 +223,55 @@ def _is_fp8_2d_block(block_sizes: dict | None) -> bool:
 class ModelTensors:
     """The model's tensors as a plan source (names, shapes, dtypes, origin), across ranks.
 
-    ``meta`` covers every rank's tensors; ``owner`` is the lowest rank holding each name.
+    ``meta`` covers every rank's tensors at their full (joined) shape; ``owner`` joins a name's parts
+    (``join``) and quantizes it: the lowest rank holding part 0, until ``spread`` rotates the owners of
+    split units over the ranks holding their parts.  Ranks
+    holding the same part (data-parallel replicas, a norm every tensor-parallel rank holds) are
+    equivalent: the lowest one sends it.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], config: dict, source_dir: str | os.PathLike | None) -> None:
-        self.tensors = tensors
+    def __init__(self, pieces: dict[str, Piece], config: dict, source_dir: str | os.PathLike | None) -> None:
+        self.pieces = pieces
         self.config = config
         self.source_dir = Path(source_dir) if source_dir else None
-        names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-        local = {n: (tuple(t.shape), names.get(t.dtype, str(t.dtype))) for n, t in tensors.items()}
         self.rank, self.world = distributed.rank_world()
-        per_rank = distributed.gather_objects(local)  # names and shapes only; tensors never pickle
+        per_rank = distributed.gather_objects({n: p.layout() for n, p in pieces.items()})  # no tensors pickled
         self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
         self.owner: dict[str, int] = {}
+        self.holders: dict[str, dict[int, tuple[int, tuple]]] = {}  # name -> part -> (lowest rank, layout)
         for rank, entries in enumerate(per_rank):
-            for name, entry in entries.items():
-                if name in self.meta and self.meta[name] != entry:
+            for name, layout in entries.items():
+                parts = self.holders.setdefault(name, {})
+                first = parts.get(layout[0]) or next(iter(parts.values()), None)
+                if first is not None and (first[1][1:4], first[1][5]) != (layout[1:4], layout[5]):
                     raise CheckpointError(
-                        f"{name}: rank {rank} holds {entry}, rank {self.owner[name]} {self.meta[name]}"
+                        f"{name}: rank {rank} holds it as {_describe(layout)}, rank {first[0]} as {_describe(first[1])}"
                     )
-                self.meta.setdefault(name, entry)
-                self.owner.setdefault(name, rank)
+                parts.setdefault(layout[0], (rank, layout))
+        for name, parts in self.holders.items():
+            index, count, dim, rows, shape, dtype = parts[min(parts)][1]
+            missing = sorted(set(range(count)) - set(parts))
+            if missing:
+                raise CheckpointError(f"{name}: parts {missing} of {count} (dim {dim}) are held by no rank")
+            full = list(shape)
+            full[dim] = sum(parts[i][1][4][dim] for i in range(count))
+            if rows is not None:
+                full[0] = min(full[0], rows)
+            self.meta[name] = (tuple(full), dtype)
+            self.owner[name] = parts[0][0]
+        self.joined: dict[str, torch.Tensor] = {}
+
+    def spread(self, units) -> None:
+        """The k-th unit whose tensors are all split gets the lowest holder of part k (modulo the part count)
+        of its first tensor as owner of all its tensors: joining and quantizing spread over the TP ranks."""
+        k = 0
+        for unit in units:
+            counts = {len(self.holders[n]) for n in unit.names}
+            if min(counts) > 1:
+                parts = self.holders[unit.names[0]]
+                owner = parts[k % len(parts)][0]
+                self.owner.update(dict.fromkeys(unit.names, owner))
+                k += 1
 
     def names(self) -> list[str]:
         return sorted(self.meta)
@@ -235,7 +287,38 @@ class ModelTensors:
         return f"the model (rank {self.owner.get(name, self.rank)})"
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+        """The whole tensor: joined from its parts (``join`` first) or this rank's own."""
+        if name in self.joined:
+            return self.joined[name]
+        return self.pieces[name].tensor.contiguous()
+
+    def join(self, names: list[str]) -> None:
+        """Bring every part of ``names`` to its owner, joined as Megatron cut it (point to point, raw bytes,
+        in the order of ``names`` on every rank); the owner keeps them until ``release``."""
+        for name in names:
+            parts = self.holders[name]
+            if len(parts) == 1 and self.meta[name][0] == parts[0][1][4]:
+                continue  # whole on one rank (a replica elsewhere is not needed)
+            owner = self.owner[name]
+            received = []
+            for index in range(len(parts)):
+                holder, layout = parts[index]
+                if self.rank == holder and holder != owner:
+                    distributed.send_bytes(self.pieces[name].tensor, dst=owner)
+                elif self.rank == owner:
+                    if holder == owner:  # its own part
+                        received.append(self.pieces[name].tensor)
+                        continue
+                    shape, dtype = layout[4], SAFETENSORS_DTYPES[layout[5]]
+                    buffer = distributed.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=holder)
+                    received.append(buffer.view(dtype).reshape(shape))
+            if self.rank == owner:
+                dim, rows = parts[0][1][2], parts[0][1][3]
+                whole = torch.cat([p.to(received[0].device) for p in received], dim=dim)
+                self.joined[name] = whole[:rows].contiguous() if rows is not None else whole
+
+    def release(self) -> None:
+        self.joined.clear()
 
     def extra_files(self):
         from moeq_triton.checkpoint.io import EXTRA_FILES
@@ -243,6 +326,11 @@ class ModelTensors:
         for file in EXTRA_FILES if self.source_dir else ():
             if (self.source_dir / file).is_file():
                 yield self.source_dir / file
+
+
+def _describe(layout: tuple) -> str:
+    index, parts, dim, rows, shape, dtype = layout
+    return f"part {index} of {parts} along dim {dim}, {list(shape)} {dtype}"
 
 
 # ---------------------------------------------------------------- export
@@ -275,10 +363,11 @@ def export_hf(
         tensors = megatron_tensors(model, config)
     else:
         config = hf_config_dict(hf_config if hf_config is not None else model.config)
-        tensors = transformers_tensors(model)
+        tensors = {name: Piece(tensor) for name, tensor in transformers_tensors(model).items()}
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
     plan = make_plan(source, chosen, experts_only, max_shard_bytes, tuple(exclude))
+    source.spread(plan.units)
     made: list[AtomicCheckpointDir] = []
 
     def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
@@ -307,28 +396,40 @@ def export_hf(
 
 
 def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
-    """Per shard: owners quantize their units in grouped calls, send the bytes to rank 0, rank 0 writes.
+    """Per shard, per batch (the same batches on every rank): owners receive the other parts of their
+    tensors, quantize their units in grouped calls and drop the inputs; then the shard's results go to
+    rank 0 as raw bytes and rank 0 writes.  A rank holds its own slices, one joined batch and its part
+    of one output shard.
 
     Every step that can fail on one rank alone runs through ``distributed.together``: a failure never
-    leaves rank 0 waiting for bytes that will not come.
+    leaves a rank waiting for bytes that will not come.
     """
     for s, shard in enumerate(plan.shards):
         produced: dict[str, torch.Tensor] = {}
-        distributed.together(partial(_quantize_own, shard, source, plan, produced, progress), "quantizing")
+        for batch in pack(shard, BATCH_BYTES, lambda u: u.in_bytes):
+            names = [n for u in batch for n in u.names]
+            distributed.together(partial(source.join, names), "joining tensor-parallel slices")
+            distributed.together(partial(_quantize_own, batch, source, plan, produced, progress), "quantizing")
+            source.release()
         distributed.together(partial(_gather_to_rank0, shard, source, plan, produced), "sending to rank 0")
         write = out.write_shard if source.rank == 0 else (lambda *_: None)
         distributed.together(partial(write, shard_name(s, len(plan.shards)), produced), "writing a shard")
 
 
-def _quantize_own(shard, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
-    """This rank's units of a shard: grouped kernel calls per batch, results moved to the CPU."""
-    mine = [u for u in shard if source.owner[u.names[0]] == source.rank]
-    for batch in pack(mine, 1 << 30, lambda u: u.in_bytes):
-        loaded = {n: source.tensor(n) for u in batch for n in u.names}
-        result = quantize_units([u for u in batch if u.quantize], loaded, plan.fmt, source)
-        result.update({u.names[0]: loaded[u.names[0]] for u in batch if not u.quantize})
-        produced.update({k: v.detach().cpu() for k, v in result.items()})
-        progress(sum(u.in_bytes for u in batch))
+BATCH_BYTES = 1 << 30
+"""Source bytes quantized together (one group of kernel launches); the joined tensors of one batch."""
+
+
+def _quantize_own(batch, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
+    """This rank's units of a batch: grouped kernel calls, results moved to the CPU."""
+    mine = [u for u in batch if source.owner[u.names[0]] == source.rank]
+    if not mine:
+        return
+    loaded = {n: source.tensor(n) for u in mine for n in u.names}
+    result = quantize_units([u for u in mine if u.quantize], loaded, plan.fmt, source)
+    result.update({u.names[0]: loaded[u.names[0]] for u in mine if not u.quantize})
+    produced.update({k: v.detach().cpu() for k, v in result.items()})
+    progress(sum(u.in_bytes for u in mine))
 
 
 def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]) -> None:

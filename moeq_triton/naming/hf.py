@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint naming of each supported MoE family, one data rule set per family.
+"""Hugging Face checkpoint naming of each supported family (MoE; dense Qwen3 / Llama), one rule set per family.
 
 What is quantized and kept reproduces ModelOpt 0.47's ``export_hf_checkpoint`` of the transformers model
 with W4A16_NVFP4_CFG / FP8_DEFAULT_CFG (tests/test_families.py checks it family by family).
@@ -115,4 +115,18 @@ LLAMA4 = family(
     "(one weight_scale_2 per layer and projection, as ModelOpt writes them)",
 )  # fmt: skip
 
-FAMILIES = (QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, QWEN3_5_MOE, MIXTRAL, MINIMAX_M2, LLAMA4)
+QWEN3_DENSE = family(
+    "Qwen3 (dense)", ("Qwen3ForCausalLM",), ("qwen3",),
+    quantized=(ATTENTION, DENSE_MLP),
+    routed=(),
+    notes="embeddings, lm_head (no routed experts: `--experts-only` keeps everything)",
+)  # fmt: skip
+
+LLAMA_DENSE = replace(
+    QWEN3_DENSE, name="Llama (dense)", architectures=("LlamaForCausalLM",), model_types=("llama",)
+)  # Qwen3's dense tensor names and rules, without q/k norms
+
+FAMILIES = (
+    QWEN3_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_NEXT, QWEN3_5_MOE, MIXTRAL, MINIMAX_M2, LLAMA4,
+    QWEN3_DENSE, LLAMA_DENSE,
+)  # fmt: skip

@@ -1,36 +1,173 @@
-"""Megatron-Core parameter names -> Hugging Face names (Qwen3-MoE layout), as data.
+"""Megatron-Core GPTModel parameters -> Hugging Face tensors, as data: one table of Megatron modules, one
+spelling per HF family, and how each parameter is cut across tensor-parallel ranks.
 
-The exporter applies these one-to-one renames first; fused tensors (linear_qkv, an expert's linear_fc1)
-are split by ``exporter.megatron_tensors`` itself because splitting needs shapes, not just names.
+A Megatron parameter becomes one or more HF tensors (fused QKV -> q/k/v, a GLU ``linear_fc1`` -> gate/up);
+under the family's HF name it then follows the family's own kept / quantized / scale-group rules
+(``naming.hf``), so the Megatron export and ``moeq-triton quantize`` of the same weights agree.
+
+How Megatron cuts a parameter over the ``parts`` ranks of its tensor-parallel group (``CUTS``):
+column-parallel along dim 0, row-parallel along dim 1, fused QKV by query group (each rank holds whole
+groups: [q heads of the group, k, v] per group), GLU ``linear_fc1`` as [gate slice; up slice] per rank, and
+the vocab-parallel embedding / output layer along dim 0 over a padded vocabulary whose padding rows are
+dropped.  Experts are cut over the expert-tensor-parallel group instead.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
-RENAMES = (
-    (r"embedding\.word_embeddings\.weight", "model.embed_tokens.weight"),
-    (r"decoder\.final_layernorm\.weight", "model.norm.weight"),
-    (r"output_layer\.weight", "lm_head.weight"),
-    (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (
-        r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight",
-        r"model.layers.\1.input_layernorm.weight",
+COPY, COLUMN, ROW, QKV, GLU, VOCAB = "copy", "column", "row", "qkv", "glu", "vocab"
+CUTS = (COPY, COLUMN, ROW, QKV, GLU, VOCAB)
+"""copy: the same on every rank; column / row: dim 0 / 1; qkv: per query group, then split;
+glu: [gate; up] per rank; vocab: dim 0, padding rows past the HF vocab_size dropped."""
+
+GROUPED_FC1, GROUPED_FC2 = "grouped_fc1", "grouped_fc2"
+"""GroupedMLP's stacked ``weight1`` [H, E_local * fc1_out] and ``weight2`` [E_local * fc2_in, H]: per expert,
+the transposed block is that expert's ``linear_fc1`` (a GLU cut) / ``linear_fc2`` (a row cut)."""
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How one HF family names the modules a Megatron layer holds (``{L}`` = ``model.layers.<global i>``)."""
+
+    mlp: str = "mlp"  # the dense MLP (dense models, dense-first layers)
+    gate_up_down: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    experts: str = "mlp.experts"  # routed expert e is ``{experts}.{e}``
+    expert_gate_up_down: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router: str | None = "mlp.gate"
+    router_bias: str | None = None  # Megatron ``router.expert_bias`` (aux-loss-free balancing)
+    shared: str | None = None  # shared experts
+    shared_gate: str | None = None  # the shared-expert gate (a [1, H] linear)
+    qk_norm: bool = True
+
+
+DENSE = Spelling(router=None, experts="")
+SPELLINGS: dict[str, Spelling] = {
+    "Qwen3 (dense)": DENSE,
+    "Llama (dense)": Spelling(router=None, experts="", qk_norm=False),
+    "Qwen3-MoE": Spelling(),
+    "Qwen2-MoE": Spelling(shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate", qk_norm=False),
+    "GLM-4.5 / 4.6 / 4.7": Spelling(
+        shared="mlp.shared_experts", router_bias="mlp.gate.e_score_correction_bias", qk_norm=False
     ),
-    (r"decoder\.layers\.(\d+)\.self_attention\.q_layernorm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"decoder\.layers\.(\d+)\.mlp\.router\.weight", r"model.layers.\1.mlp.gate.weight"),
+    "Mixtral": Spelling(
+        experts="block_sparse_moe.experts",
+        expert_gate_up_down=("w1", "w3", "w2"),
+        router="block_sparse_moe.gate",
+        qk_norm=False,
+    ),
+}
+"""The families a Megatron GPTModel exports to, by ``naming.hf`` family name."""
+
+_L = r"decoder\.layers\.(?P<layer>\d+)\."
+_E = r"mlp\.experts\.(?:local_experts\.(?P<expert>\d+)\.linear_fc(?P<fc>[12])\.(?P<p>weight|bias)|"
+_E += r"linear_fc(?P<tfc>[12])\.(?P<tp>weight|bias)(?P<texpert>\d+))"
+
+TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (r"embedding\.word_embeddings\.weight", VOCAB, ("{P}embed_tokens.weight",)),
+    (r"output_layer\.weight", VOCAB, ("lm_head.weight",)),
+    (r"decoder\.final_layernorm\.weight", COPY, ("{P}norm.weight",)),
+    (_L + r"input_layernorm\.weight", COPY, ("{L}.input_layernorm.weight",)),
+    (_L + r"self_attention\.linear_qkv\.layer_norm_weight", COPY, ("{L}.input_layernorm.weight",)),
+    (
+        _L + r"self_attention\.linear_qkv\.(?P<p>weight|bias)",
+        QKV,
+        ("{L}.self_attn.q_proj.{p}", "{L}.self_attn.k_proj.{p}", "{L}.self_attn.v_proj.{p}"),
+    ),
+    (_L + r"self_attention\.linear_proj\.weight", ROW, ("{L}.self_attn.o_proj.weight",)),
+    (_L + r"self_attention\.linear_proj\.bias", COPY, ("{L}.self_attn.o_proj.bias",)),
+    (_L + r"self_attention\.q_layernorm\.weight", COPY, ("{L}.self_attn.q_norm.weight",)),
+    (_L + r"self_attention\.k_layernorm\.weight", COPY, ("{L}.self_attn.k_norm.weight",)),
+    (_L + r"pre_mlp_layernorm\.weight", COPY, ("{L}.post_attention_layernorm.weight",)),
+    (_L + r"mlp\.linear_fc1\.layer_norm_weight", COPY, ("{L}.post_attention_layernorm.weight",)),
+    (_L + r"mlp\.linear_fc1\.(?P<p>weight|bias)", GLU, ("{L}.{mlp}.{gate}.{p}", "{L}.{mlp}.{up}.{p}")),
+    (_L + r"mlp\.linear_fc2\.weight", ROW, ("{L}.{mlp}.{down}.weight",)),
+    (_L + r"mlp\.linear_fc2\.bias", COPY, ("{L}.{mlp}.{down}.bias",)),
+    (_L + r"mlp\.router\.weight", COPY, ("{L}.{router}.weight",)),
+    (_L + r"mlp\.router\.expert_bias", COPY, ("{L}.{router_bias}",)),
+    (
+        _L + r"mlp\.shared_experts\.linear_fc1\.(?P<p>weight|bias)",
+        GLU,
+        ("{L}.{shared}.{gate}.{p}", "{L}.{shared}.{up}.{p}"),
+    ),
+    (_L + r"mlp\.shared_experts\.linear_fc2\.weight", ROW, ("{L}.{shared}.{down}.weight",)),
+    (_L + r"mlp\.shared_experts\.linear_fc2\.bias", COPY, ("{L}.{shared}.{down}.bias",)),
+    (_L + r"mlp\.shared_experts\.gate_weight", COPY, ("{L}.{shared_gate}.weight",)),
+    (_L + _E, "expert", ()),  # SequentialMLP and TEGroupedMLP: below, per fc
+    (_L + r"mlp\.experts\.weight1", GROUPED_FC1, ()),
+    (_L + r"mlp\.experts\.weight2", GROUPED_FC2, ()),
 )
-"""(Megatron name pattern, HF name) pairs; full matches only."""
+"""(Megatron parameter pattern, cut, HF name templates); full matches of the local parameter name."""
 
-_COMPILED = tuple((re.compile(pattern), replacement) for pattern, replacement in RENAMES)
+_COMPILED = tuple((re.compile(pattern), cut, targets) for pattern, cut, targets in TABLE)
 
 
-def hf_name(megatron_name: str) -> str | None:
-    """The HF name of a one-to-one Megatron parameter, or None (fused, or unknown)."""
-    for pattern, replacement in _COMPILED:
-        if pattern.fullmatch(megatron_name):
-            return pattern.sub(replacement, megatron_name)
-    return None
+@dataclass(frozen=True)
+class Mapped:
+    """One Megatron parameter's HF side: the cut and the HF names it becomes (one per output)."""
+
+    cut: str
+    names: tuple[str, ...]
+    expert_local: int | None = None  # SequentialMLP / TEGroupedMLP: the local expert index
+
+
+class UnmappedParameter(ValueError):
+    """A Megatron parameter the chosen family has no spelling for; the message names both."""
+
+
+def supported_layouts() -> str:
+    return ", ".join(SPELLINGS)
+
+
+def hf_names(
+    megatron_name: str, family: str, *, layer_of: dict[int, int], first_expert: int = 0, prefix: str = "model."
+) -> Mapped:
+    """The HF names of one local Megatron parameter under ``family``'s spelling.
+
+    layer_of: local decoder layer index -> global index (pipeline stages); first_expert: this rank's
+    first global expert index (expert parallelism).  Grouped weights (``weight1`` / ``weight2``) map to the
+    experts' template ``{experts}.{e}`` with ``{e}`` left for the caller, who splits the stack.
+    """
+    spelling = SPELLINGS.get(family)
+    if spelling is None:
+        raise UnmappedParameter(f"the {family} family has no Megatron layout here; supported: {supported_layouts()}")
+    for pattern, cut, targets in _COMPILED:
+        match = pattern.fullmatch(megatron_name)
+        if match is None:
+            continue
+        groups = {k: v for k, v in match.groupdict().items() if v is not None}
+        layer = f"{prefix}layers.{layer_of[int(groups['layer'])]}" if "layer" in groups else ""
+        gate, up, down = spelling.gate_up_down
+        fields = dict(P=prefix, L=layer, mlp=spelling.mlp, gate=gate, up=up, down=down, p=groups.get("p", ""))
+        fields.update(router=spelling.router, router_bias=spelling.router_bias, shared=spelling.shared,
+                      shared_gate=spelling.shared_gate)  # fmt: skip
+        needed = {n for t in targets for n in re.findall(r"\{(\w+)\}", t)}
+        missing = sorted(n for n in needed if fields.get(n) is None)
+        if "layernorm" in megatron_name and ("q_layernorm" in megatron_name or "k_layernorm" in megatron_name):
+            if not spelling.qk_norm:
+                missing.append("qk_norm")
+        if missing or (cut in ("expert", GROUPED_FC1, GROUPED_FC2) and not spelling.experts):
+            raise UnmappedParameter(
+                f"Megatron parameter {megatron_name} has no {family} counterpart (the family has no "
+                f"{', '.join(missing) or 'routed experts'}); Megatron layouts supported: {supported_layouts()}"
+            )
+        if cut == "expert":
+            local = int(groups.get("expert") or groups["texpert"])
+            fc, p = groups.get("fc") or groups["tfc"], groups.get("p") or groups["tp"]
+            base = f"{layer}.{spelling.experts}.{first_expert + local}"
+            e_gate, e_up, e_down = spelling.expert_gate_up_down
+            if fc == "1":
+                return Mapped(GLU, (f"{base}.{e_gate}.{p}", f"{base}.{e_up}.{p}"), local)
+            return Mapped(ROW if p == "weight" else COPY, (f"{base}.{e_down}.{p}",), local)
+        if cut in (GROUPED_FC1, GROUPED_FC2):
+            e_gate, e_up, e_down = spelling.expert_gate_up_down
+            base = f"{layer}.{spelling.experts}.{{e}}"
+            names = (f"{base}.{e_gate}.weight", f"{base}.{e_up}.weight") if cut == GROUPED_FC1 else (
+                f"{base}.{e_down}.weight",)  # fmt: skip
+            return Mapped(cut, names)
+        return Mapped(cut, tuple(t.format(**fields) for t in targets))
+    raise UnmappedParameter(
+        f"Megatron parameter {megatron_name} has no {family} counterpart; Megatron layouts supported: "
+        f"{supported_layouts()} (dense MLP, shared experts + gate, SequentialMLP, TEGroupedMLP, GroupedMLP)"
+    )

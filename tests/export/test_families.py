@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore", message=".*transformers.*not tested.*")
 THEIRS = {"nvfp4": "W4A16_NVFP4_CFG", "fp8": "FP8_DEFAULT_CFG"}
 MODELOPT_CPU = [
     "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_next", "qwen3_5_moe", "mixtral", "minimax_m2", "llama4_text",
+    "qwen3_dense", "llama_dense",
 ]  # fmt: skip
 
 

@@ -317,7 +317,7 @@ def _expert_parallel_export(rank: int, world: int, out: str, rules: str) -> list
     os.environ["TRITON_INTERPRET"] = "0"
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
     try:
-        model = gpt_moe(ep_rank=parallel_state.get_expert_model_parallel_rank(), ep_size=world)
+        model = gpt_moe()
         with pretend_nccl() if rules == "nccl" else contextlib.nullcontext():
             moeq_triton.export_hf(model, out, hf_config(), fmt="nvfp4", max_shard_bytes=40_000)
     finally:
