@@ -68,12 +68,8 @@ EXTERNAL_SIGNATURES = {
     "model_calib.max_calibrate, whose positional signature ModelOpt's callers use",
 }
 
-KNOWN = {
+KNOWN: dict[tuple[str, str, str], str] = {
     # (file, rule, subject): why it is still there and who removes it
-    ("moeq_triton/export/hf.py", "third-party", "modelopt"): "export/hf.py reads the weight quantizers "
-    "(MaxCalibrator, TensorQuantizer) itself; branch megatron rewrites that file (issue 24: through modelopt/)",
-    ("moeq_triton/checkpoint/quantize.py", "keyword-only", "make_plan"): "export/hf.py calls make_plan with five "
-    "positional arguments; branch megatron rewrites that file, then `exclude` becomes keyword-only",
 }
 
 

@@ -84,6 +84,7 @@ def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) ->
 def make_plan(
     source: SourceCheckpoint,
     fmt: Format | None,
+    *,
     experts_only: bool,
     max_shard_bytes: int,
     exclude: tuple[str, ...] = (),
@@ -541,7 +542,9 @@ def quantize_checkpoint(
     def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
         made["source"] = SourceCheckpoint(source_path)
         refuse_quantized_source(made["source"])
-        made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
+        made["plan"] = make_plan(
+            made["source"], fmt, experts_only=experts_only, max_shard_bytes=max_shard_bytes, exclude=exclude
+        )
         made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
         if rank == 0:
             made["out"].create()

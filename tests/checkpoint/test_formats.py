@@ -97,8 +97,8 @@ class InMemorySource:
 
 def test_an_input_dim_the_format_cannot_take_is_refused_naming_the_tensor():
     with pytest.raises(CheckpointError, match=r"gate_proj\.weight .*nvfp4.*input dim \(-1\) that is a multiple of 16"):
-        make_plan(InMemorySource(24), FORMATS["nvfp4"], False, 1 << 30)
+        make_plan(InMemorySource(24), FORMATS["nvfp4"], experts_only=False, max_shard_bytes=1 << 30)
     for fmt in ("fp8", "fp8-per-channel", "fp8-block"):  # any input dim
-        plan = make_plan(InMemorySource(24), FORMATS[fmt], False, 1 << 30)
+        plan = make_plan(InMemorySource(24), FORMATS[fmt], experts_only=False, max_shard_bytes=1 << 30)
         gate, up, down = InMemorySource(24).meta
         assert sorted(u.names for u in plan.units) == sorted([[gate, up], [down]])  # gate/up: one scale group

@@ -435,15 +435,17 @@ def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
     monkeypatch.setattr(model_free, "read_units", recording)
     batch = 64 << 10
     quantize_checkpoint(tmp_path / "fp8", tmp_path / "a", FORMATS[fmt], batch_bytes=batch)
-    biggest = max(u.held_bytes for u in model_free.make_plan(
-        model_free.SourceCheckpoint(tmp_path / "fp8"), FORMATS[fmt], False, 2 << 30).units)  # fmt: skip
+    plan = model_free.make_plan(
+        model_free.SourceCheckpoint(tmp_path / "fp8"), FORMATS[fmt], experts_only=False, max_shard_bytes=2 << 30
+    )
+    biggest = max(u.held_bytes for u in plan.units)
     source_bytes = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tmp_path / "cast").values())
     assert len(held) > 4 and sum(held) >= source_bytes  # the model was read in many batches
     assert max(held) <= max(batch, biggest), (max(held), batch, biggest)
     monkeypatch.setattr(model_free, "read_units", read_units)
     plan, _, _ = quantize_checkpoint(tmp_path / "cast", tmp_path / "b", FORMATS[fmt])
     fp8_source = model_free.SourceCheckpoint(tmp_path / "fp8")
-    fp8_plan = model_free.make_plan(fp8_source, FORMATS[fmt], False, 2 << 30)
+    fp8_plan = model_free.make_plan(fp8_source, FORMATS[fmt], experts_only=False, max_shard_bytes=2 << 30)
     assert model_free.verify(tmp_path / "a", fp8_source, fp8_plan, torch.device("cpu"))[0] == []
 
     a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
