@@ -39,7 +39,7 @@ test-newest:
 	$(VENV_NEWEST)/bin/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check moeq_triton tests benchmarks
+	$(BIN)/ruff check moeq_triton tests benchmarks tools
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick

@@ -38,11 +38,11 @@ MOEQ_TEST_DEVICE=cuda timeout 200 $PY -P -m pytest -q -p no:cacheprovider tests/
     "tests/kernels/test_fp8_block.py::test_kernel_equals_reference_and_modelopt" --maxfail=10 2>&1 \
     | tee "$OUT/pytest.txt" | tail -n 25 || status=1
 echo "== static SASS budget (offline compile, as on a CPU)"
-timeout 120 $PY -m benchmarks.kernel_report --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
+timeout 120 $PY -m tools.kernel_report --arch 90,100 2>&1 | tee "$OUT/kernel_report.txt" || status=1
 echo "== rcp.approx.ftz.f32 and NVFP4's refined reciprocal over every mantissa"
-timeout 60 $PY -m benchmarks.rcp_probe 2>&1 | grep -v Warning | tee "$OUT/rcp_probe.txt" || status=1
+timeout 60 $PY -m tools.rcp_probe 2>&1 | grep -v Warning | tee "$OUT/rcp_probe.txt" || status=1
 echo "== FP8 export rounding on CUDA"
-timeout 60 $PY -m benchmarks.fp8_rounding_probe --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
+timeout 60 $PY -m tools.fp8_rounding_probe --device cuda 2>&1 | grep -v Warning | tee "$OUT/fp8_probe.txt" || status=1
 echo "== tile sweep"
 timeout 120 $PY -m benchmarks.tile_sweep --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/tile_sweep.txt" || status=1
 TILES=()

@@ -1,4 +1,4 @@
-"""The README's layout section is the tree: every module of moeq_triton/, benchmarks/ and tests/
+"""The README's layout section is the tree: every module of moeq_triton/, benchmarks/, tools/ and tests/
 named there, and nothing named there that is gone.
 
 ``__init__.py`` files are the only ones not required by name.  The tree is git's view (tracked files plus
@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP = ("moeq_triton", "benchmarks", "tests")
+TOP = ("moeq_triton", "benchmarks", "tools", "tests")
 FILE = re.compile(r"[\w*]+\.(?:py|c|sh|md)\b")
 
 

@@ -260,7 +260,7 @@ def casts_scalar_divisor(device: torch.device) -> bool:
     """Does torch cast a 0-dim float32 divisor to the dividend's dtype (``bf16_tensor / scale``)?
 
     On CUDA yes (the 0-dim tensor becomes a CPU-scalar-like operand of the weight's dtype); on CPU the
-    division promotes to float32.  Both measured against ModelOpt's export (benchmarks/fp8_rounding_probe.py,
+    division promotes to float32.  Both measured against ModelOpt's export (tools/fp8_rounding_probe.py,
     H200 run in benchmarks/RESULTS.md).
     """
     return device.type == "cuda"

@@ -1,4 +1,4 @@
-"""The static SASS budgets of issue 12 (sm_90, bf16), compiled offline on CPU by benchmarks/kernel_report.py.
+"""The static SASS budgets of issue 12 (sm_90, bf16), compiled offline on CPU by tools/kernel_report.py.
 
 A kernel that falls back to 16-bit loads, grows a per-element division, spills, or reaches its first
 weight byte through a longer chain of table loads fails here, without a GPU.
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_report.py"
+REPORT = Path(__file__).resolve().parents[2] / "tools" / "kernel_report.py"
 
 
 @pytest.fixture(scope="module")
 def table() -> dict[str, list[str]]:
     """kernel name -> violations on sm_90 (a subprocess: the report compiles with TRITON_INTERPRET=0)."""
     code = (
-        "import json; import benchmarks.kernel_report as k; "
+        "import json; import tools.kernel_report as k; "
         "print(json.dumps({r.name: k.violations(r) for r in k.reports([90], k.torch.bfloat16)}))"
     )
     out = subprocess.run(
@@ -75,7 +75,7 @@ def test_kernel_report_answers_every_device_decision_as_cuda():
             target = node.targets[0] if isinstance(node, ast.Assign) else node.target
             if getattr(target, "id", None) == "CUDA_DECISIONS":
                 patched = {k.value for k in node.value.keys}
-    assert patched, "CUDA_DECISIONS not found in benchmarks/kernel_report.py"
+    assert patched, "CUDA_DECISIONS not found in tools/kernel_report.py"
     # _to_device only chooses a pinned copy; native.py is the C loop of the CPU engine
     allowed = patched | {"_to_device"}
     deciding = []

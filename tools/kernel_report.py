@@ -1,6 +1,6 @@
 """Static budget of the grouped kernels on sm_90 / sm_100, compiled offline on a CPU (no GPU needed).
 
-    python -m benchmarks.kernel_report [--arch 90,100] [--dtype bf16] [--check]
+    python -m tools.kernel_report [--arch 90,100] [--dtype bf16] [--check]
 
 Why: a GPU is rarely lent here, but Triton compiles for any target offline and its wheel ships
 ptxas and nvdisasm, so the SASS of each kernel's main loop can be counted on a CPU.  The launches

@@ -1,6 +1,6 @@
 """Which formula does ModelOpt's per-tensor FP8 export (``to_quantized_weight``) follow on this device?
 
-    python -m benchmarks.fp8_rounding_probe [--device cuda]
+    python -m tools.fp8_rounding_probe [--device cuda]
 
 ``(w / scale).to(float8_e4m3fn)`` with a bf16/fp16 ``w`` and a 0-dim float32 ``scale`` on the same device.
 Candidates: the quotient of w and the float32 scale rounded once to w's dtype (CPU, observed), or the

@@ -1,6 +1,6 @@
 """On a GPU: how far is rcp.approx.ftz.f32 from 1/d, and does NVFP4's reciprocal come out exact?
 
-    python -m benchmarks.rcp_probe   (needs CUDA; benchmarks/device_check.sh runs it)
+    python -m tools.rcp_probe   (needs CUDA; benchmarks/device_check.sh runs it)
 
 NVFP4's common-regime launch takes fl32(1/d) per block from ``rounding.approximate_reciprocal``
 (rcp.approx.ftz.f32) and ``rounding.refine_reciprocal`` (two Newton steps and a fix-up).  On the CPU the
