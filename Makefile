@@ -35,7 +35,7 @@ bench: $(STAMP)
 # family comparison, default and slow tier.
 MODELOPT_VERSIONS ?= 0.45.0 0.46.1
 MODELOPT_VERSION_TESTS ?= tests/modelopt/test_modelopt_backend.py tests/modelopt/test_modelopt_patches.py \
-	tests/modelopt/test_shared_scale_group.py \
+	tests/modelopt/test_shared_scale_group.py tests/modelopt/test_scale_modes.py \
 	"tests/export/test_families.py::test_export_hf_equals_modelopt_export[deepseek_v3-triton_grouped]"
 
 .venv-modelopt-%/.installed: pyproject.toml constraints.txt
