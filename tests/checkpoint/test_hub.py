@@ -71,6 +71,7 @@ def run(tmp_path: Path, *argv: str, **env: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two fresh processes and a quantization in this one
 def test_a_cached_hub_id_quantizes_offline_as_its_local_snapshot_does(tmp_path):
     snapshot = hub_cache(tmp_path / "cache", source_files())
     cache = {"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
