@@ -2,7 +2,7 @@
 
     python -m benchmarks.end_to_end [--repeats 3] [--modelopt] [--device cpu]
 
-Generates the MEDIUM synthetic Qwen3-MoE of shared/reference/peers.md once (hidden 1024, moe_intermediate
+Generates a MEDIUM synthetic Qwen3-MoE once, the size of the team's peer comparison (hidden 1024, moe_intermediate
 384, 64 experts, 4 layers, 8 heads / 4 KV heads, head_dim 128, vocab 4096, heavy-tailed bf16, two shards),
 then runs, alternately and in fresh processes so imports count as a user sees them:
 - read floor: safe_open + get_tensor + clone of every tensor (in-process time, after imports);

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moeq_triton import __version__
+from moeq_triton.version import __version__
 
 
 def byte_size(text: str) -> int:
@@ -183,9 +183,19 @@ def _quantize(args, fmt, device: str) -> int:
             print(f"moeq-triton: {note}", file=sys.stderr)
         with MemorySampler() as peak, _progress(console) as progress:
             plan, stats, seconds = quantize_checkpoint(
-                source, out, fmt, args.experts_only, device, args.overwrite, args.max_shard_size, args.batch_size,
-                progress, tuple(args.exclude), args.allow_nonfinite_kept, committed,
-            )  # fmt: skip
+                source,
+                out,
+                fmt,
+                experts_only=args.experts_only,
+                device=device,
+                overwrite=args.overwrite,
+                max_shard_bytes=args.max_shard_size,
+                batch_bytes=args.batch_size,
+                progress=progress,
+                exclude=tuple(args.exclude),
+                allow_nonfinite_kept=args.allow_nonfinite_kept,
+                on_commit=committed,
+            )
         console.print(_table(plan, stats, seconds, out, device))
         for name in stats.nonfinite_kept:
             print(f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr)

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from moeq_triton.checkpoint import serving
+from moeq_triton.checkpoint.formats import FP8_BLOCK_CONFIG
 from moeq_triton.checkpoint.io import CheckpointError, SourceCheckpoint
+from moeq_triton.kernels.formats import FP8_BLOCK_SIZE, NVFP4_BLOCK_SIZE
 
 ERROR = "error"  # would give wrong answers, or no engine can use it
 WARNING = "warning"
@@ -77,7 +79,7 @@ def checkpoint_format(path: Path, config: dict) -> tuple[str, str, list[str]]:
     kept = [*(quant.get("ignored_layers") or []), *(quant.get("modules_to_not_convert") or [])]
     if method == "modelopt":
         return str(quant.get("quant_algo")), "config.json", [*(quant.get("ignore") or []), *kept]
-    if method == "fp8" and quant.get("weight_block_size") == [128, 128]:
+    if method == "fp8" and quant.get("weight_block_size") == FP8_BLOCK_CONFIG["weight_block_size"]:
         return "FP8_BLOCK_SCALES", "config.json", kept
     if method == "fp8":
         return f"fp8 (weight_block_size {quant.get('weight_block_size')})", "config.json", kept
@@ -136,9 +138,9 @@ def scale_numel(fmt: str, suffix: str, weight_shape: tuple[int, ...]) -> int:
     """How many values a scale holds for a stored weight of ``weight_shape`` (NVFP4: packed [N, K/2])."""
     rows = _numel(weight_shape[:-1])
     if fmt == "FP8_BLOCK_SCALES":
-        return -(-weight_shape[0] // 128) * -(-weight_shape[-1] // 128)
+        return -(-weight_shape[0] // FP8_BLOCK_SIZE) * -(-weight_shape[-1] // FP8_BLOCK_SIZE)
     if suffix == "_scale" and fmt in ("W4A16_NVFP4", "NVFP4"):
-        return rows * weight_shape[-1] * 2 // 16
+        return rows * weight_shape[-1] * 2 // NVFP4_BLOCK_SIZE  # two 4-bit codes per stored byte
     if suffix == "_scale" and fmt == "FP8_PER_CHANNEL_PER_TOKEN":
         return rows
     return 1
@@ -159,7 +161,8 @@ def _listed(module: str, patterns: list[str]) -> bool:
 def _check_gate_up(source: SourceCheckpoint, names: set[str], fmt: str, report: Report) -> None:
     suffix = SHARED_SCALE.get(fmt)
     if fmt == "FP8_BLOCK_SCALES":
-        report.gate_up = "n/a (one scale per 128x128 block; the engines need no shared gate/up scale)"
+        block = f"{FP8_BLOCK_SIZE}x{FP8_BLOCK_SIZE}"
+        report.gate_up = f"n/a (one scale per {block} block; the engines need no shared gate/up scale)"
     if suffix is None:
         return
     pairs = differ = 0
@@ -191,7 +194,9 @@ def _check_block_shapes(meta: dict, fmt: str, report: Report) -> None:
     if fmt != "FP8_BLOCK_SCALES":
         return
     rows = re.compile(r"(experts\.\d+\.(gate|up)_proj|experts\.\d+\.w[13]|self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)")
-    bad = sorted(n for n, (shape, dtype) in meta.items() if dtype == "F8_E4M3" and rows.search(n) and shape[0] % 128)
+    bad = sorted(
+        n for n, (shape, dtype) in meta.items() if dtype == "F8_E4M3" and rows.search(n) and shape[0] % FP8_BLOCK_SIZE
+    )
     if bad:
         report.add(WARNING, f"{serving.BLOCK_SHAPE_RULE}: e.g. {bad[0]} has {meta[bad[0]][0][0]} rows", "serving")
 

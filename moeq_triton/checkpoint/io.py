@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from moeq_triton import __version__
+from moeq_triton.version import __version__
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeq_triton.checkpoint.formats import Format
+from moeq_triton.checkpoint.formats import Format, dequantize, output_layout, output_names
 from moeq_triton.checkpoint.io import (
     SAFETENSORS_DTYPES,
     AtomicCheckpointDir,
@@ -28,17 +28,11 @@ from moeq_triton.checkpoint.io import (
 from moeq_triton.checkpoint.source import ExpertSlice, fp8_block_scales, read_units, split_experts
 from moeq_triton.kernels import (
     NonFiniteWeightError,
-    dequantize_fp8_block_reference,
-    dequantize_nvfp4_reference,
-    fp8_block_layout,
-    fp8_layout,
     grouped_amax,
-    nvfp4_layout,
     quantize_fp8,
     quantize_fp8_block,
     quantize_nvfp4,
 )
-from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
 from moeq_triton.naming import PASS, QUANTIZE, Decision, naming_for
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
@@ -77,24 +71,6 @@ class Plan:
         """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
         piece = self.split.get(name)
         return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
-
-
-def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
-    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
-
-    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
-    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
-    if not transposed:
-        if fmt.is_fp8_block:
-            return fp8_block_layout(shape)
-        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
-    swapped = (*shape[:-2], shape[-1], shape[-2])
-    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
-
-
-def _swap(shape) -> tuple[int, ...]:
-    shape = tuple(shape)
-    return (*shape[:-2], shape[-1], shape[-2])
 
 
 def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
@@ -137,7 +113,7 @@ def make_plan(
         )
     quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
     routed = {n for n in quantized if decisions[n].routed}
-    keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
+    keys = naming.scale_groups(quantized, fmt is not None and fmt.shares_input_scale, routed)
     unit_of_key: dict[str, Unit] = {}
     units: list[Unit] = []
     exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
@@ -153,18 +129,14 @@ def make_plan(
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
-        if (
-            (dtype not in QUANTIZABLE_DTYPES and not inv)
-            or len(shape) != dims
-            or (fmt.is_nvfp4 and inner % NVFP4_BLOCK_SIZE)
-        ):
+        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or inner % fmt.input_multiple:
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
                 f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
                 "(or block-scaled FP8) weight"
                 + (
-                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {NVFP4_BLOCK_SIZE}"
-                    if fmt.is_nvfp4
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {fmt.input_multiple}"
+                    if fmt.input_multiple > 1
                     else ""
                 )
             )
@@ -275,29 +247,6 @@ def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
 
 
-def output_names(name: str, fmt: Format) -> list[str]:
-    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
-    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them; fp8-block:
-    ``X.weight_scale_inv``, as the engines name it)."""
-    if fmt.is_fp8_block:
-        return [name, name + "_scale_inv"]
-    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
-    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
-
-
-def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
-    """float32 values of a quantized weight from its output tensors."""
-    from moeq_triton.kernels import NVFP4Weight
-
-    names = output_names(name, fmt)
-    if fmt.is_fp8_block:
-        return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
-    if fmt.is_nvfp4:
-        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
-    scale = tensors[names[1]]
-    return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
-
-
 def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
     """Max and mean of |values - original| / max|original| (the figures the command and the demo report)."""
     err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
@@ -309,6 +258,7 @@ def run_shards(
     source: SourceCheckpoint,
     out: AtomicCheckpointDir,
     device: torch.device,
+    *,
     rank: int = 0,
     world: int = 1,
     batch_bytes: int = 256 << 20,
@@ -458,6 +408,7 @@ def quantize_checkpoint(
     source_path: str | os.PathLike,
     destination: str | os.PathLike,
     fmt: Format,
+    *,
     experts_only: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
@@ -501,7 +452,15 @@ def quantize_checkpoint(
     def shards() -> None:
         nonlocal stats
         stats = run_shards(
-            plan, source, out, torch.device(device), rank, world, batch_bytes, advance, allow_nonfinite_kept
+            plan,
+            source,
+            out,
+            torch.device(device),
+            rank=rank,
+            world=world,
+            batch_bytes=batch_bytes,
+            advance=advance,
+            allow_nonfinite_kept=allow_nonfinite_kept,
         )
 
     def finish() -> None:

@@ -93,7 +93,7 @@ def amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, proble
     if engine == "triton":
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
-        launch("amax", _amax_kernel, weights, tiles, (amax,), BLOCK_K=tiles.cols, PER_ROW=False)
+        launch("amax", _amax_kernel, weights, tiles, args=(amax,), BLOCK_K=tiles.cols, PER_ROW=False)
     elif engine == "native":
         amax = native.amax(weights)
     else:
@@ -122,7 +122,7 @@ def row_amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, pr
     if use_kernels(device):
         flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
-        launch("row_amax", _amax_kernel, weights, tiles, (flat,), BLOCK_K=tiles.cols, PER_ROW=True)
+        launch("row_amax", _amax_kernel, weights, tiles, args=(flat,), BLOCK_K=tiles.cols, PER_ROW=True)
     else:
         parts = [w.abs().amax(-1).float().reshape(-1) for w in weights if w.numel()]
         flat = torch.cat(parts) if parts else torch.zeros(0, device=device)

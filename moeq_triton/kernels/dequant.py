@@ -3,6 +3,7 @@
 ``w[i, j] * s[i // 128, j // 128]`` in float32, rounded once to bf16: what DeepSeek's reference
 ``weight_dequant`` (inference/kernel.py) stores, so the result equals the bf16 weights their
 ``fp8_cast_bf16.py`` writes. Edge blocks are partial (dims need not be multiples of 128).
+docs/numerics.md, section "FP8-block source dequantization".
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Bit-exact with ModelOpt's HF export (``get_scaling_factor`` -> ``TensorQuantizer
   round twice; on CUDA the 0-dim scale is itself first rounded to the weight dtype (an N-D weight is
   treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
 - per channel ("FP8_PER_CHANNEL_PER_TOKEN"): the quotient stays float32.
+Steps and their rounding: docs/numerics.md, sections "FP8 per tensor" and "FP8 per channel".
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def quantize_fp8(
         _fp8_kernel,
         weights,
         tiles,
-        (
+        args=(
             amax if amax is not None else placeholder,
             # padded by a tile of rows: the kernel reads a tile's row amaxes without a mask
             torch.cat([row_amax, placeholder.new_zeros(tiles.rows)]) if row_amax is not None else placeholder,

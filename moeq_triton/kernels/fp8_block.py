@@ -10,6 +10,7 @@ the numbers of ModelOpt 0.47's ``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG`` export (``FP
   quotient promotes to float32 and is rounded once (unlike per-tensor FP8, which stays in the weight dtype).
 The scale is stored as the engines name it, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)]; ModelOpt's own
 export writes the same values as ``weight_scale`` shaped (ceil(N/128), 1, ceil(K/128), 1).
+Steps and their rounding: docs/numerics.md, section "FP8 block (128x128)".
 """
 
 from __future__ import annotations
@@ -162,7 +163,16 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     step = tiles_for(TILES, device)
     outputs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     constexprs = {"STEP_R": step.cols, "RECIPROCAL": divides_by_reciprocal(device), "HW": hardware_math(device)}
-    launch("fp8_block", _fp8_block_kernel, weights, step, (nonfinite,), outputs, _dtype_constexprs, **constexprs)
+    launch(
+        "fp8_block",
+        _fp8_block_kernel,
+        weights,
+        step,
+        args=(nonfinite,),
+        outputs=outputs,
+        per_dtype=_dtype_constexprs,
+        **constexprs,
+    )
     problems = Problems(weights)
     problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()

@@ -73,7 +73,8 @@ def use_triton(device: torch.device) -> bool:
 
 def hardware_math(device: torch.device) -> bool:
     """Kernels use the GPU's FMA and conversion instructions on CUDA; the interpreter gets the portable
-    formulation (its fma rounds twice and its float8 cast is wrong, shared/reference/numerics.md)."""
+    formulation (its fma rounds twice and its float8 cast is wrong: docs/numerics.md, "The Triton
+    interpreter's float8 cast")."""
     return device.type == "cuda"
 
 
@@ -320,6 +321,7 @@ def launch(
     kernel,
     weights: Sequence[torch.Tensor],
     tiles: Tiles,
+    *,
     args: Sequence = (),
     outputs: Sequence[Sequence[torch.Tensor]] = (),
     per_dtype=None,

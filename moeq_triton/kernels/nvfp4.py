@@ -2,7 +2,7 @@
 
 Per tensor: weight_scale_2 = amax / 2688.  Per block of 16: an E4M3 scale from the block amax, then
 each element divided by (scale * weight_scale_2) and rounded to E2M1; two codes per byte, even
-element in the low nibble.  Steps and their rounding: shared/reference/numerics.md.
+element in the low nibble.  Steps and their rounding: docs/numerics.md, section "NVFP4".
 
 On the GPU path two launches per dtype share the tile map: one for tensors whose amax lies in a common
 regime (COMMON_AMAX_MIN), where the divisions need no prescale and the sign no underflow threshold,
@@ -435,7 +435,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
                 _nvfp4_kernel,
                 weights,
                 tiles,
-                (amax, nonfinite, redo),
+                args=(amax, nonfinite, redo),
                 outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
                 BLOCKS=tiles.cols,
                 RECIPROCAL=divides_by_reciprocal(device),
