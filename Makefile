@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-newest lint bench clean
+.PHONY: demo test test-slow test-newest lint bench clean test-modelopt-versions
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,5 +44,27 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
 
+# The calibrator against the other supported ModelOpt releases (0.47 is the pinned one, tested above): one venv
+# per version, the pins of constraints.txt except ModelOpt's; the default tier of the backend, patch, shared-scale
+# and scale-mode tests and one family comparison (the slow subprocess tests fake their ModelOpt version, so the
+# 0.47 run covers them).
+MODELOPT_VERSIONS ?= 0.45.0 0.46.1
+MODELOPT_VERSION_TESTS ?= tests/modelopt/test_modelopt_backend.py tests/modelopt/test_modelopt_patches.py \
+	tests/modelopt/test_shared_scale_group.py tests/modelopt/test_scale_modes.py
+MODELOPT_VERSION_FAMILY ?= "tests/export/test_families.py::test_export_hf_equals_modelopt_export[deepseek_v3-triton_grouped]"
+
+.venv-modelopt-%/.installed: pyproject.toml constraints.txt
+	test -x .venv-modelopt-$*/bin/python || $(PYTHON) -m venv .venv-modelopt-$*
+	grep -v '^nvidia-modelopt==' constraints.txt > .venv-modelopt-$*/constraints.txt
+	.venv-modelopt-$*/bin/pip install -q -c .venv-modelopt-$*/constraints.txt torch
+	.venv-modelopt-$*/bin/pip install -q -c .venv-modelopt-$*/constraints.txt -e '.[test]' nvidia-modelopt==$*
+	touch $@
+
+test-modelopt-versions: $(foreach v,$(MODELOPT_VERSIONS),.venv-modelopt-$(v)/.installed)
+	for v in $(MODELOPT_VERSIONS); do \
+		.venv-modelopt-$$v/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(MODELOPT_VERSION_TESTS) \
+		&& .venv-modelopt-$$v/bin/python -m pytest -q -p no:cacheprovider $(MODELOPT_VERSION_FAMILY) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) $(VENV_NEWEST) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_NEWEST) .venv-modelopt-* *.egg-info .pytest_cache

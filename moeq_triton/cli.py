@@ -52,7 +52,12 @@ def _main(argv: list[str] | None, signals: _Signals) -> int:
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
     sub = parser.add_subparsers(dest="command")
     q = sub.add_parser("quantize", help="quantize a Hugging Face checkpoint without building the model")
-    q.add_argument("--model", help="local HF directory (config.json + safetensors); default: a SYNTHETIC model")
+    q.add_argument(
+        "--model",
+        help="local HF directory (config.json + safetensors) or a Hub id org/name (fetched into the Hub cache: "
+        "config, safetensors, tokenizer files only); default: a SYNTHETIC model",
+    )
+    q.add_argument("--revision", help="with a Hub id: branch, tag or commit (default: main)")
     q.add_argument("--out", help="destination directory (default: ./<model name>-<format>)")
     q.add_argument(
         "--format",
@@ -228,22 +233,30 @@ def _quantize(args, fmt, device: str, signals: _Signals) -> int:
         with signals.held():  # triton, safetensors, rich
             from rich.console import Console
 
+            from moeq_triton.checkpoint import hub
             from moeq_triton.checkpoint.io import CheckpointError
             from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
             from moeq_triton.distributed import PeerFailure
             from moeq_triton.memory import MemorySampler
             from moeq_triton.naming import UnsupportedArchitecture
 
+        if args.revision and not (args.model and hub.is_hub_id(args.model)):
+            signals.settle()
+            print("moeq-triton: error: --revision needs --model to be a Hub id (org/name)", file=sys.stderr)
+            return 2
         console = Console(stderr=False, quiet=rank != 0)
         try:
-            if args.model:
-                source = args.model
+            if args.model and hub.is_hub_id(args.model):
+                source = hub.download(args.model, args.revision)
+                name = args.model.rpartition("/")[2]
+            elif args.model:
+                source = name = args.model
             else:
                 from moeq_triton.synthetic import default_checkpoint
 
-                source = str(default_checkpoint())
+                source = name = str(default_checkpoint())
                 console.print(f"No --model given: using the embedded SYNTHETIC Qwen3-MoE checkpoint at {source}")
-            out = args.out or f"{os.path.basename(os.path.normpath(source))}-{fmt.name}"
+            out = args.out or f"{os.path.basename(os.path.normpath(name))}-{fmt.name}"
             note = fast_path_note(device)
             if note and rank == 0:
                 print(f"moeq-triton: {note}", file=sys.stderr)

@@ -151,7 +151,14 @@ def assert_same_quantizer_attributes(ours: nn.Module, theirs: nn.Module) -> None
 
 def assert_same_shared_states(ours: nn.Module, theirs: nn.Module) -> None:
     """The q/k/v and gate/up shared weight-amax states max_calibrate attaches: the same modules at the same
-    names, the same members, the same non-persistent ``_global_amax`` (value, dtype, device) and buffers."""
+    names, the same members, the same non-persistent ``_global_amax`` (value, dtype, device) and buffers.
+    ModelOpt 0.45 has no such states: then neither model may hold one."""
+    from modelopt.torch.quantization import utils
+
+    if not hasattr(utils, "SharedQuantState"):
+        for model in (ours, theirs):
+            assert not any(hasattr(m, "_shared_quant_states") for m in model.modules())
+        return
     from modelopt.torch.quantization.utils import SharedQuantState
 
     def states(model: nn.Module) -> dict[str, tuple]:

@@ -4,7 +4,8 @@ Transformer Engine cannot be installed on these machines.  This module reproduce
 ModelOpt's ``_QuantTEGroupedLinear`` (plugins/transformer_engine.py) that calibration touches, and
 nothing else: parameters ``weight0 .. weight{num_gemms-1}`` (each [out, in]), ``weight_quantizer``
 a ``GroupedQuantizer`` with one TensorQuantizer per expert (0.47, PR #1550; ``shared_quantizer=True``
-gives the pre-0.47 single quantizer), and ``iter_weights_for_calibration()`` yielding
+gives the pre-0.47 single quantizer, which is what the stand-in builds on 0.45 and 0.46), and
+``iter_weights_for_calibration()`` yielding
 ``(weight_i, weight_quantizer[i])``.  The forward is a plain per-expert matmul (TE's fused grouped
 GEMM is not part of the contract).
 """
@@ -13,8 +14,14 @@ from __future__ import annotations
 
 import torch
 from modelopt.torch.quantization.nn import QuantModule, QuantModuleRegistry, TensorQuantizer
-from modelopt.torch.quantization.nn.modules.tensor_quantizer import GroupedQuantizer
 from torch import nn
+
+try:
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import GroupedQuantizer
+except ImportError:  # ModelOpt < 0.47: one weight quantizer for all experts of a GroupedLinear
+    GroupedQuantizer = None
+
+PER_EXPERT_QUANTIZERS = GroupedQuantizer is not None
 
 
 class GroupedLinearStandIn(nn.Module):
@@ -50,7 +57,7 @@ class QuantGroupedLinearStandIn(QuantModule):
     def _setup(self):
         if type(self).parallel_state_factory is not None:
             self.parallel_state = type(self).parallel_state_factory()
-        if self.shared_quantizer:
+        if self.shared_quantizer or not PER_EXPERT_QUANTIZERS:
             self.weight_quantizer = TensorQuantizer()
         else:
             self.weight_quantizer = GroupedQuantizer(*[TensorQuantizer() for _ in range(self.num_gemms)])
@@ -59,7 +66,7 @@ class QuantGroupedLinearStandIn(QuantModule):
         self.output_quantizer.disable()
 
     def iter_weights_for_calibration(self):
-        grouped = isinstance(self.weight_quantizer, GroupedQuantizer)
+        grouped = PER_EXPERT_QUANTIZERS and isinstance(self.weight_quantizer, GroupedQuantizer)
         for i in range(self.num_gemms):
             weight_i = getattr(self, f"weight{i}", None)
             if weight_i is not None:

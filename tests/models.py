@@ -73,12 +73,25 @@ def qwen3_vl_moe_experts(seed: int = 0, experts: int = 4, top_k: int = 2) -> Fus
     from transformers import Qwen3VLMoeTextConfig
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-    cfg = Qwen3VLMoeTextConfig(
+    return _fused_experts_alone(Qwen3VLMoeTextConfig, Qwen3VLMoeTextExperts, seed, experts, top_k)
+
+
+def qwen3_moe_experts(seed: int = 0, experts: int = 4, top_k: int = 2) -> FusedExpertsAlone:
+    """The same fixture with transformers' ``Qwen3MoeExperts`` (what ModelOpt 0.45 can convert too: its
+    Qwen3-VL-MoE plugin fails on transformers 5.24's experts module)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    return _fused_experts_alone(Qwen3MoeConfig, Qwen3MoeExperts, seed, experts, top_k)
+
+
+def _fused_experts_alone(config_class, experts_class, seed: int, experts: int, top_k: int) -> FusedExpertsAlone:
+    cfg = config_class(
         hidden_size=32, intermediate_size=32, moe_intermediate_size=12, num_experts=experts,
         num_experts_per_tok=top_k, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
     )  # fmt: skip
     cfg._experts_implementation = "eager"  # the implementation that calls F.linear on each expert's slice
-    module = Qwen3VLMoeTextExperts(cfg)
+    module = experts_class(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():  # created with torch.empty

@@ -61,6 +61,7 @@ THIRD_PARTY: dict[str, tuple[str, ...]] = {
     "pydantic": ("modelopt",),  # ModelOpt's config models (a ModelOpt dependency, not ours)
     "transformers": ("export",),  # the [hf] extra: transformers' own reverse weight conversion
     "megatron": ("export", "modelopt.sync_groups"),  # the [megatron] extra: its renames and its process groups
+    "huggingface_hub": ("checkpoint.hub",),  # a base dependency: --model org/name fetched into the Hub cache
 }
 
 EXTERNAL_SIGNATURES = {

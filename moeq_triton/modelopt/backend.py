@@ -14,7 +14,7 @@ import warnings
 from moeq_triton.modelopt import patches
 from moeq_triton.modelopt.names import CALIBRATOR, CALIBRATOR_SHARED, NAMES
 
-SUPPORTED_MODELOPT = patches.SUPPORTED_MODELOPT
+SUPPORTED_RANGE = patches.SUPPORTED_RANGE
 UnsupportedModelOptError = patches.UnsupportedModelOptError
 
 
@@ -29,9 +29,10 @@ _deferred_error: Exception | None = None  # a failure of the import-time registr
 def register() -> None:
     """Make "triton_grouped" and "triton_grouped_shared" valid calibrator names.  Idempotent.
 
-    Raises UnsupportedModelOptError (naming the version found and the supported one) when the
+    Raises UnsupportedModelOptError (naming the version found and the supported range) when the
     installed ModelOpt is not one the patches were written for, or a patch target changed, and
-    MissingExtraError (naming the extra) when ModelOpt is not installed.
+    MissingExtraError (naming the extra) when ModelOpt is not installed.  In the first case no patch
+    is installed but the refusal: a config naming our calibrator raises the same error.
     """
     global _registered, _deferred_error
     if _registered:
@@ -43,7 +44,11 @@ def register() -> None:
             "moeq-triton's 'triton_grouped' calibrator and ready configs need NVIDIA ModelOpt, which is not "
             f"installed ({error}): pip install 'moeq-triton[modelopt]'"
         ) from error
-    patches.preflight()
+    try:
+        release = patches.preflight()  # the patch set of the installed release, every target checked
+    except patches.UnsupportedModelOptError as error:
+        patches.refuse_calibrator_names(NAMES, error)
+        raise
     _deferred_error = None
     from moeq_triton.modelopt import calibrator, weight_calibration
 
@@ -57,6 +62,7 @@ def register() -> None:
     patches.patch_distributed_sync(lambda q: getattr(patches.calibrator(q), "synced", False))
     patches.patch_validate_attr()
     patches.patch_modelopt_state_properties()
+    patches.mark_installed(release)
     _registered = True
 
 

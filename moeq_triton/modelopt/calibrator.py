@@ -16,7 +16,7 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 from moeq_triton.distributed import Group, SyncItem, max_reduce
 from moeq_triton.kernels import NonFiniteWeightError, grouped_amax, grouped_row_amax
 from moeq_triton.modelopt.names import CALIBRATOR
-from moeq_triton.modelopt.patches import calibrator
+from moeq_triton.modelopt.patches import calibrator, calibrator_amax
 
 
 class TritonGroupedCalibrator(MaxCalibrator):
@@ -35,9 +35,9 @@ class TritonGroupedCalibrator(MaxCalibrator):
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor) -> None:
-        before = self._calib_amax
+        before = calibrator_amax(self)
         super().collect(x)
-        if self.synced and not (before is not None and torch.equal(before, self._calib_amax)):
+        if self.synced and not (before is not None and torch.equal(before, calibrator_amax(self))):
             self.synced = False  # a new value: ModelOpt's per-quantizer sync must run again
 
     def reset(self) -> None:

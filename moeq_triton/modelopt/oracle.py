@@ -5,8 +5,6 @@ These are the ground truth the kernels must match bit for bit; nothing here re-d
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from modelopt.torch.export.model_config import (
     QUANTIZATION_FP8,
@@ -19,13 +17,12 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
 from moeq_triton.kernels import FP8Weight, NVFP4Weight
+from moeq_triton.modelopt.patches import quantized_data, quantizer_stand_in
 
 
 def nvfp4_export(w: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
     """``_export_quantized_weight`` for W4A16_NVFP4 with a calibrated per-tensor ``_amax``."""
-    quantizer = SimpleNamespace(
-        _amax=amax.to(w.dtype) if w.dtype != torch.float32 else amax, block_sizes={-1: 16, "type": "dynamic"}
-    )
+    quantizer = quantizer_stand_in(amax.to(w.dtype) if w.dtype != torch.float32 else amax, {-1: 16, "type": "dynamic"})
     scale_2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
     scale = NVFP4QTensor.get_weights_scaling_factor(w, 16, scale_2)[0]
     packed = to_quantized_weight(w, scale, QUANTIZATION_W4A16_NVFP4, scale_2, 16)
@@ -35,7 +32,7 @@ def nvfp4_export(w: torch.Tensor, amax: torch.Tensor) -> NVFP4Weight:
 def nvfp4_self(w: torch.Tensor) -> NVFP4Weight:
     """``NVFP4QTensor.quantize`` on the weight alone (it takes its own amax)."""
     q, scale, scale_2 = NVFP4QTensor.quantize(w, 16)
-    return NVFP4Weight(q._quantized_data, scale, scale_2)
+    return NVFP4Weight(quantized_data(q), scale, scale_2)
 
 
 def fp8_export(w: torch.Tensor, amax: torch.Tensor) -> FP8Weight:

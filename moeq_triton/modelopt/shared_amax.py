@@ -1,6 +1,6 @@
 """The q/k/v and gate/up shared weight-amax states that ``max_calibrate`` leaves, built from one walk.
 
-ModelOpt's ``SharedWeightGlobalAmaxState.attach`` and ``populate`` look up every module's quantizer by
+ModelOpt (0.46 on) ``SharedWeightGlobalAmaxState.attach`` and ``populate`` look up every module's quantizer by
 attribute and fill each group with several small tensor operations (a quarter of the whole-model path at
 one module per expert); this builds the same states on the same parents and fills them with one reduction.
 """
@@ -74,9 +74,7 @@ def attach(model: nn.Module, modules: list[tuple[str, nn.Module]], parents: dict
     and ``children()`` give them.  Groups are the modules with an enabled weight quantizer whose names
     give one pattern the same captures (first matching pattern wins), two or more per group.
     """
-    from modelopt.torch.quantization.utils import SharedWeightGlobalAmaxState
-
-    patterns = SharedWeightGlobalAmaxState.resolve_patterns(shared_states=None)
+    patterns = mo.shared_patterns()
     compiled = [re.compile(p) for p in patterns]
     last_names = pattern_tails(patterns)
     buckets: dict[tuple, list[tuple[nn.Module, object]]] = {}
@@ -95,11 +93,7 @@ def attach(model: nn.Module, modules: list[tuple[str, nn.Module]], parents: dict
         if len(pairs) < 2:
             continue
         members = [m for m, _ in pairs]
-        parent = _group_parent(members, parents, model)
-        state = SharedWeightGlobalAmaxState()
-        state.set_members(parent, members)
-        mo.shared_state_list(parent).append(state)
-        state.install_hooks()
+        state = mo.attach_group(_group_parent(members, parents, model), members)
         groups.append(SharedGroup(state, [q for _, q in pairs]))
     return groups
 
@@ -112,15 +106,13 @@ def populate(groups: list[SharedGroup]) -> bool:
     Returns False (nothing written) when the amaxes are not the plain case (several devices, another
     dtype, NaN); the caller then runs ModelOpt's own populate.
     """
-    from modelopt.torch.quantization.utils import reduce_amax
-
     scalars: list[torch.Tensor] = []
     group_of: list[int] = []
     for i, group in enumerate(groups):
         for quantizer in group.quantizers:
             amax = mo.calibrated_amax(quantizer)
             if amax is not None:
-                scalars.append(amax if amax.dim() == 0 else reduce_amax(amax, axis=None))
+                scalars.append(amax if amax.dim() == 0 else mo.scalar_amax(amax))
                 group_of.append(i)
     if not scalars:
         return True
@@ -141,13 +133,5 @@ def populate(groups: list[SharedGroup]) -> bool:
     maxima.scatter_reduce_(0, index, values, reduce="amax", include_self=False)
     filled = sorted(set(group_of))
     for i, value in zip(filled, maxima[filled].unbind()):
-        state = groups[i].state
-        state.global_amax = value.clone()
-        if active():  # ModelOpt's own per-state sync over the members' EP and TP groups
-            state.sync(_first_parallel_state(state))
-        state.remove_hooks()
+        mo.fill_group(groups[i].state, value.clone(), sync=active())
     return True
-
-
-def _first_parallel_state(state: nn.Module):
-    return next((ps for m in state.members if (ps := getattr(m, "parallel_state", None)) is not None), None)

@@ -45,7 +45,6 @@ class ModelWalk:
 
 def walk(model: torch.nn.Module) -> ModelWalk:
     from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
-    from modelopt.torch.quantization.utils import SharedQuantState
 
     found = ModelWalk()
     found.modules = list(model.named_modules())
@@ -60,7 +59,7 @@ def walk(model: torch.nn.Module) -> ModelWalk:
                 found.ours += 1
         elif isinstance(module, QuantModule):
             found.quant_modules.append((name, module))
-        elif isinstance(module, SharedQuantState):
+        elif mo.is_shared_state(module):
             found.shared_states += 1
         if found.hook is None:
             found.hook = mo.weight_access_hook(module)
@@ -193,15 +192,16 @@ def _report(entries: list[Calibrated], missing: list[str]) -> None:
 
 
 @torch.no_grad()
-def grouped_weight_only_quantize(model: torch.nn.Module) -> None:
+def grouped_weight_only_quantize(modelopt_pass, model: torch.nn.Module) -> None:
     """ModelOpt's ``weight_only_quantize`` inside its own ``max_calibrate``, with one grouped flush.
 
+    modelopt_pass: ModelOpt's own weight loop (the patch hands it over), run when no quantizer is ours.
     The quantizers are in calibration mode; ModelOpt's ``finish_stats_collection`` loads the amaxes
     from the calibrators afterwards, and its per-quantizer sync skips the ones reduced here.
     """
     found = walk(model)
     if not found.ours:
-        return mo.original("weight_only_quantize")(model)
+        return modelopt_pass(model)
     member_of = rank_groups()
     entries, missing = _feed(model, found, fast=False, member_of=member_of)
     for entry in entries:
@@ -231,38 +231,44 @@ def fast_path_refusal(found: ModelWalk, forward_loop, sync_expert_weight_amax: b
 
 @torch.no_grad()
 def max_calibrate(
+    modelopt_max,
     model: torch.nn.Module,
     forward_loop=None,
     distributed_sync: bool = True,
     sync_expert_weight_amax: bool = False,
-    shared_states=None,
-    skip_forward_without_activation_calib: bool = False,
+    **newer,
 ) -> None:
-    """The "max" algorithm: the whole-model grouped path when it applies, else ModelOpt's ``max_calibrate``."""
-    modelopt_max = mo.original("max_calibrate")
-    args = (
-        forward_loop,
-        distributed_sync,
-        sync_expert_weight_amax,
-        shared_states,
-        skip_forward_without_activation_calib,
-    )
+    """The "max" algorithm: the whole-model grouped path when it applies, else ModelOpt's ``max_calibrate``.
+
+    modelopt_max: ModelOpt's own function (the patch hands it over).  newer: the options of the releases
+    that have them (0.46 on: ``shared_states``, ``skip_forward_without_activation_calib``), passed on as given.
+    """
+
+    def modelopt(reason: str) -> None:
+        _took("modelopt", reason)
+        return modelopt_max(
+            model,
+            forward_loop=forward_loop,
+            distributed_sync=distributed_sync,
+            sync_expert_weight_amax=sync_expert_weight_amax,
+            **newer,
+        )
+
     found = walk(model)
-    refusal = fast_path_refusal(found, forward_loop, sync_expert_weight_amax, shared_states)
+    refusal = fast_path_refusal(found, forward_loop, sync_expert_weight_amax, newer.get("shared_states"))
     if not found.ours or refusal:
-        _took("modelopt", refusal or f"no enabled {CALIBRATOR!r} quantizer")
-        return modelopt_max(model, *args)
+        return modelopt(refusal or f"no enabled {CALIBRATOR!r} quantizer")
     member_of = rank_groups() if distributed_sync else None
     try:
         entries, missing = _feed(model, found, fast=True, member_of=member_of)
     except _NotPlain as error:
-        _took("modelopt", f"quantizer {error} is fed in a way only ModelOpt's forward reproduces")
-        return modelopt_max(model, *args)
+        return modelopt(f"quantizer {error} is fed in a way only ModelOpt's forward reproduces")
     _took("whole-model")
-    # max_calibrate's first step, which depends on the module tree only: the q/k/v and gate/up groups
-    # (ModelOpt's own attach when an earlier calibration left states to reuse)
-    groups = None if found.shared_states else shared_amax.attach(model, found.modules, found.parents)
-    if groups is None:
+    # max_calibrate's first step (0.46 on), which depends on the module tree only: the q/k/v and gate/up
+    # groups (ModelOpt's own attach when an earlier calibration left states to reuse)
+    states = mo.shared_states_supported()
+    groups = shared_amax.attach(model, found.modules, found.parents) if states and not found.shared_states else None
+    if states and groups is None:
         mo.attach_shared_state(model)
     for q in found.leaves:
         if not mo.is_disabled(q):
@@ -273,13 +279,11 @@ def max_calibrate(
         mo.calibrator(entry.quantizer).synced = synced
     _mark_checked(entries)
     if missing:  # ModelOpt's SequentialMLP step calibrates an expert left without amax from its weight
-        for module in model.modules():
-            if hasattr(module, "layer_sync_moe_local_experts_amax"):
-                module.layer_sync_moe_local_experts_amax(sync_weight_amax=False)
-    # max_calibrate's ending: the q/k/v and gate/up shared states take the max of their members' amax
-    # (a non-persistent buffer, synced over EP/TP).  Promotion touches static-block quantizers only,
-    # and none is on this path.
-    if groups is None or not shared_amax.populate(groups):
+        mo.sync_local_experts_amax(model)
+    # max_calibrate's ending (0.46 on): the q/k/v and gate/up shared states take the max of their members'
+    # amax (a non-persistent buffer, synced over EP/TP).  Promotion (and 0.45's grouped global-amax sync)
+    # touches static-block NVFP4 quantizers only, and none is on this path.
+    if states and (groups is None or not shared_amax.populate(groups)):
         mo.finalize_shared_state(model)
     _report(entries, missing)
 
