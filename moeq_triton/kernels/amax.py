@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import native
+from .dequant import materialized
 from .grouping import (
     NonFiniteWeightError,
     Problems,
@@ -90,6 +91,8 @@ def grouped_amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 def amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, problems: Problems) -> torch.Tensor:
     """The amax pass for validated weights; non-finite weights are added to ``problems`` (no host read)."""
     engine = engine_for(device, native.enabled())
+    if engine != "native":  # only the C loop reads FP8-block sources fused so far
+        weights = materialized(weights)
     if engine == "triton":
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
@@ -118,6 +121,7 @@ def grouped_row_amax(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def row_amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, problems: Problems) -> torch.Tensor:
     """Flat float32 [sum of rows] row amaxes of validated weights; non-finite rows go to ``problems``."""
+    weights = materialized(weights)
     rows = [num_rows(w) for w in weights]
     if use_kernels(device):
         flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)

@@ -32,9 +32,33 @@ class FP8BlockSource(NamedTuple):
     def device(self) -> torch.device:
         return self.codes.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What is stored (float8_e4m3fn), so that error messages name it; the values are bf16."""
+        return self.codes.dtype
+
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight this source stands for (plain torch)."""
         return dequantize_fp8_block_reference(self.codes, self.scale_inv)
+
+
+def check_source(i: int, source: FP8BlockSource) -> None:
+    """A kernel's check of weights[i] when it is an FP8-block source: the layout, rows with unit stride."""
+    _check(i, source.codes, source.scale_inv, FP8_BLOCK_SIZE)
+    if source.codes.shape[1] > 1 and source.codes.stride(1) != 1:
+        raise ValueError(
+            f"weights[{i}] (FP8-block source, shape {tuple(source.shape)}): its codes' last dim must have stride 1"
+        )
+    if source.scale_inv.device != source.codes.device:
+        raise ValueError(
+            f"weights[{i}] (FP8-block source): scale_inv is on {source.scale_inv.device}, codes on {source.device}"
+        )
+
+
+def materialized(weights: Sequence) -> list:
+    """The list with every FP8-block source dequantized to bf16: for the engines that do not read sources
+    fused (the torch references; not the C loop)."""
+    return [w.dequantize() if isinstance(w, FP8BlockSource) else w for w in weights]
 
 
 def _check(i: int, weight: torch.Tensor, scale_inv: torch.Tensor, block: int) -> None:

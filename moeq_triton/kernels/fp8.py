@@ -18,12 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, tile_abs_max
+from .dequant import materialized
 from .formats import DTYPE_CODES, E4M3_MAX
 from .grouping import (
     Problems,
     Tiles,
     describe,
+    engine_for,
     hardware_math,
     launch,
     num_rows,
@@ -171,7 +174,12 @@ def quantize_fp8(
     device = validate(weights)
     if device is None:
         return []
+    engine = engine_for(device, native.enabled())
+    if engine != "native":  # only the C loop reads FP8-block sources fused so far
+        weights = materialized(weights)
     problems = Problems(weights)
+    if engine == "native":
+        return _quantize_native(weights, weight_amax, per_channel, device, problems)
     amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
     if not use_triton(device):
         if weight_amax is not None:  # otherwise the amax pass above has already checked
@@ -222,6 +230,29 @@ def quantize_fp8(
         HW=hardware_math(device),
     )
     problems.add_nonfinite(nonfinite > 0)
+    problems.raise_first()
+    return results
+
+
+def _quantize_native(
+    weights: Sequence, weight_amax, per_channel: bool, device: torch.device, problems: Problems
+) -> list[FP8Weight]:
+    """The compiled C loop (CPU): one pass per weight; per channel it finds the row amaxes in that pass."""
+    if per_channel and weight_amax is None:
+        amaxes = [None] * len(weights)
+    else:
+        amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
+        problems.raise_first()  # a bad given amax is named before a non-finite weight, as on the other paths
+        if per_channel:
+            amaxes = list(row_amax.split([num_rows(w) for w in weights]))
+        else:
+            amaxes = list(amax)
+    results = [
+        FP8Weight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_layout(w.shape, per_channel)))
+        for w in weights
+    ]
+    bad = native.fp8(weights, amaxes, results, per_channel)
+    problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
     problems.raise_first()
     return results
 

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .amax import flag_nan
+from .dequant import materialized
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
 from .fp8 import fp8_codes
 from .grouping import (
@@ -31,6 +33,7 @@ from .grouping import (
     Problems,
     Tiles,
     describe,
+    engine_for,
     hardware_math,
     launch,
     output_ptr,
@@ -129,6 +132,17 @@ rows of one loop step (STEP_R): on CUDA 32 rows x 128 columns, 16 elements per t
 the interpreter the whole block in one step."""
 
 
+def _quantize_native(weights: Sequence, device: torch.device) -> list[FP8BlockWeight]:
+    """The compiled C loop (CPU): one pass per weight over its 128-row strips."""
+    results = [
+        FP8BlockWeight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_block_layout(w.shape))) for w in weights
+    ]
+    bad = native.fp8_block(weights, results)
+    if bad:
+        raise NonFiniteWeightError(bad[0], describe(bad[0], weights[bad[0]]))
+    return results
+
+
 def _dtype_constexprs(dtype: torch.dtype) -> dict:
     return {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16}
 
@@ -142,13 +156,20 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     if device is None:
         return []
     for i, w in enumerate(weights):
-        if w.dim() != 2:
+        if len(w.shape) != 2:
             raise ValueError(
                 f"{describe(i, w)}: FP8 blocks are 128x128 tiles of a 2-D [out, in] weight; "
                 "pass each expert's 2-D view of a stacked parameter"
             )
-        if w.numel() and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS:
+        if (
+            isinstance(w, torch.Tensor)
+            and w.numel()
+            and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS
+        ):
             raise ValueError(f"{describe(i, w)}: spans more than 2**31 elements; split it into row blocks of 128")
+    if engine_for(device, native.enabled()) == "native":  # the C loop reads FP8-block sources fused
+        return _quantize_native(weights, device)
+    weights = materialized(weights)
     if not use_triton(device):
         bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
         if bad:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dequant import FP8BlockSource, check_source
 from .formats import DTYPE_CODES
 
 # Columns of the int64 table (constexpr so that jit code can read them).
@@ -84,7 +85,7 @@ def describe(index: int, w: torch.Tensor) -> str:
 
 def num_rows(w: torch.Tensor) -> int:
     """Rows of a weight: the product of all dims but the last (the quantized axis)."""
-    return w.numel() // w.shape[-1] if w.shape[-1] else 0
+    return math.prod(w.shape[:-1]) if w.shape[-1] else 0  # shape only: an FP8BlockSource counts too
 
 
 def row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
@@ -123,11 +124,14 @@ def validate(weights: Sequence[torch.Tensor], block: int = 1) -> torch.device | 
         raise TypeError("weights must be a sequence of tensors; wrap a single tensor in a list")
     device = None
     for i, w in enumerate(weights):
-        if not isinstance(w, torch.Tensor):
+        if isinstance(w, FP8BlockSource):
+            check_source(i, w)
+        elif not isinstance(w, torch.Tensor):
             raise TypeError(f"weights[{i}] is a {type(w).__name__}, not a torch.Tensor")
-        if w.dtype not in DTYPE_CODES:
+        elif w.dtype not in DTYPE_CODES:
             raise TypeError(f"{describe(i, w)}: unsupported dtype; expected bfloat16, float16 or float32")
-        row_stride(i, w)
+        else:
+            row_stride(i, w)
         if block > 1 and w.shape[-1] % block:
             raise ValueError(
                 f"{describe(i, w)}: last dim {w.shape[-1]} is not a multiple of the block size {block}; "

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from . import native
 from .amax import amax_unchecked, check_amax, flag_nan
+from .dequant import materialized
 from .formats import (
     E2M1_BOUNDS,
     E2M1_MAX,
@@ -413,6 +414,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
         bad = native.nvfp4(weights, amax, results)  # one fused C pass per weight, a thread per core
         problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
     elif engine == "reference":
+        weights = materialized(weights)
         if weight_amax is not None:  # otherwise the amax pass has checked
             problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
         problems.raise_first()
@@ -423,6 +425,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
             # the per-expert temporaries stay in cache)
             results.append(_nvfp4_from_blocks(blocks, blocks.abs().amax(-1), a))
     else:
+        weights = materialized(weights)  # FP8-block sources: the GPU's fused read is issue 25's other half
         results = [_empty_outputs(w) for w in weights]
         nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
         redo = torch.zeros(len(weights), dtype=torch.int32, device=device)  # common launch -> general one
