@@ -46,23 +46,34 @@ static inline float half_to_float(uint16_t h) {
 
 static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
 
+/* The per-element helpers below are integer selects (min / compare on the bits), not branches, so that
+ * gcc vectorizes the loops that call them (a NaN magnitude's bits lie above inf's 0x7F800000). */
+#define INF_BITS 0x7F800000u
+
+/* a where cond, else b: a mask select (gcc gives up on loops with several chained ?: of this kind). */
+static inline uint32_t pick(int cond, uint32_t a, uint32_t b) {
+    uint32_t mask = -(uint32_t)cond;
+    return (a & mask) | (b & ~mask);
+}
+
 /* float32 -> the nearest bfloat16 (half to even) as float32; NaN stays NaN, overflow becomes inf. */
 static inline float round_bf16(float v) {
     uint32_t b = float_bits(v);
     uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-    return v != v ? v : bits_to_float(r);
+    return bits_to_float(pick((b & 0x7FFFFFFFu) > INF_BITS, b, r));
 }
 
 /* float32 -> the nearest float16 value (half to even, subnormals included) as float32.  Above float16's
  * range the result is 65536 instead of inf: only used before an E4M3 cast, which saturates both to 448. */
 static inline float round_f16(float v) {
+    const uint32_t min_normal = 0x38800000u; /* 2^-14 */
     uint32_t b = float_bits(v), sign = b & 0x80000000u, mag = b & 0x7FFFFFFFu;
-    float a = bits_to_float(mag);
-    float normal = bits_to_float((mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu);
-    float small = a < F16_MIN_NORMAL ? a : 0.0f;
-    float sub = (small + 0.5f) - 0.5f; /* exact: the sum's ulp is 2^-24, float16's subnormal step */
-    float r = a < F16_MIN_NORMAL ? sub : normal;
-    return v != v ? v : bits_to_float(float_bits(r) | sign);
+    uint32_t normal = (mag + 0xFFFu + ((mag >> 13) & 1u)) & ~0x1FFFu;
+    uint32_t small = mag < min_normal ? mag : min_normal;
+    float sub = (bits_to_float(small) + 0.5f) - 0.5f; /* exact: the sum's ulp is 2^-24, float16's subnormal step */
+    uint32_t r = pick(mag < min_normal, float_bits(sub), normal);
+    r = pick(mag > INF_BITS, mag, r);
+    return bits_to_float(r | sign);
 }
 
 /* Nearest float8_e4m3fn of v in [E4M3_MIN_SUBNORMAL, E4M3_MAX] or NaN: its byte, and its value in *value. */
@@ -85,18 +96,19 @@ static uint8_t e4m3(float v, float *value) {
 }
 
 /* float8_e4m3fn byte of any float32 q, as torch's CPU cast: half to even, saturating at E4M3_MAX (inf
- * included), sign kept (-0.0 -> 0x80), NaN -> 0x7F | sign.  Branch-free, so the loops vectorize. */
+ * included), sign kept (-0.0 -> 0x80), NaN -> 0x7F | sign. */
 static inline uint8_t e4m3_code(float q) {
+    const uint32_t min_normal = float_bits(E4M3_MIN_NORMAL), top = float_bits(E4M3_MAX), magic = 0x46800000u;
     uint32_t b = float_bits(q), sign = (b >> 24) & 0x80u, mag = b & 0x7FFFFFFFu;
-    float a = bits_to_float(mag);
     uint32_t r = (mag + 0x7FFFFu + ((mag >> 20) & 1u)) & ~0xFFFFFu;
-    uint32_t normal = r > float_bits(E4M3_MAX) ? float_bits(E4M3_MAX) : r;
-    normal = (normal >> 20) - (120u << 3); /* exponent rebiased 127 -> 7, 3 mantissa bits */
-    float small = a < E4M3_MIN_NORMAL ? a : E4M3_MIN_NORMAL;
-    /* exact: at 2^14 the float32 ulp is 2^-9, E4M3's subnormal step, so the add rounds k half to even */
-    float sub = ((small + 0x1p14f) - 0x1p14f) * (1.0f / E4M3_MIN_SUBNORMAL);
-    uint32_t m = a < E4M3_MIN_NORMAL ? (uint32_t)sub : normal;
-    m = a != a ? 0x7Fu : m;
+    r = r < top ? r : top;
+    uint32_t normal = (r >> 20) - (120u << 3); /* exponent rebiased 127 -> 7, 3 mantissa bits */
+    uint32_t small = mag < min_normal ? mag : min_normal;
+    /* exact: at 2^14 (magic's value) the float32 ulp is 2^-9, E4M3's subnormal step, so the add rounds
+     * k = |q| / 2^-9 half to even into the sum's low mantissa bits */
+    uint32_t sub = float_bits(bits_to_float(small) + bits_to_float(magic)) - magic;
+    uint32_t m = pick(mag < min_normal, sub, normal);
+    m = pick(mag > INF_BITS, 0x7Fu, m);
     return (uint8_t)(m | sign);
 }
 
@@ -330,14 +342,14 @@ static inline float round_quotient(float q, int kind) {
     return kind == 1 ? round_bf16(q) : (kind == 2 ? round_f16(q) : q);
 }
 
-/* 1 when any of x[0..n) is NaN or +-inf. */
-static inline int any_nonfinite(const float *x, int64_t n) {
+/* max |x[c]| over x[0..n) as bits (an integer max, which vectorizes; NaN's bits lie above inf's). */
+static inline uint32_t max_magnitude_bits(const float *x, int64_t n) {
     uint32_t worst = 0;
     for (int64_t c = 0; c < n; c++) {
         uint32_t a = float_bits(x[c]) & 0x7FFFFFFFu;
         worst = a > worst ? a : worst;
     }
-    return worst >= 0x7F800000u;
+    return worst;
 }
 
 #define DEFINE_FP8_ROW(KIND)                                                                                   \
@@ -366,19 +378,9 @@ int moeq_fp8(const void *w, int dtype, int64_t rows, int64_t k, int64_t stride, 
     int nonfinite = 0;
     for (int64_t r = 0; r < rows; r++) {
         load_row(&s, r, x);
-        nonfinite |= any_nonfinite(x, k);
-        if (per_channel) {
-            float a = 0.0f;
-            if (amax != NULL) {
-                a = amax[r];
-            } else {
-                for (int64_t c = 0; c < k; c++) {
-                    float m = fabsf(x[c]);
-                    a = m > a ? m : a;
-                }
-            }
-            scale = scales[r] = export_scale(a, tiny);
-        }
+        uint32_t worst = max_magnitude_bits(x, k);
+        nonfinite |= worst >= INF_BITS;
+        if (per_channel) scale = scales[r] = export_scale(amax != NULL ? amax[r] : bits_to_float(worst), tiny);
         uint8_t *out = codes + r * k;
         if (kind == 1) {
             fp8_row_1(x, k, scale, out);
