@@ -12,13 +12,15 @@ process so imports count as a user sees them:
 - ours: `python -m moeq_triton quantize --format F` from each source (whole process);
 - ModelOpt (with --modelopt; bf16 source only: it has no CPU reader of FP8-block checkpoints):
   from_pretrained + mtq.quantize(its config for F, inputs disabled) + export_hf_checkpoint.
-Prints the median seconds of each route and the ratios (issue 25's table) last.
+Prints the median wall seconds of each route, the ratios (issue 25's table), the median CPU seconds (user +
+system of the process: on a shared machine steadier than wall time) and the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -98,12 +100,19 @@ def fp8_block_twin(source: Path, env: dict) -> Path:
     return path
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """user + system CPU time of all finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str, float]:
+    """(wall seconds, stdout, CPU seconds) of one fresh process."""
+    cpu, start = cpu_seconds(), time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{run.stderr[-2000:]}")
-    return time.perf_counter() - start, run.stdout
+    return time.perf_counter() - start, run.stdout, cpu_seconds() - cpu
 
 
 def size_mb(path: Path) -> float:
@@ -135,13 +144,16 @@ def main() -> None:
         for fmt in args.formats:
             routes[f"ModelOpt {fmt} from bf16"] = [sys.executable, "-c", MODELOPT, str(sources["bf16"]),
                                                    str(work / "modelopt"), fmt]  # fmt: skip
+    load_before = os.getloadavg()
     seconds: dict[str, list[float]] = {name: [] for name in routes}
+    cpu: dict[str, list[float]] = {name: [] for name in routes}
     in_process: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # rounds alternate the routes, so a load change hits all of them alike
         for name, cmd in routes.items():
             shutil.rmtree(work / "modelopt", ignore_errors=True)
-            took, out = timed(cmd, env)
+            took, out, used = timed(cmd, env)
             seconds[name].append(took)
+            cpu[name].append(used)
             if name.startswith("read"):
                 in_process.setdefault(name, []).append(float(out.split()[-1]))
     shutil.rmtree(work, ignore_errors=True)
@@ -149,8 +161,8 @@ def main() -> None:
     median = {name: statistics.median(s) for name, s in seconds.items()}
     sizes = ", ".join(f"{dtype} {size_mb(p):.0f} MB" for dtype, p in sources.items())
     print(f"MEDIUM synthetic Qwen3-MoE ({sizes}); median of {args.repeats} alternating rounds; whole process")
-    print("| route | median s (all runs) | / read of its source | / ours nvfp4 from bf16 | ModelOpt / ours |")
-    print("|---|---|---|---|---|")
+    print("| route | median s (all runs) | / read of its source | / ours nvfp4 from bf16 | ModelOpt / ours | CPU s |")
+    print("|---|---|---|---|---|---|")
     base = median.get("ours nvfp4 from bf16")
     for name, m in median.items():
         runs = ", ".join(f"{s:.2f}" for s in seconds[name])
@@ -160,7 +172,8 @@ def main() -> None:
         to_base = f"{m / base:.2f}" if base and not name.startswith("ModelOpt") else "-"
         theirs = median.get(name.replace("ours", "ModelOpt", 1)) if name.startswith("ours") else None
         vs = f"{theirs / m:.2f}" if theirs else "-"
-        print(f"| {name} | {m:.2f} ({runs}) | {to_read} | {to_base} | {vs} |")
+        print(f"| {name} | {m:.2f} ({runs}) | {to_read} | {to_base} | {vs} | {statistics.median(cpu[name]):.2f} |")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {os.getloadavg()}")
     for name, s in in_process.items():
         print(f"{name}, in process after imports: median {statistics.median(s):.2f} s")
 
