@@ -154,6 +154,7 @@ def main() -> None:
             took, out, used = timed(cmd, env)
             seconds[name].append(took)
             cpu[name].append(used)
+            print(f"round {len(seconds[name])}: {name}: {took:.2f} s wall, {used:.2f} s CPU", flush=True)
             if name.startswith("read"):
                 in_process.setdefault(name, []).append(float(out.split()[-1]))
     shutil.rmtree(work, ignore_errors=True)
