@@ -3,7 +3,7 @@ tensor and beside ModelOpt's route for the same format.
 
     python -m benchmarks.end_to_end [--repeats 3] [--modelopt] [--device cpu] [--formats nvfp4 fp8 ...]
 
-Generates the MEDIUM synthetic Qwen3-MoE of shared/reference/peers.md once (hidden 1024, moe_intermediate
+Generates a MEDIUM synthetic Qwen3-MoE once, the size of the team's peer comparison (hidden 1024, moe_intermediate
 384, 64 experts, 4 layers, 8 heads / 4 KV heads, head_dim 128, vocab 4096, heavy-tailed bf16, two shards)
 and its FP8-block twin (DeepSeek's released layout: `moeq-triton quantize --format fp8-block` of it, which
 is ModelOpt's FP8_PB_WO numbers), then runs every route once per round, rounds alternating, each in a fresh

@@ -17,6 +17,12 @@ runs the same check in CI.
 NVFP4 launches twice per dtype on CUDA (kernels/nvfp4.py): ``nvfp4`` is the common-regime launch
 (2^-64 <= amax <= 2^16; float32 weights <= 8), which the budget applies to, and ``nvfp4_fallback``
 the general one for every other tensor, reported beside it without a budget.
+
+FP8-block sources (``FP8BlockSource``: e4m3 codes + 128x128 block scales, one launch of their own) are
+recorded too, as ``NAME/src`` beside the launch ``NAME`` of the same output (issue 25).  Their elements
+are codes (8 bits); the code loads are the loads wider than 32 bits, and the 32-bit loads in their loop
+are block scales (``scl`` column: one per 16 codes at most).  Budget: at most 2 SASS instructions per
+element above ``NAME``'s figure in the same run, code loads of 64 bits or wider, the rest as ``NAME``.
 """
 
 from __future__ import annotations
@@ -69,6 +75,13 @@ BUDGETS = {
 }
 BUDGET_ARCH = 90
 
+SOURCE_SUFFIX = "/src"
+SOURCE_EXTRA_SASS_PER_EL = 2.0  # issue 25: the fused dequantization's price per element, at most
+SOURCE_BUDGETS = {
+    name + SOURCE_SUFFIX: {**budget, "ld_bits": 64, "codes_per_scale_load": 16} for name, budget in BUDGETS.items()
+}
+"""An FP8-block source launch's budget; its sass_per_el is relative (see SOURCE_EXTRA_SASS_PER_EL)."""
+
 TORCH_TO_TRITON = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
@@ -91,6 +104,7 @@ class Launch:
     attrs: dict[tuple[int, ...], list]
     num_warps: int
     elem_bits: int
+    source: bool = False
 
 
 @dataclass
@@ -106,6 +120,10 @@ class Report:
     loop_sass: int
     regs: int
     notes: list[str] = field(default_factory=list)
+    source: bool = False
+    scale_loads: int = 0  # FP8-block sources: 32-bit loads (block scales) in the main loop
+    elements: float = 0.0  # elements (codes, for sources) one thread loads per main-loop iteration
+    base_sass_per_el: float | None = None  # sources: the same output's launch from a 16-bit weight, same run
 
 
 def record_launches(dtype: torch.dtype) -> list[Launch]:
@@ -115,8 +133,9 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
     def recorder(name, kernel, weights, tiles, args=(), outputs=(), per_dtype=None, **constexprs):
         for g in grouping.groups_for(weights, tiles.rows):
             extra = per_dtype(g.dtype) if per_dtype else {}
-            values = [g.table, g.tile_map, g.table, weights[g.indices[0]], *args]
-            const = {"ALIGNED": g.aligned, "VEC": g.vec, "BLOCK_R": tiles.rows, **constexprs, **extra}
+            values = [g.table, g.tile_map, g.table, grouping.storage(weights[g.indices[0]]), *args]
+            const = {"ALIGNED": g.aligned, "VEC": g.vec, "BLOCK_R": tiles.rows, "SOURCE": g.source}
+            const.update(constexprs, **extra)
             names = [p.name for p in kernel.params]
             signature, attrs = {}, {}
             for i, p in enumerate(kernel.params):
@@ -134,9 +153,10 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
             label = name
             if name == "fp8" and const.get("PER_CHANNEL"):
                 label = "fp8_channel" + ("" if const.get("HAS_ROW_AMAX") else "+amax")
-            launches.append(
-                Launch(label, kernel, signature, constexprs_by_name, attrs, tiles.warps, g.dtype.itemsize * 8)
-            )
+            if g.source:
+                label += SOURCE_SUFFIX
+            bits = 8 if g.source else g.dtype.itemsize * 8
+            launches.append(Launch(label, kernel, signature, constexprs_by_name, attrs, tiles.warps, bits, g.source))
 
     patched = {"launch": recorder, **CUDA_DECISIONS}
     saved = []
@@ -151,15 +171,27 @@ def record_launches(dtype: torch.dtype) -> list[Launch]:
         weights = [stacked[0], stacked[1], (torch.randn(32, 512, generator=gen) * 0.02).to(dtype)]
         amax = torch.stack([w.abs().amax().float() for w in weights])
         rows = [w.abs().amax(-1).float() for w in weights]
-        calls = (
-            lambda: kernels.grouped_amax(weights),
-            lambda: kernels.grouped_row_amax(weights),
-            lambda: kernels.quantize_nvfp4(weights, amax),
-            lambda: kernels.quantize_fp8(weights, amax),
-            lambda: kernels.quantize_fp8(weights, rows, per_channel=True),
-            lambda: kernels.quantize_fp8(weights, per_channel=True),
-            lambda: kernels.quantize_fp8_block(weights),
-        )
+        # FP8-block sources of the same shapes (finite codes, DeepSeek-like scales): their own launches
+        sources = [
+            kernels.FP8BlockSource(
+                (w.float() * 8000).clamp(-448, 448).to(torch.float8_e4m3fn),
+                torch.full((-(-w.shape[0] // 128), -(-w.shape[1] // 128)), 2.5e-6),
+            )
+            for w in (torch.randn(shape, generator=gen) for shape in ((64, 256), (64, 256), (32, 512)))
+        ]
+        source_amax = torch.stack([w.dequantize().abs().amax().float() for w in sources])
+        source_rows = [w.dequantize().abs().amax(-1).float() for w in sources]
+        calls = []
+        for ws, a, r in ((weights, amax, rows), (sources, source_amax, source_rows)):
+            calls += [
+                lambda ws=ws: kernels.grouped_amax(ws),
+                lambda ws=ws: kernels.grouped_row_amax(ws),
+                lambda ws=ws, a=a: kernels.quantize_nvfp4(ws, a),
+                lambda ws=ws, a=a: kernels.quantize_fp8(ws, a),
+                lambda ws=ws, r=r: kernels.quantize_fp8(ws, r, per_channel=True),
+                lambda ws=ws: kernels.quantize_fp8(ws, per_channel=True),
+                lambda ws=ws: kernels.quantize_fp8_block(ws),
+            ]
         for call in calls:
             try:
                 call()
@@ -291,6 +323,10 @@ def analyze(launch: Launch, arch: int) -> Report:
     body = [t for _, t in instrs[start : end + 1]]
     ops = [opcode(t) for t in body]
     loads = [o for o in ops if is_global_load(o)]
+    scale_loads = 0
+    if launch.source:  # codes: the wide loads; block scales: the 32-bit ones
+        scale_loads = sum(width(o) <= 32 for o in loads)
+        loads = [o for o in loads if width(o) > 32] or loads
     stores = [o for o in ops if o.startswith("STG")]
     elements = sum(width(o) for o in loads) / launch.elem_bits
     spill = sum(width(opcode(t)) // 8 for _, t in instrs if opcode(t).startswith("STL"))
@@ -310,16 +346,26 @@ def analyze(launch: Launch, arch: int) -> Report:
         load_chain(instrs, first_load),
         len(body),
         regs,
+        source=launch.source,
+        scale_loads=scale_loads,
+        elements=elements,
     )
 
 
 def violations(report: Report) -> list[str]:
-    budget = BUDGETS.get(report.name)
+    budget = BUDGETS.get(report.name) or SOURCE_BUDGETS.get(report.name)
     if budget is None or report.arch != BUDGET_ARCH:
         return []
     found = []
-    if report.sass_per_el > budget["sass_per_el"]:
-        found.append(f"{report.sass_per_el} SASS/element > {budget['sass_per_el']}")
+    limit = budget["sass_per_el"]
+    if report.name in SOURCE_BUDGETS:
+        if report.base_sass_per_el is None:
+            return [f"no {report.name.removesuffix(SOURCE_SUFFIX)} launch in the same run to compare with"]
+        limit = round(report.base_sass_per_el + SOURCE_EXTRA_SASS_PER_EL, 2)
+        if report.scale_loads * budget["codes_per_scale_load"] > report.elements:
+            found.append(f"{report.scale_loads} 32-bit loads per {report.elements:g} codes")
+    if report.sass_per_el > limit:
+        found.append(f"{report.sass_per_el} SASS/element > {limit}")
     if report.ld_bits < budget["ld_bits"]:
         found.append(f"{report.ld_bits}-bit loads < {budget['ld_bits']}")
     if budget["st_bits"] and report.st_bits < budget["st_bits"]:
@@ -334,7 +380,13 @@ def violations(report: Report) -> list[str]:
 
 
 def reports(arches: list[int], dtype: torch.dtype) -> list[Report]:
-    return [analyze(launch, arch) for launch in record_launches(dtype) for arch in arches]
+    found = [analyze(launch, arch) for launch in record_launches(dtype) for arch in arches]
+    by_key = {(r.name, r.arch): r for r in found}
+    for r in found:
+        base = by_key.get((r.name.removesuffix(SOURCE_SUFFIX), r.arch))
+        if r.name.endswith(SOURCE_SUFFIX) and base is not None:
+            r.base_sass_per_el = base.sass_per_el
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,17 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     rows = reports([int(a) for a in args.arch.split(",")], dtype)
     print(f"triton {triton.__version__}, {args.dtype} weights, CUDA tiles; main loop per element one thread loads")
-    header = f"{'kernel':<16}{'sm':>4}{'sass/el':>9}{'ld':>5}{'st':>5}{'spill':>7}{'sync':>6}{'chain':>7}"
-    header += f"{'loop':>6}{'regs':>6}  budget"
+    header = f"{'kernel':<21}{'sm':>4}{'sass/el':>9}{'+src':>6}{'ld':>5}{'scl':>4}{'st':>5}{'spill':>7}{'sync':>6}"
+    header += f"{'chain':>7}{'loop':>6}{'regs':>6}  budget"
     print(header)
     broken = 0
     for r in rows:
         v = violations(r)
         broken += bool(v)
-        verdict = "; ".join(v) if v else ("met" if r.name in BUDGETS and r.arch == BUDGET_ARCH else "-")
+        budgeted = (r.name in BUDGETS or r.name in SOURCE_BUDGETS) and r.arch == BUDGET_ARCH
+        verdict = "; ".join(v) if v else ("met" if budgeted else "-")
+        extra = "-" if r.base_sass_per_el is None else f"{r.sass_per_el - r.base_sass_per_el:+.2f}"
         print(
-            f"{r.name:<16}{r.arch:>4}{r.sass_per_el:>9}{r.ld_bits:>5}{r.st_bits or '-':>5}{r.spill:>7}{r.sync:>6}"
-            f"{r.chain:>7}{r.loop_sass:>6}{r.regs:>6}  {verdict}"
+            f"{r.name:<21}{r.arch:>4}{r.sass_per_el:>9}{extra:>6}{r.ld_bits:>5}{r.scale_loads if r.source else '-':>4}"
+            f"{r.st_bits or '-':>5}{r.spill:>7}{r.sync:>6}{r.chain:>7}{r.loop_sass:>6}{r.regs:>6}  {verdict}"
         )
     return 1 if args.check and broken else 0
 

@@ -442,7 +442,7 @@ def host_overhead(device: str, counts: tuple[int, ...] = (1, 16, 1024), reps: in
             return [list(col) for col in zip(*results)]
 
         def call(outputs, weights=weights) -> None:
-            grouping.launch("host", _NoLaunch(), weights, tiles, (), outputs=outputs, BLOCKS=tiles.cols)
+            grouping.launch("host", _NoLaunch(), weights, tiles, outputs=outputs, BLOCKS=tiles.cols)
 
         outputs = allocate()
         grouping.clear_table_cache()

@@ -16,7 +16,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.1.0"
+from moeq_triton.version import __version__ as __version__
 
 _MODELOPT_QUANTIZATION = "modelopt.torch.quantization"
 _BACKEND = ("CALIBRATOR", "CALIBRATOR_SHARED", "register")

@@ -11,9 +11,11 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from moeq_triton import __version__
+from moeq_triton.version import __version__
 
 
 def byte_size(text: str) -> int:
@@ -24,8 +26,27 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from moeq_triton.checkpoint.formats import FORMATS
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """The command; returns the exit code.  SIGINT/SIGTERM anywhere in it (imports included) end it with
+    130/143 and one line.  ``exiting``: the process ends right after (the console script), so once the
+    outcome is decided later signals stay ignored instead of the previous handlers coming back."""
+    with _Signals(keep_settled=exiting) as signals:
+        try:
+            return _main(argv, signals)
+        except KeyboardInterrupt as interrupt:  # before any output was begun (arguments, imports, inspect)
+            signals.settle()
+            print(f"moeq-triton: {_what(interrupt)}; nothing was written", file=sys.stderr)
+            return _exit_code(interrupt)
+
+
+def run() -> None:
+    """The console script ``moeq-triton`` and ``python -m moeq_triton``."""
+    sys.exit(main(exiting=True))
+
+
+def _main(argv: list[str] | None, signals: _Signals) -> int:
+    with signals.held():  # imports torch (through the kernels' constants)
+        from moeq_triton.checkpoint.formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="moeq-triton", description="Grouped NVFP4/FP8 quantization of MoE models.")
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
@@ -63,8 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "quantize":
+        for option, value in (("--out", args.out), ("--model", args.model)):
+            if value is not None and not value.strip():
+                parser.error(f"{option}: an empty path (name a directory)")
 
-    import torch
+    with signals.held():
+        import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -79,29 +105,77 @@ def main(argv: list[str] | None = None) -> int:
         from moeq_triton.checkpoint.checks import run_inspect
 
         return run_inspect(args.path, device)
-    with _terminate_as_interrupt():
-        return _quantize(args, FORMATS[args.format], device)
+    return _quantize(args, FORMATS[args.format], device, signals)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
 
 
-class _terminate_as_interrupt:
-    """Within the block (main thread only), SIGTERM raises Terminated; the previous handler comes back."""
+def _what(interrupt: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
 
-    def __enter__(self) -> None:
-        self.installed = threading.current_thread() is threading.main_thread()
-        if self.installed:
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
 
-    @staticmethod
-    def _raise(number, frame) -> None:
-        raise Terminated
+def _exit_code(interrupt: KeyboardInterrupt) -> int:
+    return 143 if isinstance(interrupt, Terminated) else 130
+
+
+class _Signals:
+    """Within the block (main thread only): SIGINT raises KeyboardInterrupt and SIGTERM Terminated, until
+    ``settle()``: from then on the outcome is decided (the output committed, or the error being reported)
+    and a signal is only recorded in ``ignored``.  A signal the parent process ignores stays ignored.
+    On leaving, the previous handlers come back, unless ``keep_settled`` (the process is about to exit)."""
+
+    def __init__(self, keep_settled: bool = False) -> None:
+        self.keep_settled = keep_settled
+        self.settled = False
+        self.ignored: list[int] = []
+        self.previous: dict[int, object] = {}
+        self.holding = False
+        self.pending: list[int] = []
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(number) != signal.SIG_IGN:
+                    self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.settled:
+            self.ignored.append(number)
+            return
+        if self.holding:
+            self.pending.append(number)
+            return
+        raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
+
+    def settle(self) -> None:
+        self.settled = True
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A signal inside the block is raised when it ends.  For the heavy imports (torch, triton): an
+        exception raised while torch's C++ initialisation runs Python code ends the process in
+        std::terminate (SIGABRT, exit 134) instead of unwinding."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending and not self.settled:
+                number = self.pending[0]
+                self.pending.clear()
+                raise Terminated if number == signal.SIGTERM else KeyboardInterrupt
 
     def __exit__(self, *exc) -> None:
-        if self.installed:  # None: a handler set outside Python; the default is the closest restorable one
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        if self.keep_settled:  # ignored, not just settled: Python's finalization resets Python-level handlers to
+            self.settle()  # the default (death by the signal) but leaves an ignored signal ignored
+            for number in self.previous:
+                signal.signal(number, signal.SIG_IGN)
+            return
+        for number, previous in self.previous.items():  # None: a handler set outside Python
+            signal.signal(number, signal.SIG_DFL if previous is None else previous)
 
 
 def fast_path_note(device: str) -> str | None:
@@ -139,67 +213,98 @@ def memory_line(peak) -> str:
     )
 
 
-def _quantize(args, fmt, device: str) -> int:
-    from rich.console import Console
-
-    from moeq_triton.checkpoint.io import CheckpointError
-    from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
-    from moeq_triton.distributed import PeerFailure
-    from moeq_triton.memory import MemorySampler
-    from moeq_triton.naming import UnsupportedArchitecture
-
+def _quantize(args, fmt, device: str, signals: _Signals) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    console = Console(stderr=False, quiet=rank != 0)
     out = args.out or "the destination"
     phase = "running"  # "committed" once the output is in place, then "verifying"
 
     def committed() -> None:
         nonlocal phase
         phase = "committed"
+        if not args.verify:
+            signals.settle()  # the output is complete: a signal from now on ends nothing
 
     try:
-        if args.model:
-            source = args.model
-        else:
-            from moeq_triton.synthetic import default_checkpoint
+        with signals.held():  # triton, safetensors, rich
+            from rich.console import Console
 
-            source = str(default_checkpoint())
-            console.print(f"No --model given: using the embedded SYNTHETIC Qwen3-MoE checkpoint at {source}")
-        out = args.out or f"{os.path.basename(os.path.normpath(source))}-{fmt.name}"
-        note = fast_path_note(device)
-        if note and rank == 0:
-            print(f"moeq-triton: {note}", file=sys.stderr)
-        with MemorySampler() as peak, _progress(console) as progress:
-            plan, stats, seconds = quantize_checkpoint(
-                source, out, fmt, args.experts_only, device, args.overwrite, args.max_shard_size, args.batch_size,
-                progress, tuple(args.exclude), args.allow_nonfinite_kept, committed,
-            )  # fmt: skip
-        console.print(_table(plan, stats, seconds, out, device))
-        for name in stats.nonfinite_kept:
-            print(f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr)
-        from moeq_triton.checkpoint.serving import end_of_run_warning
+            from moeq_triton.checkpoint.io import CheckpointError
+            from moeq_triton.checkpoint.quantize import quantize_checkpoint, verify
+            from moeq_triton.distributed import PeerFailure
+            from moeq_triton.memory import MemorySampler
+            from moeq_triton.naming import UnsupportedArchitecture
 
-        warning = end_of_run_warning(fmt.quant_algo, source_config(source))
-        if warning and rank == 0:
-            print(warning, file=sys.stderr)
-        if args.verify and rank == 0:
-            from moeq_triton.checkpoint.io import SourceCheckpoint
+        console = Console(stderr=False, quiet=rank != 0)
+        try:
+            if args.model:
+                source = args.model
+            else:
+                from moeq_triton.synthetic import default_checkpoint
 
-            phase = "verifying"
-            problems = verify(out, SourceCheckpoint(source), plan, torch_device(device))
-            if problems:
-                print(f"moeq-triton: verify failed for {out}: {problems[0]}", file=sys.stderr)
-                return 1
-            console.print(
-                f"verify: {out} reloads; every tensor present with its shape and dtype; re-quantization bitwise equal"
-            )
-        console.print(memory_line(peak))
-        return 0
-    except (CheckpointError, UnsupportedArchitecture, PeerFailure) as error:
-        print(f"moeq-triton: error: {error}", file=sys.stderr)
-        return 1
+                source = str(default_checkpoint())
+                console.print(f"No --model given: using the embedded SYNTHETIC Qwen3-MoE checkpoint at {source}")
+            out = args.out or f"{os.path.basename(os.path.normpath(source))}-{fmt.name}"
+            note = fast_path_note(device)
+            if note and rank == 0:
+                print(f"moeq-triton: {note}", file=sys.stderr)
+            with MemorySampler() as peak, _progress(console) as progress:
+                plan, stats, seconds = quantize_checkpoint(
+                    source,
+                    out,
+                    fmt,
+                    experts_only=args.experts_only,
+                    device=device,
+                    overwrite=args.overwrite,
+                    max_shard_bytes=args.max_shard_size,
+                    batch_bytes=args.batch_size,
+                    progress=progress,
+                    exclude=tuple(args.exclude),
+                    allow_nonfinite_kept=args.allow_nonfinite_kept,
+                    on_commit=committed,
+                )
+            console.print(_table(plan, stats, seconds, out, device))
+            for name in stats.nonfinite_kept:
+                print(
+                    f"moeq-triton: warning: kept tensor {name} contains NaN or Inf (carried through)", file=sys.stderr
+                )
+            for warning in stats.warnings if rank == 0 else ():
+                print(f"moeq-triton: warning: {warning}", file=sys.stderr)
+            from moeq_triton.checkpoint.serving import end_of_run_warning
+
+            warning = end_of_run_warning(fmt.quant_algo, source_config(source))
+            if warning and rank == 0:
+                print(warning, file=sys.stderr)
+            if args.verify and rank == 0:
+                from moeq_triton.checkpoint.io import SourceCheckpoint
+
+                phase = "verifying"
+                problems, warnings = verify(
+                    out, SourceCheckpoint(source), plan, torch_device(device), allowed_nonfinite=stats.nonfinite_kept
+                )
+                signals.settle()
+                for warning in warnings:
+                    print(f"moeq-triton: verify: warning: {warning}", file=sys.stderr)
+                if problems:
+                    print(f"moeq-triton: verify failed for {out}: {problems[0]}", file=sys.stderr)
+                    return 1
+                console.print(
+                    f"verify: {out} reloads; every tensor present with its shape and dtype; "
+                    "re-quantization bitwise equal"
+                )
+            signals.settle()
+            console.print(memory_line(peak))
+            if signals.ignored and rank == 0:
+                what = "SIGTERM" if signal.SIGTERM in signals.ignored else "SIGINT"
+                print(f"moeq-triton: {what} received after {out} had been written completely; "
+                      "it is complete, exiting normally", file=sys.stderr)  # fmt: skip
+            return 0
+        except (CheckpointError, UnsupportedArchitecture, PeerFailure) as error:
+            signals.settle()
+            print(f"moeq-triton: error: {error}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt as interrupt:
-        what = "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+        signals.settle()
+        what = _what(interrupt)
         if phase == "verifying":
             said = f"{what} during --verify; {out} had been written completely, but it is not verified"
         elif phase == "committed":
@@ -207,7 +312,7 @@ def _quantize(args, fmt, device: str) -> int:
         else:
             said = f"{what} before the output was complete; {out} is as it was before the run (nothing left behind)"
         print(f"moeq-triton: {said}", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
+        return _exit_code(interrupt)
 
 
 def source_config(source: str) -> dict:
@@ -251,21 +356,34 @@ def _table(plan, stats, seconds: float, out: str, device: str):
     from rich.table import Table
 
     table = Table(title=f"{out}: {plan.fmt.quant_algo} on {device}, {len(plan.shards)} shard(s)")
-    for column in ("quantized", "kept", "GB in", "GB out", "seconds", "GB/s", "max rel. err", "mean rel. err"):
+    for column in (
+        "quantized",
+        "all-zero",
+        "kept",
+        "GB in",
+        "GB out",
+        "seconds",
+        "GB/s",
+        "max rel. err",
+        "mean rel. err",
+    ):
         table.add_column(column, justify="right")
     errors = stats.errors or [(float("nan"), float("nan"))]
     table.add_row(
-        str(stats.quantized), str(stats.kept), f"{stats.bytes_in / 1e9:.3f}", f"{stats.bytes_out / 1e9:.3f}",
-        f"{seconds:.2f}", f"{stats.bytes_in / 1e9 / seconds:.2f}", f"{max(e[0] for e in errors):.2e}",
+        str(stats.quantized), str(stats.all_zero), str(stats.kept), f"{stats.bytes_in / 1e9:.3f}",
+        f"{stats.bytes_out / 1e9:.3f}", f"{seconds:.2f}", f"{stats.bytes_in / 1e9 / seconds:.2f}",
+        f"{max(e[0] for e in errors):.2e}",
         f"{sum(e[1] for e in errors) / len(errors):.2e}",
     )  # fmt: skip
     excluded = ", ".join(plan.exclude_modules[:4]) + (" ..." if len(plan.exclude_modules) > 4 else "")
     table.caption = (
-        "GB/s counts this rank's source bytes over the whole job. Error: |dequantized - w| / max|w| of one "
+        "all-zero: quantized tensors whose every value is zero (they dequantize to exact zeros; for NVFP4 ModelOpt "
+        "writes NaN scales there). GB/s counts this rank's source bytes over the whole job. Error: "
+        "|dequantized - w| / max|w| of one "
         f"sampled tensor per batch. Kept unquantized (exclude_modules): {excluded}"
     )
     return table
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

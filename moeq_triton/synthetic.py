@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moeq_triton.checkpoint.io import LOCK_SUFFIX, CheckpointError, RunLock, new_run_id, signals_deferred
 from moeq_triton.kernels.native import cache_dir
 
 NAME = "synthetic-qwen3-moe-4x16-v2"  # v2: written without transformers (other weights than v1)
@@ -48,28 +49,58 @@ def heavy_tailed(
 
 
 def default_checkpoint(seed: int = 0) -> Path:
-    """Path of the default checkpoint, generated (atomically) if it is not there yet."""
+    """Path of the default checkpoint, generated (atomically) if it is not there yet.
+
+    Two first runs at once: the second waits on the cache's lock (a flock the kernel drops if the first
+    dies) while the first writes, then finds the checkpoint complete.  A cache that cannot be written
+    is one line naming it."""
     path = cache_dir() / NAME
     if (path / "config.json").is_file():
         return path
-    partial = path.parent / f".{NAME}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in qwen3_moe_layout(SHAPE).items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            outliers = max(1, shape[-1] // 64)
-            tensors[name] = heavy_tailed(shape, gen, torch.bfloat16, scale=0.02, outlier_columns=outliers)
-    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
-    (partial / "config.json").write_text(json.dumps(qwen3_moe_config(SHAPE), indent=2) + "\n")
-    if not path.exists():
-        partial.rename(path)
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
+    lock = RunLock(path.parent / f".{NAME}{LOCK_SUFFIX}", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(wait=True)  # not with signals held back: a Ctrl-C while waiting ends the wait
+        try:
+            if not (path / "config.json").is_file():
+                _generate(path, seed)
+        finally:
+            with signals_deferred():
+                lock.release()
+    except OSError as error:
+        raise CheckpointError(
+            f"{path}: cannot create the default checkpoint in the cache ({error.strerror or error}); "
+            "set MOEQ_TRITON_CACHE to a writable directory or pass --model"
+        ) from None
     return path
+
+
+def _generate(path: Path, seed: int) -> None:
+    """Write the checkpoint into a partial directory unique to this run, renamed into place at the end
+    (called with the cache's lock held, so partials of killed runs are safe to discard)."""
+    for stale in path.parent.glob(f".{NAME}.partial*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if path.exists():  # a directory without config.json: an interrupted copy of an older version
+        shutil.rmtree(path)
+    partial = path.parent / f".{NAME}.partial-{new_run_id()}"
+    try:
+        with signals_deferred():
+            partial.mkdir()
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for name, shape in qwen3_moe_layout(SHAPE).items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                outliers = max(1, shape[-1] // 64)
+                tensors[name] = heavy_tailed(shape, gen, torch.bfloat16, scale=0.02, outlier_columns=outliers)
+        save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+        (partial / "config.json").write_text(json.dumps(qwen3_moe_config(SHAPE), indent=2) + "\n")
+        with signals_deferred():
+            partial.rename(path)
+    finally:
+        with signals_deferred():
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def qwen3_moe_config(shape: dict) -> dict:

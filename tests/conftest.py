@@ -1,4 +1,5 @@
-"""Test-wide set-up: on CPU the Triton interpreter must be on before any kernel module is imported."""
+"""Test-wide set-up: on CPU the Triton interpreter must be on before any kernel module is imported; every test
+starts from the run's fixed random seed (tests/seeds.py), named in the report header and beside each failure."""
 
 import os
 import socket
@@ -6,9 +7,28 @@ import socket
 import pytest
 
 from tests.device import TEST_DEVICE
+from tests.seeds import describe, seed_everything
 
 if TEST_DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config) -> str:
+    return describe()
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed() -> None:
+    """torch's, Python's and numpy's global generators start every test from the run's seed."""
+    seed_everything()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("random seed", describe()))
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,11 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, t
     import torch
     import torch.distributed as dist
 
+    from tests.seeds import SEED, seed_everything
+
     torch.set_num_threads(1)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    seed_everything(SEED + rank)  # as in-process tests start from SEED (conftest.py); ranks draw differently
     try:
         dist.init_process_group(
             "gloo",

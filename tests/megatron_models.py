@@ -15,7 +15,7 @@ EXPERTS, LAYERS, HIDDEN, MOE_FFN = 4, 2, 64, 32
 
 
 def hf_config() -> Qwen3MoeConfig:
-    """The transformers config the tiny GPTModel mirrors (conventions of shared/reference/megatron.md)."""
+    """The transformers config the tiny GPTModel mirrors (same sizes, RMSNorm eps, rope theta, untied head)."""
     return Qwen3MoeConfig(
         hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
         num_experts_per_tok=2, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,

@@ -1,7 +1,8 @@
 """The Triton interpreter made to compute as the GPU's instructions are specified, for the HW kernel paths.
 
 Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand),
-cvt.rn(.satfinite) conversions and, in NVFP4's common regime, rcp.approx.ftz.f32 through inline asm.  The
+cvt.rn(.satfinite) conversions (e4m3 -> f16 -> f32 for FP8-block sources among them) and, through inline
+asm, rcp.approx.ftz.f32 in NVFP4's common regime and cvt.rn.bf16x2.f32 (a source's bf16 rounding).  The
 interpreter rounds its fma twice, propagates NaN through min, converts to float8 wrongly and has no
 inline asm, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma exactly; numpy's
 fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite; a reciprocal up to
@@ -66,7 +67,18 @@ def rcp_approx(d: np.ndarray) -> np.ndarray:
     return np.where(np.abs(r) < np.float32(2.0**-126), np.float32(0.0) * np.sign(r), r).astype(np.float32)
 
 
-INLINE_ASM = {"rcp.approx.ftz.f32 $0, $1;": rcp_approx}
+def cvt_rn_bf16x2_high(x: np.ndarray) -> np.ndarray:
+    """``cvt.rn.bf16x2.f32 d, x, 0.0``: bf16(x) (round to nearest even, subnormals kept, NaN a NaN) in the
+    high half, +0.0's bf16 (0x0000) in the low half: the float32 bits of the rounded value (torch's
+    float32 -> bfloat16 cast rounds the same way)."""
+    rounded = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float()
+    return rounded.numpy()
+
+
+INLINE_ASM = {
+    "rcp.approx.ftz.f32 $0, $1;": rcp_approx,
+    "{ .reg .b32 z; mov.b32 z, 0; cvt.rn.bf16x2.f32 $0, $1, z; }": cvt_rn_bf16x2_high,
+}
 """The PTX the kernels write through tl.inline_asm_elementwise, each with its stand-in."""
 
 

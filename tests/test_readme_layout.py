@@ -72,4 +72,8 @@ def test_layout_parser_sees_every_directory_and_a_missing_module():
     assert "cli.py" in named["moeq_triton"] and "hf.py" not in named["moeq_triton"]
     assert "test_*.py" in named["tests"] and "RESULTS.md" in named["benchmarks"]
     made_up = "## Layout\n\n```\nbenchmarks/   x\n  run.py   y\nmoeq_triton/  z\n  naming/  hf.py\n  cli.py\n```\n"
-    assert layout_names(made_up) == {"benchmarks": {"run.py"}, "moeq_triton": {"cli.py"}, "moeq_triton/naming": {"hf.py"}}
+    assert layout_names(made_up) == {
+        "benchmarks": {"run.py"},
+        "moeq_triton": {"cli.py"},
+        "moeq_triton/naming": {"hf.py"},
+    }

@@ -9,7 +9,6 @@ of the quantize command reuses the same checks.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from collections import Counter
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 
 from moeq_triton.checkpoint import serving
-from moeq_triton.checkpoint.io import CheckpointError, SourceCheckpoint
+from moeq_triton.checkpoint.formats import FP8_BLOCK_CONFIG
+from moeq_triton.checkpoint.io import CheckpointError, SourceCheckpoint, read_json
+from moeq_triton.kernels.formats import FP8_BLOCK_SIZE, NVFP4_BLOCK_SIZE
 
 ERROR = "error"  # would give wrong answers, or no engine can use it
 WARNING = "warning"
@@ -44,6 +45,8 @@ class Finding:
     severity: str
     message: str
     about: str = "checkpoint"  # "checkpoint": its bytes and files; "serving": what the engines do with the format
+    tensor: str = ""  # the tensor it is about, where it is about one
+    nonfinite: bool = False  # a NaN/Inf finding (``--verify --allow-nonfinite-kept`` accepts those it allowed)
 
 
 @dataclass
@@ -60,28 +63,48 @@ class Report:
     def errors(self) -> list[Finding]:
         return [f for f in self.findings if f.severity == ERROR]
 
-    def add(self, severity: str, message: str, about: str = "checkpoint") -> None:
-        self.findings.append(Finding(severity, message, about))
+    def add(
+        self, severity: str, message: str, about: str = "checkpoint", *, tensor: str = "", nonfinite: bool = False
+    ) -> None:
+        self.findings.append(Finding(severity, message, about, tensor, nonfinite))
 
 
 def checkpoint_format(path: Path, config: dict) -> tuple[str, str, list[str]]:
     """(format key, the file that declares it, the module patterns it keeps unquantized)."""
     hf_quant = path / "hf_quant_config.json"
     if hf_quant.is_file():
-        quantization = json.loads(hf_quant.read_text()).get("quantization", {})
-        return str(quantization.get("quant_algo")), hf_quant.name, list(quantization.get("exclude_modules") or [])
+        quantization = read_json(hf_quant).get("quantization", {})
+        if not isinstance(quantization, dict):
+            raise CheckpointError(f'{hf_quant}: "quantization" is a {type(quantization).__name__}, expected an object')
+        return str(quantization.get("quant_algo")), hf_quant.name, _names(hf_quant, quantization, "exclude_modules")
     quant = config.get("quantization_config")
     if not quant:
         return "unquantized", "config.json (no quantization_config)", []
+    if not isinstance(quant, dict):
+        raise CheckpointError(
+            f"{path / 'config.json'}: quantization_config is a {type(quant).__name__}, expected an object"
+        )
+    kept = [
+        *_names(path / "config.json", quant, "ignored_layers"),
+        *_names(path / "config.json", quant, "modules_to_not_convert"),
+    ]
+    ignore = _names(path / "config.json", quant, "ignore")
     method = quant.get("quant_method")
-    kept = [*(quant.get("ignored_layers") or []), *(quant.get("modules_to_not_convert") or [])]
     if method == "modelopt":
-        return str(quant.get("quant_algo")), "config.json", [*(quant.get("ignore") or []), *kept]
-    if method == "fp8" and quant.get("weight_block_size") == [128, 128]:
+        return str(quant.get("quant_algo")), "config.json", [*ignore, *kept]
+    if method == "fp8" and quant.get("weight_block_size") == FP8_BLOCK_CONFIG["weight_block_size"]:
         return "FP8_BLOCK_SCALES", "config.json", kept
     if method == "fp8":
         return f"fp8 (weight_block_size {quant.get('weight_block_size')})", "config.json", kept
-    return str(method), "config.json", [*(quant.get("ignore") or []), *kept]
+    return str(method), "config.json", [*ignore, *kept]
+
+
+def _names(file: Path, table: dict, key: str) -> list[str]:
+    """A list of module names (patterns) from a config; anything else is one line naming the file and key."""
+    value = table.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{file}: {key} is not a list of module names")
+    return value
 
 
 def module_kind(weight_name: str) -> str:
@@ -104,7 +127,9 @@ def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes
         shape, dtype = meta[name]
         quantized = dtype in QUANTIZED_DTYPES
         report.counts.setdefault(module_kind(name), Counter())["quantized" if quantized else "kept"] += 1
-        if quantized:
+        if quantized and not shape:
+            report.add(ERROR, f"{name} is stored {dtype} with no dimensions: not a quantized weight of any format")
+        elif quantized:
             for suffix in scale_suffixes if fmt in SCALES else ():
                 if name + suffix not in names:
                     report.add(ERROR, f"{name} is quantized ({dtype}) but {name + suffix} is missing")
@@ -136,9 +161,9 @@ def scale_numel(fmt: str, suffix: str, weight_shape: tuple[int, ...]) -> int:
     """How many values a scale holds for a stored weight of ``weight_shape`` (NVFP4: packed [N, K/2])."""
     rows = _numel(weight_shape[:-1])
     if fmt == "FP8_BLOCK_SCALES":
-        return -(-weight_shape[0] // 128) * -(-weight_shape[-1] // 128)
+        return -(-weight_shape[0] // FP8_BLOCK_SIZE) * -(-weight_shape[-1] // FP8_BLOCK_SIZE)
     if suffix == "_scale" and fmt in ("W4A16_NVFP4", "NVFP4"):
-        return rows * weight_shape[-1] * 2 // 16
+        return rows * weight_shape[-1] * 2 // NVFP4_BLOCK_SIZE  # two 4-bit codes per stored byte
     if suffix == "_scale" and fmt == "FP8_PER_CHANNEL_PER_TOKEN":
         return rows
     return 1
@@ -159,7 +184,8 @@ def _listed(module: str, patterns: list[str]) -> bool:
 def _check_gate_up(source: SourceCheckpoint, names: set[str], fmt: str, report: Report) -> None:
     suffix = SHARED_SCALE.get(fmt)
     if fmt == "FP8_BLOCK_SCALES":
-        report.gate_up = "n/a (one scale per 128x128 block; the engines need no shared gate/up scale)"
+        block = f"{FP8_BLOCK_SIZE}x{FP8_BLOCK_SIZE}"
+        report.gate_up = f"n/a (one scale per {block} block; the engines need no shared gate/up scale)"
     if suffix is None:
         return
     pairs = differ = 0
@@ -190,10 +216,22 @@ def _check_block_shapes(meta: dict, fmt: str, report: Report) -> None:
     """FP8 blocks: the engines' shape rule for merged and expert linears (serving.BLOCK_SHAPE_RULE)."""
     if fmt != "FP8_BLOCK_SCALES":
         return
-    rows = re.compile(r"(experts\.\d+\.(gate|up)_proj|experts\.\d+\.w[13]|self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)")
-    bad = sorted(n for n, (shape, dtype) in meta.items() if dtype == "F8_E4M3" and rows.search(n) and shape[0] % 128)
-    if bad:
-        report.add(WARNING, f"{serving.BLOCK_SHAPE_RULE}: e.g. {bad[0]} has {meta[bad[0]][0][0]} rows", "serving")
+    rows = {n: shape[0] for n, (shape, dtype) in meta.items() if dtype == "F8_E4M3" and shape}
+    warning = block_shape_warning(rows)
+    if warning:
+        report.add(WARNING, warning, "serving")
+
+
+_MERGED_ROWS = re.compile(
+    r"(experts\.\d+\.(gate|up)_proj|experts\.\d+\.w[13]|self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)"
+)
+
+
+def block_shape_warning(rows: dict[str, int]) -> str | None:
+    """FP8 blocks: the engines' rule (serving.BLOCK_SHAPE_RULE) over weight name -> output rows; the one
+    warning ``inspect`` and ``quantize --format fp8-block`` print."""
+    bad = sorted(n for n, r in rows.items() if _MERGED_ROWS.search(n) and r % FP8_BLOCK_SIZE)
+    return f"{serving.BLOCK_SHAPE_RULE}: e.g. {bad[0]} has {rows[bad[0]]} rows" if bad else None
 
 
 def _nonfinite_pass(
@@ -215,7 +253,12 @@ def _nonfinite_pass(
         except NonFiniteWeightError:
             bad.extend(n for n in floats if not bool(torch.isfinite(tensors[n]).all()))
         for n in batch:
-            if meta[n][1] == "F8_E4M3" and bool(((tensors[n].view(torch.uint8) & 0x7F) == 0x7F).any()):
+            dtype = meta[n][1]
+            if dtype == "F8_E4M3" and bool(((tensors[n].view(torch.uint8) & 0x7F) == 0x7F).any()):
+                bad.append(n)
+            elif dtype == "F8_E5M2" and bool(((tensors[n].view(torch.uint8) & 0x7C) == 0x7C).any()):
+                bad.append(n)  # exponent all ones: Inf or NaN
+            elif dtype == "F64" and not bool(torch.isfinite(tensors[n]).all()):
                 bad.append(n)
 
     for name in sorted(names):
@@ -227,7 +270,9 @@ def _nonfinite_pass(
     if batch:
         flush()
     for name in bad:
-        report.add(ERROR, f"{name} ({meta[name][1]}) holds NaN or Inf ({source.where(name)})")
+        report.add(
+            ERROR, f"{name} ({meta[name][1]}) holds NaN or Inf ({source.where(name)})", tensor=name, nonfinite=True
+        )
 
 
 # ---------------------------------------------------------------- printing

@@ -1,7 +1,10 @@
-"""The checkpoint vocabulary (what vLLM, TensorRT-LLM and SGLang load), in one place.
+"""What a format means on disk (what vLLM, TensorRT-LLM and SGLang load), in one place: the config entries, the
+tensors a quantized weight becomes (names, shapes, dtypes), the input shapes a format takes, and how the stored
+tensors read back as values.  The number formats themselves (block sizes, E4M3/E2M1) are ``kernels.formats``.
 
 The modelopt layouts follow ModelOpt 0.47's ``export_hf_checkpoint`` output for weight-only configs, key
-for key (shared/reference/checkpoint-format.md); only ``producer`` differs: it names this project.
+for key (compared against a real export in tests/checkpoint/test_quantize_command.py and tests/export/); only
+``producer`` differs: it names this project.
 ``fp8-block`` follows the engines' own FP8 block layout instead (DeepSeek-V3, Qwen ``*-FP8``): see
 ``FP8_BLOCK_CONFIG`` for the keys and the loader lines they were checked against.
 """
@@ -10,8 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeq_triton import __version__  # noqa: F401 (the package init is light)
-from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
+import torch
+
+from moeq_triton.kernels import (
+    NVFP4Weight,
+    dequantize_fp8_block_reference,
+    dequantize_nvfp4_reference,
+    fp8_block_layout,
+    fp8_layout,
+    nvfp4_layout,
+)
+from moeq_triton.kernels.formats import FP8_BLOCK_SIZE, NVFP4_BLOCK_SIZE
+from moeq_triton.version import __version__
 
 PRODUCER = {"name": "moeq-triton", "version": __version__}
 
@@ -32,6 +45,18 @@ class Format:
     @property
     def is_nvfp4(self) -> bool:
         return self.quant_algo == "W4A16_NVFP4"
+
+    @property
+    def input_multiple(self) -> int:
+        """The input dim (the quantized, last one) of a weight must be a multiple of this: NVFP4 writes one
+        E4M3 scale per block of 16 and has no partial block; the FP8 formats take any size."""
+        return NVFP4_BLOCK_SIZE if self.is_nvfp4 else 1
+
+    @property
+    def shares_input_scale(self) -> bool:
+        """Linears fed the same input (q/k/v, a dense MLP's gate/up) share their per-tensor scale on disk: NVFP4's
+        ``weight_scale_2``, as ModelOpt's export writes it.  An expert's gate/up share theirs in every format."""
+        return self.is_nvfp4
 
     def hf_quant_config(self, exclude_modules: list[str]) -> dict | None:
         """hf_quant_config.json, or None where the file must be absent (fp8-block: TensorRT-LLM treats the
@@ -67,7 +92,7 @@ FP8_BLOCK_CONFIG = {
     "quant_method": "fp8",
     "fmt": "e4m3",
     "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
+    "weight_block_size": [FP8_BLOCK_SIZE, FP8_BLOCK_SIZE],
 }
 """config.json ``quantization_config`` of fp8-block, as the engines' loaders read it (checked 2026-11-29):
 vLLM ``Fp8Config.from_config`` reads ``ignored_layers`` and falls back to ``modules_to_not_convert``; SGLang's
@@ -85,3 +110,42 @@ FORMATS = {
         Format("fp8-block", "FP8_BLOCK_SCALES", fp8_block=True),  # TensorRT-LLM's name for this layout
     )
 }
+
+
+def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
+    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
+
+    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
+    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
+    if not transposed:
+        if fmt.is_fp8_block:
+            return fp8_block_layout(shape)
+        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
+    swapped = (*shape[:-2], shape[-1], shape[-2])
+    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
+
+
+def _swap(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def output_names(name: str, fmt: Format) -> list[str]:
+    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
+    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them; fp8-block:
+    ``X.weight_scale_inv``, as the engines name it)."""
+    if fmt.is_fp8_block:
+        return [name, name + "_scale_inv"]
+    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
+    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
+
+
+def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
+    """float32 values of a quantized weight from its output tensors."""
+    names = output_names(name, fmt)
+    if fmt.is_fp8_block:
+        return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
+    if fmt.is_nvfp4:
+        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
+    scale = tensors[names[1]]
+    return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)

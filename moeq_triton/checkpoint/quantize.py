@@ -11,34 +11,31 @@ a single process writes.
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from moeq_triton.checkpoint.formats import Format
+from moeq_triton.checkpoint.formats import Format, dequantize, output_layout, output_names
 from moeq_triton.checkpoint.io import (
     SAFETENSORS_DTYPES,
     AtomicCheckpointDir,
     CheckpointError,
     SourceCheckpoint,
+    new_run_id,
     shard_name,
 )
 from moeq_triton.checkpoint.source import ExpertSlice, dense, fp8_block_scales, read_units, split_experts
 from moeq_triton.kernels import (
     NonFiniteWeightError,
-    dequantize_fp8_block_reference,
-    dequantize_nvfp4_reference,
-    fp8_block_layout,
-    fp8_layout,
+    NVFP4Weight,
     grouped_amax,
-    nvfp4_layout,
     quantize_fp8,
     quantize_fp8_block,
     quantize_nvfp4,
 )
-from moeq_triton.kernels.formats import NVFP4_BLOCK_SIZE
 from moeq_triton.naming import PASS, QUANTIZE, Decision, naming_for
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
@@ -68,6 +65,7 @@ class Plan:
     shards: list[list[Unit]]
     exclude_modules: list[str]
     split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
+    warnings: list[str] = field(default_factory=list)  # odd but loadable: said at the end of the run
 
     @property
     def units(self) -> list[Unit]:
@@ -77,24 +75,6 @@ class Plan:
         """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
         piece = self.split.get(name)
         return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
-
-
-def output_layout(shape: tuple[int, ...], fmt: Format, transposed: bool = False):
-    """(shape, dtype) of each tensor a quantized weight becomes, in output_names order.
-
-    ``transposed``: a stacked [E, in, out] expert tensor, quantized as [E, out, in] and written back with
-    the last two dims swapped (ModelOpt's layout for bmm-style experts)."""
-    if not transposed:
-        if fmt.is_fp8_block:
-            return fp8_block_layout(shape)
-        return nvfp4_layout(shape) if fmt.is_nvfp4 else fp8_layout(shape, fmt.per_channel)
-    swapped = (*shape[:-2], shape[-1], shape[-2])
-    return [(_swap(s) if len(s) == len(shape) else s, d) for s, d in output_layout(swapped, fmt)]
-
-
-def _swap(shape) -> tuple[int, ...]:
-    shape = tuple(shape)
-    return (*shape[:-2], shape[-1], shape[-2])
 
 
 def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
@@ -137,8 +117,15 @@ def make_plan(
             f"{naming.family.name} checkpoint (patterns are globs over module names, e.g. '*.self_attn.*')"
         )
     quantized = [n for n, d in decisions.items() if d.action == QUANTIZE]
+    if fmt is not None and not quantized:
+        raise CheckpointError(
+            f"nothing to quantize: every linear of this {naming.family.name} checkpoint is kept (by --exclude, or "
+            "--experts-only on a model without routed experts); the output would be the source labelled "
+            f"{fmt.name}"
+        )
+    check_experts(source, {n: shape_dtype(n)[0] for n, d in decisions.items() if d.routed and not d.transposed})
     routed = {n for n in quantized if decisions[n].routed}
-    keys = naming.scale_groups(quantized, fmt is not None and fmt.is_nvfp4, routed)
+    keys = naming.scale_groups(quantized, fmt is not None and fmt.shares_input_scale, routed)
     unit_of_key: dict[str, Unit] = {}
     units: list[Unit] = []
     exclude_modules = {d.exclude for d in decisions.values() if d.exclude}
@@ -154,18 +141,14 @@ def make_plan(
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
-        if (
-            (dtype not in QUANTIZABLE_DTYPES and not inv)
-            or len(shape) != dims
-            or (fmt.is_nvfp4 and inner % NVFP4_BLOCK_SIZE)
-        ):
+        if (dtype not in QUANTIZABLE_DTYPES and not inv) or len(shape) != dims or inner % fmt.input_multiple:
             raise CheckpointError(
                 f"{source.where(name)}: tensor {name} ({dtype}, shape {list(shape)}) cannot be "
                 f"quantized to {fmt.name}: expected a {'stacked 3-D' if transposed else '2-D'} bf16/fp16/fp32 "
                 "(or block-scaled FP8) weight"
                 + (
-                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {NVFP4_BLOCK_SIZE}"
-                    if fmt.is_nvfp4
+                    f" with an input dim ({'-2' if transposed else '-1'}) that is a multiple of {fmt.input_multiple}"
+                    if fmt.input_multiple > 1
                     else ""
                 )
             )
@@ -186,7 +169,61 @@ def make_plan(
         unit.scale_inv.update(scale_inv)
         unit.slices.update(slices)
     shards = pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    return Plan(fmt, shards, sorted(exclude_modules), split)
+    plan = Plan(fmt, shards, sorted(exclude_modules), split)
+    if fmt is not None and fmt.is_fp8_block:
+        from moeq_triton.checkpoint.checks import block_shape_warning
+
+        warning = block_shape_warning({n: shape_dtype(n)[0][0] for n in quantized})
+        plan.warnings += [warning] if warning else []
+    unindexed = getattr(source, "unindexed", [])
+    if unindexed:
+        plan.warnings.append(
+            f"{len(unindexed)} tensor(s) in the source's shards are not in its index and are not carried "
+            f"(loaders skip them too), e.g. {unindexed[0]}"
+        )
+    return plan
+
+
+_EXPERT = re.compile(r"(.*)\.(\d+)\.(\w+)\.weight")
+_EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+
+
+def check_experts(source, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Routed experts an engine would load wrongly, refused: an expert missing gate, up or down, gate and up
+    of different shapes (the engines fuse them), or a layer whose expert count is not config.json's.
+
+    ``shapes``: routed per-expert weight name -> shape (stacked tensors on disk already split per expert)."""
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    for name in shapes:
+        match = _EXPERT.fullmatch(name)
+        if match:
+            base, e, leaf = match.groups()
+            experts.setdefault(base, {}).setdefault(int(e), {})[leaf] = name
+    config = source.config.get("text_config") if isinstance(source.config.get("text_config"), dict) else {}
+    config = {**config, **source.config}
+    declared = next(((k, config[k]) for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    config_file = f"{source.path / 'config.json'}" if hasattr(source, "path") else "config"
+    for base, by_index in sorted(experts.items()):
+        for e, leaves in sorted(by_index.items()):
+            wanted = ("w1", "w3", "w2") if set(leaves) & {"w1", "w2", "w3"} else ("gate_proj", "up_proj", "down_proj")
+            missing = [leaf for leaf in wanted if leaf not in leaves]
+            some = next(iter(leaves.values()))
+            if missing:
+                raise CheckpointError(
+                    f"{source.where(some)}: expert {base}.{e} has {', '.join(sorted(leaves))} but no {missing[0]}; "
+                    "an engine would load it with uninitialized weights"
+                )
+            gate, up = leaves[wanted[0]], leaves[wanted[1]]
+            if shapes[gate] != shapes[up]:
+                raise CheckpointError(
+                    f"{source.where(up)}: {up} has shape {list(shapes[up])} but {gate} has {list(shapes[gate])}; "
+                    "the engines fuse gate and up into one tensor"
+                )
+        if declared and declared[1] > 1 and (len(by_index) != declared[1] or max(by_index) + 1 != declared[1]):
+            raise CheckpointError(
+                f"{config_file}: {declared[0]} = {declared[1]}, but {base} holds {len(by_index)} experts "
+                f"(indices {min(by_index)}..{max(by_index)}); the engines allocate {declared[0]} experts per layer"
+            )
 
 
 def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
@@ -203,6 +240,8 @@ class Stats:
     bytes_out: int = 0
     errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
     nonfinite_kept: list[str] = field(default_factory=list)  # kept tensors carried through with NaN/Inf
+    all_zero: int = 0  # quantized tensors whose every value is zero (written as the exact-zero encoding)
+    warnings: list[str] = field(default_factory=list)  # odd but loadable: said once at the end
 
 
 def nonfinite_kept(
@@ -231,9 +270,17 @@ def nonfinite_kept(
 
 
 def quantize_units(
-    units: list[Unit], loaded: dict[str, torch.Tensor], fmt: Format, source: SourceCheckpoint
+    units: list[Unit],
+    loaded: dict[str, torch.Tensor],
+    fmt: Format,
+    source: SourceCheckpoint,
+    *,
+    all_zero: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group."""
+    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group.
+
+    ``all_zero`` (when given) receives the names of the tensors whose every value is zero; an all-zero
+    NVFP4 scale group is written as ``zero_nvfp4`` (finite bytes that dequantize to exact zeros)."""
     names = [n for u in units for n in u.names]
     if not names:
         return {}
@@ -249,6 +296,8 @@ def quantize_units(
         except NonFiniteWeightError as error:
             name = names[error.index]
             raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
+        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero
+            all_zero += [n for n, q in zip(names, results) if not bool((q[0].view(torch.uint8) & 0x7F).any())]
         return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
     try:
         amax = grouped_amax(weights)
@@ -257,8 +306,11 @@ def quantize_units(
         raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
     unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
     scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
+    zero = (scale_group_amax == 0).tolist()  # amax 0: every value of every member of the group is zero
+    if all_zero is not None:
+        all_zero += [n for n, z in zip(names, zero) if z]
     if fmt.is_nvfp4:
-        results = quantize_nvfp4(weights, scale_group_amax)
+        results = [zero_nvfp4(q) if z else q for q, z in zip(quantize_nvfp4(weights, scale_group_amax), zero)]
     else:
         results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
     out: dict[str, torch.Tensor] = {}
@@ -268,35 +320,24 @@ def quantize_units(
     return out
 
 
+def zero_nvfp4(q: NVFP4Weight) -> NVFP4Weight:
+    """The encoding of an all-zero NVFP4 scale group: codes 0 (E2M1 +0), block scales 1.0 (what ModelOpt writes
+    for a zero block inside a non-zero tensor) and weight_scale_2 1.0.  Every dequantized value is
+    0 x 1.0 x 1.0 = +0 exactly, with no zero or NaN scale an engine could divide by.
+
+    The one place where the bytes differ from ModelOpt's export: there amax 0 gives weight_scale_2 = 0 and
+    block scales 0/0 = NaN (codes 0x77), so every engine computes NaN for the layer.  Done here, on the
+    kernels' output, rather than in the kernels: the group's amax is known here, and a group is all-zero
+    exactly when its amax is 0 (NaN/Inf raise before), so nothing else changes."""
+    return NVFP4Weight(torch.zeros_like(q.weight), torch.ones_like(q.weight_scale), torch.ones_like(q.weight_scale_2))
+
+
 def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     """A stacked [E, in, out] expert tensor as the kernels take it: [E, out, in]. For FP8 also in float32:
     ModelOpt divides a 3-D weight by its scale unsqueezed to 1-D, which promotes the quotient to float32
     (one rounding, where a 2-D bf16 weight's quotient is rounded to bf16 first)."""
     weight = weight.transpose(-1, -2)
     return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
-
-
-def output_names(name: str, fmt: Format) -> list[str]:
-    """The tensors a quantized weight becomes in the checkpoint (``X.weight`` -> ``X.weight_scale``; a stacked
-    parameter ``X.gate_up_proj`` -> ``X.gate_up_proj_weight_scale``, as ModelOpt names them; fp8-block:
-    ``X.weight_scale_inv``, as the engines name it)."""
-    if fmt.is_fp8_block:
-        return [name, name + "_scale_inv"]
-    scale = name + "_scale" if name.endswith(".weight") else name + "_weight_scale"
-    return [name, scale] + ([scale + "_2"] if fmt.is_nvfp4 else [])
-
-
-def dequantize(tensors: dict[str, torch.Tensor], name: str, fmt: Format) -> torch.Tensor:
-    """float32 values of a quantized weight from its output tensors."""
-    from moeq_triton.kernels import NVFP4Weight
-
-    names = output_names(name, fmt)
-    if fmt.is_fp8_block:
-        return dequantize_fp8_block_reference(tensors[name], tensors[names[1]], dtype=torch.float32)
-    if fmt.is_nvfp4:
-        return dequantize_nvfp4_reference(NVFP4Weight(*(tensors[n] for n in names)))
-    scale = tensors[names[1]]
-    return tensors[name].float() * (scale.unsqueeze(-1) if fmt.per_channel else scale)
 
 
 def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
@@ -310,6 +351,7 @@ def run_shards(
     source: SourceCheckpoint,
     out: AtomicCheckpointDir,
     device: torch.device,
+    *,
     rank: int = 0,
     world: int = 1,
     batch_bytes: int = 256 << 20,
@@ -328,7 +370,9 @@ def run_shards(
         tensors: dict[str, torch.Tensor] = {}
         for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
             quantized = [u for u in batch if u.quantize]
-            result = quantize_units(quantized, loaded, plan.fmt, source)
+            zero: list[str] = []
+            result = quantize_units(quantized, loaded, plan.fmt, source, all_zero=zero)
+            stats.all_zero += len(zero)
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]
@@ -405,15 +449,23 @@ def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDi
     out.write_index({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
-def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan, device: torch.device) -> list[str]:
+def verify(
+    destination: str | os.PathLike,
+    source: SourceCheckpoint,
+    plan: Plan,
+    device: torch.device,
+    *,
+    allowed_nonfinite: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
     """Reload the output: every expected tensor with its dtype and shape, a bitwise re-quantization of one
-    scale group per shard, then ``inspect``'s checkpoint checks (missing or unshared scales, NaN/Inf in any
-    tensor).  Returns the problems found (empty when the checkpoint is sound)."""
+    scale group per shard, then ``inspect``'s checks (missing or unshared scales, NaN/Inf in any tensor but
+    the kept ones the user allowed with ``allowed_nonfinite``).  Returns (problems, warnings): the problems
+    found (empty when the checkpoint is sound) and inspect's warnings (the same lines ``inspect`` prints)."""
     problems = []
     try:
         result = SourceCheckpoint(destination)
     except CheckpointError as error:
-        return [str(error)]
+        return [str(error)], []
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     expected: dict[str, tuple[tuple[int, ...], str]] = {}
     for unit in plan.units:
@@ -440,12 +492,18 @@ def verify(destination: str | os.PathLike, source: SourceCheckpoint, plan: Plan,
         for key, tensor in again.items():
             if not same_bytes(result.tensor(key), tensor.cpu()):
                 problems.append(f"{key}: stored bytes differ from a fresh quantization of the source")
+    warnings: list[str] = []
     if not problems:  # the bytes as written: scales present and shared, no NaN/Inf anywhere (a full pass)
-        from moeq_triton.checkpoint.checks import inspect_checkpoint
+        from moeq_triton.checkpoint.checks import ERROR, inspect_checkpoint
 
         report = inspect_checkpoint(destination, device.type)
-        problems += [f.message for f in report.errors if f.about == "checkpoint"]
-    return problems
+        allowed = set(allowed_nonfinite)
+        for finding in report.findings:
+            if finding.severity != ERROR:
+                warnings.append(finding.message)
+            elif finding.about == "checkpoint" and not (finding.nonfinite and finding.tensor in allowed):
+                problems.append(finding.message)
+    return problems, warnings
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -459,6 +517,7 @@ def quantize_checkpoint(
     source_path: str | os.PathLike,
     destination: str | os.PathLike,
     fmt: Format,
+    *,
     experts_only: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
@@ -478,11 +537,13 @@ def quantize_checkpoint(
     start = time.perf_counter()
     rank, world = distributed.init_from_environment(device)
     made: dict = {}
+    run_id = distributed.gather_objects(new_run_id())[0]  # rank 0's: names the partial directory on every rank
 
     def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
         made["source"] = SourceCheckpoint(source_path)
+        refuse_quantized_source(made["source"])
         made["plan"] = make_plan(made["source"], fmt, experts_only, max_shard_bytes, exclude)
-        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path])
+        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
         if rank == 0:
             made["out"].create()
 
@@ -502,7 +563,15 @@ def quantize_checkpoint(
     def shards() -> None:
         nonlocal stats
         stats = run_shards(
-            plan, source, out, torch.device(device), rank, world, batch_bytes, advance, allow_nonfinite_kept
+            plan,
+            source,
+            out,
+            torch.device(device),
+            rank=rank,
+            world=world,
+            batch_bytes=batch_bytes,
+            advance=advance,
+            allow_nonfinite_kept=allow_nonfinite_kept,
         )
 
     def finish() -> None:
@@ -517,4 +586,30 @@ def quantize_checkpoint(
                 out.abort()
             raise failure
     distributed.barrier()
+    stats.warnings += plan.warnings
     return plan, stats, time.perf_counter() - start
+
+
+def refuse_quantized_source(source: SourceCheckpoint) -> None:
+    """A checkpoint that is already quantized (other than the FP8-block sources dequantized on reading) is
+    refused by name: re-quantizing its codes would be meaningless."""
+    config_file = source.path / "config.json"
+    quant = source.config.get("quantization_config")
+    if quant is not None and not isinstance(quant, dict):
+        raise CheckpointError(f"{config_file}: quantization_config is a {type(quant).__name__}, expected an object")
+    if quant and not (quant.get("quant_method") == "fp8" and quant.get("weight_block_size")):
+        raise CheckpointError(
+            f"{config_file}: the source is already quantized (quantization_config quant_method "
+            f"{quant.get('quant_method')!r}); quantize from the unquantized (bf16) checkpoint"
+        )
+    if (source.path / "hf_quant_config.json").is_file():
+        raise CheckpointError(
+            f"{source.path / 'hf_quant_config.json'}: the source is already quantized (ModelOpt's hf_quant_config); "
+            "quantize from the unquantized (bf16) checkpoint"
+        )
+    scale = next((n for n in source.names() if n.endswith((".weight_scale", ".weight_scale_2"))), None)
+    if scale is not None:
+        raise CheckpointError(
+            f"{source.where(scale)}: tensor {scale}: the source is already quantized; quantize from the unquantized "
+            "(bf16) checkpoint"
+        )

@@ -1,8 +1,9 @@
 """What vLLM, SGLang and TensorRT-LLM do with each checkpoint format of a MoE model, as data.
 
 One table serves the README, ``moeq-triton inspect`` and the command's end-of-run warning, so the three
-never disagree.  Facts from reading the loaders (shared/reference/serving.md, 2026-11-29); nothing here
-ran on a GPU.
+never disagree.  Facts from reading the loaders' source (vLLM 0.33.0 and SGLang 0.5.23 wheels, TensorRT-LLM
+main, 2026-11-29; the ``fp8-block`` rows from the three projects' ``Fp8Config`` loaders, quoted in
+tests/kernels/test_fp8_block.py); nothing here ran on a GPU.
 """
 
 from __future__ import annotations

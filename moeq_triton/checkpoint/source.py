@@ -14,7 +14,7 @@ import torch
 
 from moeq_triton.checkpoint.io import SAFETENSORS_DTYPES, CheckpointError
 from moeq_triton.kernels import FP8BlockSource, dequantize_fp8_block
-from moeq_triton.kernels.dequant import check_source
+from moeq_triton.kernels.grouping import validate
 
 SCALE_INV = "_scale_inv"
 """Suffix of an FP8-block source's scale: ``X.weight`` is dequantized with ``X.weight_scale_inv``."""
@@ -55,6 +55,11 @@ def split_experts(source, is_split) -> dict[str, ExpertSlice]:
             )
         experts, rows, cols = shape
         base, _, projection = name.rpartition(".")
+        if projection == "gate_up_proj" and rows % 2:
+            raise CheckpointError(
+                f"{source.where(name)}: stacked expert tensor {name} has {rows} rows: it holds gate and up, "
+                "an even count (the engines split it in halves)"
+            )
         parts = (("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)) if projection == "gate_up_proj" else (
             (projection, 0, rows),)  # fmt: skip
         for e in range(experts):
@@ -84,7 +89,7 @@ def read_units(units, source, device: torch.device) -> dict[str, torch.Tensor | 
         for name, inv in unit.scale_inv.items():
             try:
                 weight = FP8BlockSource(loaded[name], source.tensor(inv).to(device))
-                check_source(0, weight)
+                validate([weight])  # the kernels' check of a source: layout, scale shape, one device
                 loaded[name] = weight if unit.quantize else dequantize_fp8_block([weight.codes], [weight.scale_inv])[0]
             except ValueError as error:
                 raise CheckpointError(f"{source.where(name)}: tensor {name}: {error}") from None

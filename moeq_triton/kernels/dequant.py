@@ -3,6 +3,11 @@
 ``w[i, j] * s[i // 128, j // 128]`` in float32, rounded once to bf16: what DeepSeek's reference
 ``weight_dequant`` (inference/kernel.py) stores, so the result equals the bf16 weights their
 ``fp8_cast_bf16.py`` writes. Edge blocks are partial (dims need not be multiples of 128).
+docs/numerics.md, section "FP8-block source dequantization".
+
+The jit helpers at the end are that same computation inside the quantization kernels (an
+``FP8BlockSource`` in a weight list): the e4m3 code decoded exactly, one float32 product with its
+block's scale, one round-to-nearest-even to bf16, kept as the float32 of that bf16 value.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 from .formats import FP8_BLOCK_SIZE
+from .rounding import round_to_dtype
 
 
 class FP8BlockSource(NamedTuple):
@@ -32,32 +40,14 @@ class FP8BlockSource(NamedTuple):
     def device(self) -> torch.device:
         return self.codes.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """What is stored (float8_e4m3fn), so that error messages name it; the values are bf16."""
-        return self.codes.dtype
-
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight this source stands for (plain torch)."""
         return dequantize_fp8_block_reference(self.codes, self.scale_inv)
 
 
-def check_source(i: int, source: FP8BlockSource) -> None:
-    """A kernel's check of weights[i] when it is an FP8-block source: the layout, rows with unit stride."""
-    _check(i, source.codes, source.scale_inv, FP8_BLOCK_SIZE)
-    if source.codes.shape[1] > 1 and source.codes.stride(1) != 1:
-        raise ValueError(
-            f"weights[{i}] (FP8-block source, shape {tuple(source.shape)}): its codes' last dim must have stride 1"
-        )
-    if source.scale_inv.device != source.codes.device:
-        raise ValueError(
-            f"weights[{i}] (FP8-block source): scale_inv is on {source.scale_inv.device}, codes on {source.device}"
-        )
-
-
-def materialized(weights: Sequence) -> list:
-    """The list with every FP8-block source dequantized to bf16: for the engines that do not read sources
-    fused (the torch references; not the C loop)."""
+def dequantized_sources(weights: Sequence) -> list:
+    """The list with every FP8BlockSource replaced by its bf16 tensor: how the engines without a fused
+    path (the torch references) see a source; the Triton kernels and the C loop read sources fused."""
     return [w.dequantize() if isinstance(w, FP8BlockSource) else w for w in weights]
 
 
@@ -106,3 +96,50 @@ def dequantize_fp8_block_reference(
     rows, cols = weight.shape
     expanded = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return (weight.float() * expanded).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- jit side
+
+_E4M3_TO_FLOAT32 = tl.constexpr(2.0**120)  # e4m3 bits << 20 read as float32 are the value times 2^-120
+
+
+@triton.jit
+def e4m3_values(codes, HW: tl.constexpr):
+    """Exact float32 values of float8_e4m3fn codes (a uint8 tensor); 0x7F / 0xFF are NaN.
+
+    HW: the GPU's cvt.rn.f16x2.e4m3x2 (two codes per instruction; every e4m3 value is an f16) and f16 ->
+    float32.  Otherwise bit placement: the 7 magnitude bits << 20 are a float32 (normal or subnormal)
+    equal to the value times 2^-120, so one multiply by 2^120 is exact; the sign bit goes to bit 31."""
+    if HW:
+        return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    b = codes.to(tl.int32)
+    magnitude = b & 0x7F
+    value = (magnitude << 20).to(tl.float32, bitcast=True) * _E4M3_TO_FLOAT32
+    value = tl.where(magnitude == 0x7F, float("nan"), value)
+    return ((b & 0x80) << 24 | value.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_round(p, HW: tl.constexpr):
+    """float32 ``p`` rounded to the nearest bfloat16 (ties to even, subnormals kept), as a float32.
+
+    HW: one cvt.rn.bf16x2.f32 with +0.0 as the low half: the packed result's bits are already the
+    float32 of the bf16 value (no shift to widen it back).  Otherwise the bit rounding of round_to_dtype.
+    tests/ptx_semantics.py defines the instruction for the interpreter."""
+    if HW:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 z; mov.b32 z, 0; cvt.rn.bf16x2.f32 $0, $1, z; }",
+            "=r,r",
+            [p],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    return round_to_dtype(p, 1, False)
+
+
+@triton.jit
+def source_values(codes, scale, HW: tl.constexpr):
+    """The bf16 values (as float32) that FP8-block codes stand for: fl32(e4m3 * scale) rounded to bf16,
+    what ``dequantize_fp8_block_reference`` computes; ``scale`` broadcasts against ``codes``."""
+    return bf16_round(e4m3_values(codes, HW) * scale, HW)

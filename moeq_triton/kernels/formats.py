@@ -1,7 +1,7 @@
 """The NVFP4 and FP8 (E4M3) number formats: every constant of the math lives here, once.
 
-Values follow ModelOpt 0.47's export (``NVFP4QTensor``, ``to_quantized_weight``); see
-``shared/reference/numerics.md`` for the derivation of each step.
+Values follow ModelOpt 0.47's export (``NVFP4QTensor``, ``to_quantized_weight``); docs/numerics.md derives
+each step (sections "E4M3 (float8_e4m3fn)", "E2M1 (FP4)", "NVFP4", "FP8 block (128x128)").
 """
 
 import torch

@@ -7,6 +7,7 @@ Bit-exact with ModelOpt's HF export (``get_scaling_factor`` -> ``TensorQuantizer
   round twice; on CUDA the 0-dim scale is itself first rounded to the weight dtype (an N-D weight is
   treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
 - per channel ("FP8_PER_CHANNEL_PER_TOKEN"): the quotient stays float32.
+Steps and their rounding: docs/numerics.md, sections "FP8 per tensor" and "FP8 per channel".
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import triton
 import triton.language as tl
 
 from . import native
-from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, tile_abs_max
-from .dequant import materialized
-from .formats import DTYPE_CODES, E4M3_MAX
+from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, source_tile_abs_max, tile_abs_max
+from .dequant import dequantized_sources, source_values
+from .formats import DTYPE_CODES, E4M3_MAX, FP8_BLOCK_SIZE
 from .grouping import (
     Problems,
     Tiles,
@@ -31,6 +32,7 @@ from .grouping import (
     launch,
     num_rows,
     output_ptr,
+    source_scales,
     tile_entry,
     tiles_for,
     use_triton,
@@ -63,6 +65,7 @@ def fp8_layout(shape: Sequence[int], per_channel: bool) -> FP8Weight:
 
 
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
+_SOURCE_BLOCK = tl.constexpr(FP8_BLOCK_SIZE)
 _INV_E4M3_MAX = tl.constexpr(float32_reciprocal(E4M3_MAX))
 
 
@@ -112,7 +115,10 @@ def _fp8_kernel(
     RECIPROCAL: tl.constexpr,
     HW: tl.constexpr,
     UNROLL: tl.constexpr,
+    SOURCE: tl.constexpr,
 ):
+    """SOURCE: the weights are FP8-block sources (codes + block scales); a step then covers one 128-column
+    block (one scale per step: BLOCK_R divides 128, so a tile lies in one row of scales)."""
     t, tile, index, flat_row = tile_entry(tile_map)
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
@@ -120,10 +126,18 @@ def _fp8_kernel(
     r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     r = r1[:, None]
     row_mask = r < rows
+    s_row = s_ptr  # the source's scale row (SOURCE)
+    if SOURCE:
+        x_ptr = x_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
+        source_ptr, source_stride = source_scales(table, t, BLOCK_R)
+        s_row = source_ptr + tile * BLOCK_R // _SOURCE_BLOCK * source_stride
+    STEP: tl.constexpr = _SOURCE_BLOCK if SOURCE else BLOCK_K
 
     if PER_CHANNEL:
         if HAS_ROW_AMAX:
             a = tl.load(row_amax + flat_row + r1)  # unmasked (the buffer is padded): no wait on the table
+        elif SOURCE:
+            a = tl.max(flag_nan(source_tile_abs_max(x_ptr, s_row, r1[:, None, None], rows, K, stride, HW)), axis=1)
         else:
             a = tl.max(flag_nan(tile_abs_max(x_ptr, r, rows, K, stride, BLOCK_R, BLOCK_K)), axis=1)
         scale = _export_scale(a, TINY, RECIPROCAL)
@@ -138,19 +152,26 @@ def _fp8_kernel(
     minus_top = -512.0 * D  # quotients above 512 saturate to 448 either way; the clamp keeps them finite
 
     # Loads need no mask: rows past the end re-read the last row (their stores are masked), and the
-    # columns past the last whole BLOCK_K are one masked step after the loop.
+    # columns past the last whole STEP are one masked step after the loop.
     r_in = tl.minimum(r, rows - 1)
-    k_full = K // BLOCK_K * BLOCK_K
-    seen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.range(0, k_full, BLOCK_K, loop_unroll_factor=UNROLL):
-        c = k0 + tl.arange(0, BLOCK_K)[None, :]
-        x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
+    k_full = K // STEP * STEP
+    seen = tl.zeros([BLOCK_R, STEP], dtype=tl.float32)
+    for k0 in tl.range(0, k_full, STEP, loop_unroll_factor=UNROLL):
+        c = k0 + tl.arange(0, STEP)[None, :]
+        if SOURCE:
+            x = source_values(tl.load(x_ptr + r_in * stride + c), tl.load(s_row + k0 // _SOURCE_BLOCK), HW)
+        else:
+            x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask)
     if k_full < K:
-        c = k_full + tl.arange(0, BLOCK_K)[None, :]
-        x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
+        c = k_full + tl.arange(0, STEP)[None, :]
+        if SOURCE:
+            codes = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0)
+            x = source_values(codes, tl.load(s_row + k_full // _SOURCE_BLOCK), HW)
+        else:
+            x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
         seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
         q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
@@ -174,21 +195,19 @@ def quantize_fp8(
     device = validate(weights)
     if device is None:
         return []
-    engine = engine_for(device, native.enabled())
-    if engine != "native":  # only the C loop reads FP8-block sources fused so far
-        weights = materialized(weights)
     problems = Problems(weights)
-    if engine == "native":
+    if engine_for(device, native.enabled()) == "native":  # the C loop reads FP8-block sources fused
         return _quantize_native(weights, weight_amax, per_channel, device, problems)
     amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
     if not use_triton(device):
+        values = dequantized_sources(weights)
         if weight_amax is not None:  # otherwise the amax pass above has already checked
-            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
+            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in values]))
         problems.raise_first()
         rows = row_amax.split([num_rows(w) for w in weights]) if row_amax is not None else None
         return [
             quantize_fp8_reference(w, rows[i] if rows is not None else amax[i], per_channel)
-            for i, w in enumerate(weights)
+            for i, w in enumerate(values)
         ]
 
     results = [
@@ -216,7 +235,7 @@ def quantize_fp8(
         _fp8_kernel,
         weights,
         tiles,
-        (
+        args=(
             amax if amax is not None else placeholder,
             # padded by a tile of rows: the kernel reads a tile's row amaxes without a mask
             torch.cat([row_amax, placeholder.new_zeros(tiles.rows)]) if row_amax is not None else placeholder,

@@ -10,6 +10,7 @@ the numbers of ModelOpt 0.47's ``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG`` export (``FP
   quotient promotes to float32 and is rounded once (unlike per-tensor FP8, which stays in the weight dtype).
 The scale is stored as the engines name it, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)]; ModelOpt's own
 export writes the same values as ``weight_scale`` shaped (ceil(N/128), 1, ceil(K/128), 1).
+Steps and their rounding: docs/numerics.md, section "FP8 block (128x128)".
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from . import native
 from .amax import flag_nan
-from .dequant import materialized
+from .dequant import FP8BlockSource, bf16_round, dequantized_sources, e4m3_values, source_values
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
 from .fp8 import fp8_codes
 from .grouping import (
@@ -38,6 +39,7 @@ from .grouping import (
     launch,
     output_ptr,
     row_stride,
+    source_scales,
     tile_entry,
     tiles_for,
     use_triton,
@@ -89,26 +91,47 @@ def _fp8_block_kernel(
     RECIPROCAL: tl.constexpr,
     BF16_BITS: tl.constexpr,
     HW: tl.constexpr,
+    SOURCE: tl.constexpr,
 ):
     """One program per 128-row strip of one tensor (the launcher's tile); it walks the strip's 128x128
     blocks, each in two passes of [STEP_R, 128] steps: the block amax (a running max per thread, one
     reduction after the pass), then the codes (the block is read again, from cache).  Neither pass has a
-    barrier or shuffle inside its loop."""
+    barrier or shuffle inside its loop.
+
+    SOURCE (FP8-block source weights): an output block is a source block, under one source scale s; its
+    amax is the largest code magnitude (an integer max of ``code & 0x7F``: the values are a
+    non-decreasing function of it, and NaN, 0x7F, is the largest) decoded, times |s|, rounded to bf16."""
     t, strip, index, _ = tile_entry(tile_map)
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
     q_ptr = output_ptr(out_table, t, 0, tl.uint8, ALIGNED)
     s_ptr = output_ptr(out_table, t, 1, tl.float32, False)
+    src_row = s_ptr  # the source's scale row (SOURCE)
+    if SOURCE:
+        x_ptr = x_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
+        source_ptr, source_stride = source_scales(table, t, _BLOCK)
+        src_row = source_ptr + strip * source_stride
     step_r = strip * _BLOCK + tl.arange(0, STEP_R)[:, None]
     blocks_k = (K + _BLOCK - 1) // _BLOCK
     seen = tl.zeros([], dtype=tl.float32)
     for kb in range(0, blocks_k):
         c = kb * _BLOCK + tl.arange(0, _BLOCK)[None, :]
-        acc = tl.zeros([STEP_R, _BLOCK], dtype=tl.float32)
-        for i in range(0, _BLOCK, STEP_R):
-            r = step_r + i
-            x = _load_float32(x_ptr, r * stride + c, (r < rows) & (c < K), BF16_BITS)
-            acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        b = tl.max(tl.max(flag_nan(acc), axis=1), axis=0)  # once per block; inf when non-finite
+        src_scale = 1.0
+        if SOURCE:
+            src_scale = tl.load(src_row + kb)
+            top = tl.zeros([STEP_R, _BLOCK], dtype=tl.int32)
+            for i in range(0, _BLOCK, STEP_R):
+                r = step_r + i
+                codes = tl.load(x_ptr + r * stride + c, mask=(r < rows) & (c < K), other=0)
+                top = tl.maximum(top, codes.to(tl.int32) & 0x7F)
+            top = tl.max(tl.max(top, axis=1), axis=0).to(tl.uint8)
+            b = flag_nan(bf16_round(e4m3_values(top, HW) * tl.abs(src_scale), HW))
+        else:
+            acc = tl.zeros([STEP_R, _BLOCK], dtype=tl.float32)
+            for i in range(0, _BLOCK, STEP_R):
+                r = step_r + i
+                x = _load_float32(x_ptr, r * stride + c, (r < rows) & (c < K), BF16_BITS)
+                acc = tl.maximum(acc, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+            b = tl.max(tl.max(flag_nan(acc), axis=1), axis=0)  # once per block; inf when non-finite
         seen = tl.maximum(seen, b)
         b = tl.where(b == 0.0, _E4M3_MAX, tl.maximum(b, TINY))
         scale = divide_by_constant(b, _E4M3_MAX, _INV_E4M3_MAX, RECIPROCAL)
@@ -118,7 +141,10 @@ def _fp8_block_kernel(
         for i in range(0, _BLOCK, STEP_R):
             r = step_r + i
             mask = (r < rows) & (c < K)
-            x = _load_float32(x_ptr, r * stride + c, mask, BF16_BITS)
+            if SOURCE:
+                x = source_values(tl.load(x_ptr + r * stride + c, mask=mask, other=0), src_scale, HW)
+            else:
+                x = _load_float32(x_ptr, r * stride + c, mask, BF16_BITS)
             # ModelOpt divides by an expanded float32 tensor: the quotient stays float32 (kind 0)
             q = fp8_codes(x, scale, minus_S, D, minus_inverse, minus_top, 0, HW)
             tl.store(q_ptr + r * K + c, q, mask=mask)
@@ -147,8 +173,9 @@ def _dtype_constexprs(dtype: torch.dtype) -> dict:
     return {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16}
 
 
-def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
-    """FP8-block-quantize every 2-D weight; one launch per dtype, no amax pass (block amaxes are local).
+def quantize_fp8_block(weights: Sequence[torch.Tensor | FP8BlockSource]) -> list[FP8BlockWeight]:
+    """FP8-block-quantize every 2-D weight (or FP8-block source); one launch per dtype and one for the
+    sources, no amax pass (block amaxes are local).
 
     Raises NonFiniteWeightError naming the first weight that holds NaN or Inf.
     """
@@ -161,20 +188,16 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
                 f"{describe(i, w)}: FP8 blocks are 128x128 tiles of a 2-D [out, in] weight; "
                 "pass each expert's 2-D view of a stacked parameter"
             )
-        if (
-            isinstance(w, torch.Tensor)
-            and w.numel()
-            and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS
-        ):
+        if w.shape[0] * w.shape[1] and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS:
             raise ValueError(f"{describe(i, w)}: spans more than 2**31 elements; split it into row blocks of 128")
     if engine_for(device, native.enabled()) == "native":  # the C loop reads FP8-block sources fused
         return _quantize_native(weights, device)
-    weights = materialized(weights)
     if not use_triton(device):
-        bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
+        values = dequantized_sources(weights)
+        bad = [i for i, w in enumerate(values) if not bool(torch.isfinite(w).all())]
         if bad:
             raise NonFiniteWeightError(bad[0], describe(bad[0], weights[bad[0]]))
-        return [quantize_fp8_block_reference(w) for w in weights]
+        return [quantize_fp8_block_reference(w) for w in values]
 
     results = [
         FP8BlockWeight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_block_layout(w.shape))) for w in weights
@@ -183,7 +206,16 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor]) -> list[FP8BlockWeight]:
     step = tiles_for(TILES, device)
     outputs = [[r.weight for r in results], [r.weight_scale_inv for r in results]]
     constexprs = {"STEP_R": step.cols, "RECIPROCAL": divides_by_reciprocal(device), "HW": hardware_math(device)}
-    launch("fp8_block", _fp8_block_kernel, weights, step, (nonfinite,), outputs, _dtype_constexprs, **constexprs)
+    launch(
+        "fp8_block",
+        _fp8_block_kernel,
+        weights,
+        step,
+        args=(nonfinite,),
+        outputs=outputs,
+        per_dtype=_dtype_constexprs,
+        **constexprs,
+    )
     problems = Problems(weights)
     problems.add_nonfinite(nonfinite > 0)
     problems.raise_first()

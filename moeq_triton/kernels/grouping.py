@@ -9,6 +9,12 @@ problems found (non-finite weights, bad amaxes) happens in ``Problems.raise_firs
 A new kernel adopts ``launch``: its first parameters are ``(table, tile_map, out_table, x_ref)``, it
 finds its tile with ``tile_entry`` and its weight with ``weight_rows``, and its per-call outputs are
 read with ``output_ptr``.
+
+An FP8-block source (``dequant.FP8BlockSource``: e4m3 codes plus one float32 scale per 128x128 block) is
+a kind of input of its own: its tensors form a group (one launch) whose table rows hold the codes'
+pointer, shape and row stride as a tensor's do, plus the scale pointer and the scale row stride
+(``source_scales``); the kernel is launched with SOURCE=True and ``per_dtype`` is asked for bfloat16,
+the dtype of the values the codes stand for.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import FP8BlockSource, check_source
-from .formats import DTYPE_CODES
+from .dequant import FP8BlockSource
+from .formats import DTYPE_CODES, FP8_BLOCK_SIZE
 
 # Columns of the int64 table (constexpr so that jit code can read them).
 COL_PTR = tl.constexpr(0)  # data_ptr of this entry's first row
@@ -34,7 +40,9 @@ COL_K = tl.constexpr(2)  # last dim
 COL_ROW_STRIDE = tl.constexpr(3)  # elements between consecutive rows
 COL_INDEX = tl.constexpr(4)  # position of the tensor in the caller's list
 COL_FLAT_ROW = tl.constexpr(5)  # this entry's first row in a flat per-row buffer of all tensors
-TABLE_COLS = tl.constexpr(6)
+COL_SCALE_PTR = tl.constexpr(6)  # FP8-block sources: data_ptr of the scale row of this entry's first row
+COL_SCALE_STRIDE = tl.constexpr(7)  # FP8-block sources: float32 elements between scale rows (0 for a tensor)
+TABLE_COLS = tl.constexpr(8)
 MAX_OUTPUTS = tl.constexpr(3)  # columns of the per-call output table
 
 MAX_ENTRY_ELEMENTS = 2**31 - 1
@@ -74,18 +82,42 @@ def use_triton(device: torch.device) -> bool:
 
 def hardware_math(device: torch.device) -> bool:
     """Kernels use the GPU's FMA and conversion instructions on CUDA; the interpreter gets the portable
-    formulation (its fma rounds twice and its float8 cast is wrong, shared/reference/numerics.md)."""
+    formulation (its fma rounds twice and its float8 cast is wrong: docs/numerics.md, "The Triton
+    interpreter's float8 cast")."""
     return device.type == "cuda"
 
 
-def describe(index: int, w: torch.Tensor) -> str:
+Weight = torch.Tensor | FP8BlockSource
+"""What the kernels accept in a list of weights: a tensor, or an FP8-block source standing for bf16 values."""
+
+SOURCE_VALUE_DTYPE = torch.bfloat16
+"""The dtype of the values an FP8-block source stands for (what ``per_dtype`` is asked for)."""
+
+
+def is_source(w: Weight) -> bool:
+    return isinstance(w, FP8BlockSource)
+
+
+def storage(w: Weight) -> torch.Tensor:
+    """The tensor a kernel reads element by element: the codes of a source, else the weight itself."""
+    return w.codes if isinstance(w, FP8BlockSource) else w
+
+
+def value_dtype(w: Weight) -> torch.dtype:
+    """The dtype of the values a kernel computes on (bfloat16 for a source)."""
+    return SOURCE_VALUE_DTYPE if isinstance(w, FP8BlockSource) else w.dtype
+
+
+def describe(index: int, w: Weight) -> str:
     """How errors name a tensor: its position in the list, shape and dtype."""
+    if isinstance(w, FP8BlockSource):
+        return f"weights[{index}] (FP8-block source, shape {tuple(w.shape)}, {w.codes.dtype})"
     return f"weights[{index}] (shape {tuple(w.shape)}, {w.dtype})"
 
 
-def num_rows(w: torch.Tensor) -> int:
+def num_rows(w: Weight) -> int:
     """Rows of a weight: the product of all dims but the last (the quantized axis)."""
-    return math.prod(w.shape[:-1]) if w.shape[-1] else 0  # shape only: an FP8BlockSource counts too
+    return math.prod(w.shape[:-1]) if w.shape[-1] else 0
 
 
 def row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
@@ -97,8 +129,11 @@ def row_offsets(weights: Sequence[torch.Tensor]) -> list[int]:
     return out
 
 
-def row_stride(index: int, w: torch.Tensor) -> int:
+def row_stride(index: int, w: Weight) -> int:
     """Elements between rows when all leading dims collapse into one row axis, else an error."""
+    if isinstance(w, FP8BlockSource):
+        _check_source(index, w)
+        return w.codes.stride(0)
     if w.dim() == 0:
         raise ValueError(f"{describe(index, w)}: a 0-dim tensor has no axis to quantize")
     if w.shape[-1] > 1 and w.stride(-1) != 1:
@@ -118,20 +153,40 @@ def row_stride(index: int, w: torch.Tensor) -> int:
     return w.stride(-2)
 
 
-def validate(weights: Sequence[torch.Tensor], block: int = 1) -> torch.device | None:
+def _check_source(index: int, w: FP8BlockSource) -> None:
+    """An FP8-block source the kernels can read: 2-D e4m3 codes with contiguous rows and a float scale
+    tensor of ceil(N/128) x ceil(K/128) with contiguous rows, both on one device."""
+    codes, scale = w.codes, w.scale_inv
+    if not isinstance(codes, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        raise TypeError(f"weights[{index}]: an FP8BlockSource holds two tensors (codes, scale_inv)")
+    where = describe(index, w)
+    if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+        raise ValueError(f"{where}: the codes must be a 2-D float8_e4m3fn tensor")
+    if codes.shape[1] > 1 and codes.stride(1) != 1:
+        raise ValueError(f"{where}: the codes' last dim must have stride 1 (got strides {codes.stride()})")
+    expected = tuple(-(-n // FP8_BLOCK_SIZE) for n in codes.shape)
+    if tuple(scale.shape) != expected or not scale.is_floating_point():
+        raise ValueError(
+            f"{where}: its scale_inv has shape {tuple(scale.shape)} ({scale.dtype}); expected a float tensor of "
+            f"shape {expected} for {FP8_BLOCK_SIZE}x{FP8_BLOCK_SIZE} blocks"
+        )
+    if scale.device != codes.device:
+        raise ValueError(f"{where}: scale_inv is on {scale.device}, the codes on {codes.device}")
+
+
+def validate(weights: Sequence[Weight], block: int = 1) -> torch.device | None:
     """Check every weight; return their common device (None for an empty list)."""
-    if isinstance(weights, torch.Tensor):
+    if isinstance(weights, torch.Tensor | FP8BlockSource):
         raise TypeError("weights must be a sequence of tensors; wrap a single tensor in a list")
     device = None
     for i, w in enumerate(weights):
         if isinstance(w, FP8BlockSource):
-            check_source(i, w)
+            row_stride(i, w)  # checks the source
         elif not isinstance(w, torch.Tensor):
-            raise TypeError(f"weights[{i}] is a {type(w).__name__}, not a torch.Tensor")
+            raise TypeError(f"weights[{i}] is a {type(w).__name__}, not a torch.Tensor or an FP8BlockSource")
         elif w.dtype not in DTYPE_CODES:
             raise TypeError(f"{describe(i, w)}: unsupported dtype; expected bfloat16, float16 or float32")
-        else:
-            row_stride(i, w)
+        row_stride(i, w)
         if block > 1 and w.shape[-1] % block:
             raise ValueError(
                 f"{describe(i, w)}: last dim {w.shape[-1]} is not a multiple of the block size {block}; "
@@ -197,9 +252,10 @@ class Problems:
 
 @dataclass(frozen=True)
 class Group:
-    """All tensors of one dtype as the kernels see them: a table on the device and the grid."""
+    """All tensors of one dtype (or all FP8-block sources) as the kernels see them: a table on the device
+    and the grid."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype  # the values' dtype (bfloat16 for sources)
     indices: tuple[int, ...]  # positions in the caller's list
     entries: tuple[tuple[int, int, int], ...]  # (index, first row, rows) per table entry
     table: torch.Tensor  # int64 [entries, TABLE_COLS]
@@ -207,6 +263,8 @@ class Group:
     num_tiles: int
     aligned: bool  # every entry: base 16-byte aligned, K and row stride multiples of 16 bytes
     vec: int  # elements per 16 bytes
+    source: bool = False  # FP8-block sources: the entries read codes and block scales
+    keep: tuple[torch.Tensor, ...] = ()  # float32 copies of scale tensors given in another dtype
 
 
 _CACHE: OrderedDict[tuple, list[Group]] = OrderedDict()
@@ -232,7 +290,7 @@ def _to_device(rows: list[list[int]], dtype: torch.dtype, cols: int, device: tor
     return host.to(device)
 
 
-def _entries(index: int, w: torch.Tensor, block_rows: int) -> list[tuple[int, int, int]]:
+def _entries(index: int, w: Weight, block_rows: int) -> list[tuple[int, int, int]]:
     """(index, first row, rows) chunks so that int32 offsets never overflow inside a chunk."""
     rows, stride, k = num_rows(w), row_stride(index, w), w.shape[-1]
     if rows == 0 or k == 0:
@@ -241,13 +299,24 @@ def _entries(index: int, w: torch.Tensor, block_rows: int) -> list[tuple[int, in
     if span <= MAX_ENTRY_ELEMENTS:
         return [(index, 0, rows)]
     chunk = (MAX_ENTRY_ELEMENTS - k) // max(stride, 1) + 1
-    chunk = max(block_rows, chunk // (64 * block_rows) * (64 * block_rows))  # keeps output alignment
+    least, unit = block_rows, 64 * block_rows  # keeps output alignment
+    if isinstance(w, FP8BlockSource):  # and a source's chunks start on a scale row
+        least, unit = math.lcm(least, FP8_BLOCK_SIZE), math.lcm(unit, FP8_BLOCK_SIZE)
+    chunk = max(least, chunk // unit * unit)
     return [(index, r0, min(chunk, rows - r0)) for r0 in range(0, rows, chunk)]
 
 
-def groups_for(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
-    """The tables of a list of weights (one group per dtype), built once and cached by geometry."""
-    key = (block_rows, tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights))
+def _geometry(w: Weight) -> tuple:
+    if isinstance(w, FP8BlockSource):
+        s = w.scale_inv
+        return (*_geometry(w.codes), s.data_ptr(), s.shape, s.stride(), s.dtype)
+    return (w.data_ptr(), w.shape, w.stride(), w.dtype, w.device)
+
+
+def groups_for(weights: Sequence[Weight], block_rows: int) -> list[Group]:
+    """The tables of a list of weights (one group per dtype, one for FP8-block sources), built once and
+    cached by geometry."""
+    key = (block_rows, tuple(_geometry(w) for w in weights))
     cached = _CACHE.get(key)
     if cached is not None:
         _STATS["hit"] += 1
@@ -261,32 +330,44 @@ def groups_for(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
     return groups
 
 
-def _build(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
+def _build(weights: Sequence[Weight], block_rows: int) -> list[Group]:
     device = weights[0].device
     flat = row_offsets(weights)
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    by_kind: dict[torch.dtype | str, list[int]] = {}
     for i, w in enumerate(weights):
-        by_dtype.setdefault(w.dtype, []).append(i)
+        by_kind.setdefault("fp8_block_source" if isinstance(w, FP8BlockSource) else w.dtype, []).append(i)
     groups = []
-    for dtype, indices in by_dtype.items():
-        size = weights[indices[0]].element_size()
+    for kind, indices in by_kind.items():
+        source = kind == "fp8_block_source"
+        size = storage(weights[indices[0]]).element_size()
         vec = 16 // size
-        entries, table, tile_map = [], [], []
+        entries, table, tile_map, keep = [], [], [], []
         aligned = True
         for i in indices:
             w = weights[i]
             stride = row_stride(i, w)
+            scale_ptr = scale_stride = 0
+            if source:
+                scale = w.scale_inv
+                if scale.dtype != torch.float32 or (scale.shape[1] > 1 and scale.stride(1) != 1):
+                    scale = scale.float().contiguous()  # a few KB; DeepSeek's are float32 already
+                    keep.append(scale)
+                scale_ptr, scale_stride = scale.data_ptr(), scale.stride(0)
             for index, r0, rows in _entries(i, w, block_rows):
-                ptr = w.data_ptr() + r0 * stride * size
+                ptr = storage(w).data_ptr() + r0 * stride * size
                 aligned &= ptr % 16 == 0 and w.shape[-1] % vec == 0 and (stride % vec == 0 or rows == 1)
                 e = len(entries)
                 entries.append((index, r0, rows))
-                table.append([ptr, rows, w.shape[-1], stride, index, flat[index] + r0])
+                row = [ptr, rows, w.shape[-1], stride, index, flat[index] + r0, 0, 0]
+                if source:  # chunks start on a multiple of 128 rows (_entries)
+                    row[COL_SCALE_PTR] = scale_ptr + r0 // FP8_BLOCK_SIZE * scale_stride * 4
+                    row[COL_SCALE_STRIDE] = scale_stride
+                table.append(row)
                 first = flat[index] + r0
                 tile_map.extend([e, t, index, first] for t in range(math.ceil(rows / block_rows)))
         groups.append(
             Group(
-                dtype,
+                SOURCE_VALUE_DTYPE if source else kind,
                 tuple(indices),
                 tuple(entries),
                 _to_device(table, torch.int64, TABLE_COLS.value, device),
@@ -294,12 +375,14 @@ def _build(weights: Sequence[torch.Tensor], block_rows: int) -> list[Group]:
                 len(tile_map),
                 aligned,
                 vec,
+                source,
+                tuple(keep),
             )
         )
     return groups
 
 
-def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weights: Sequence[torch.Tensor]):
+def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weights: Sequence[Weight]):
     """int64 [entries, MAX_OUTPUTS]: each entry's output pointers (a chunk's offset by its first row).
 
     An output of weight i holds ``numel // rows`` elements per row of the weight (0 for a 0-dim scale).
@@ -322,17 +405,20 @@ def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weight
 def launch(
     name: str,
     kernel,
-    weights: Sequence[torch.Tensor],
+    weights: Sequence[Weight],
     tiles: Tiles,
+    *,
     args: Sequence = (),
     outputs: Sequence[Sequence[torch.Tensor]] = (),
     per_dtype=None,
     **constexprs,
 ) -> None:
-    """One launch per dtype of ``kernel[(tiles,)](table, tile_map, out_table, x_ref, *args, ...)``.
+    """One launch per dtype (and one for FP8-block sources) of
+    ``kernel[(tiles,)](table, tile_map, out_table, x_ref, *args, ...)``.
 
     ``outputs[j][i]``: the j-th output tensor of weight i.  ``per_dtype(dtype)`` may add constexprs
-    that depend on the group's dtype.  Constexprs ALIGNED, VEC and BLOCK_R are always passed.
+    that depend on the group's dtype (bfloat16 for sources).  Constexprs ALIGNED, VEC, BLOCK_R and
+    SOURCE are always passed.
     """
     for g in groups_for(weights, tiles.rows):
         if not g.num_tiles:
@@ -342,11 +428,12 @@ def launch(
             g.table,
             g.tile_map,
             output_table(g, outputs, weights) if outputs else g.table,
-            weights[g.indices[0]],
+            storage(weights[g.indices[0]]),
             *args,
             ALIGNED=g.aligned,
             VEC=g.vec,
             BLOCK_R=tiles.rows,
+            SOURCE=g.source,
             **constexprs,
             **extra,
             num_warps=tiles.warps,
@@ -389,3 +476,13 @@ def output_ptr(out_table, t, j: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.c
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
+
+
+@triton.jit
+def source_scales(table, t, BLOCK_R: tl.constexpr):
+    """(float32 pointer to the scale row of entry ``t``'s first row, scale row stride) of an FP8-block
+    source: tile ``i`` of BLOCK_R rows (BLOCK_R divides 128 or is a multiple of it) reads scale row
+    ``i * BLOCK_R // 128``.  Loaded beside the other table columns: no longer chain of loads."""
+    row = table + t * TABLE_COLS
+    ptr = tl.load(row + COL_SCALE_PTR).to(tl.pointer_type(tl.float32))
+    return ptr, tl.load(row + COL_SCALE_STRIDE).to(tl.int32)

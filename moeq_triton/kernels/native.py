@@ -36,7 +36,7 @@ from .formats import (
     NVFP4_BLOCK_SIZE,
     NVFP4_SCALE_2_DIVISOR,
 )
-from .grouping import num_rows, row_stride
+from .grouping import Weight, num_rows, row_stride
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 # -march=native vectorizes the loops (2x here); the build is then tied to this CPU, so the cache key
@@ -61,8 +61,6 @@ _DEFINES = [
 
 SOURCE_FP8_BLOCK = 3
 """The C loop's dtype code of an FP8-block source (after DTYPE_CODES' 0-2)."""
-
-Weight = torch.Tensor | FP8BlockSource
 
 
 def _cpu_signature() -> bytes:

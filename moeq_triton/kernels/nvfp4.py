@@ -2,7 +2,7 @@
 
 Per tensor: weight_scale_2 = amax / 2688.  Per block of 16: an E4M3 scale from the block amax, then
 each element divided by (scale * weight_scale_2) and rounded to E2M1; two codes per byte, even
-element in the low nibble.  Steps and their rounding: shared/reference/numerics.md.
+element in the low nibble.  Steps and their rounding: docs/numerics.md, section "NVFP4".
 
 On the GPU path two launches per dtype share the tile map: one for tensors whose amax lies in a common
 regime (COMMON_AMAX_MIN), where the divisions need no prescale and the sign no underflow threshold,
@@ -20,13 +20,14 @@ import triton.language as tl
 
 from . import native
 from .amax import amax_unchecked, check_amax, flag_nan
-from .dequant import materialized
+from .dequant import dequantized_sources, source_values
 from .formats import (
     E2M1_BOUNDS,
     E2M1_MAX,
     E2M1_VALUES,
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
+    FP8_BLOCK_SIZE,
     NVFP4_BLOCK_SIZE,
     NVFP4_SCALE_2_DIVISOR,
 )
@@ -37,6 +38,7 @@ from .grouping import (
     hardware_math,
     launch,
     output_ptr,
+    source_scales,
     tile_entry,
     tiles_for,
     validate,
@@ -75,6 +77,7 @@ _SCALE_MIN = tl.constexpr(E4M3_MIN_SUBNORMAL)
 _MIN_SUBNORMAL = tl.constexpr(2.0**-149)  # the smallest positive float32
 _WORD_BIAS = tl.constexpr((E2M1_CODE_BIAS.value * 0x11111111 + 2**31) % 2**32 - 2**31)  # 8 biases, as int32
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
+_SOURCE_BLOCK = tl.constexpr(FP8_BLOCK_SIZE)
 
 # The common regime (COMMON_AMAX_MIN <= amax <= COMMON_AMAX_MAX[dtype]), decided on the device per tensor:
 # every block divisor d = fl(scale * weight_scale_2) lies in [2^-85, 2^14], so the division needs no
@@ -105,6 +108,7 @@ def _nvfp4_kernel(
     BF16: tl.constexpr,
     COMMON: tl.constexpr,
     AMAX_MAX: tl.constexpr,
+    SOURCE: tl.constexpr,
 ):
     """One of two launches on the GPU path (HW): COMMON quantizes the tensors whose amax is in the common
     regime (see COMMON_AMAX_MIN), the other one the rest and the tensors the first flagged in ``redo``;
@@ -137,6 +141,7 @@ def _nvfp4_kernel(
             HW,
             BF16,
             COMMON,
+            SOURCE,
         )
 
 
@@ -159,8 +164,14 @@ def _nvfp4_tile(
     HW: tl.constexpr,
     BF16: tl.constexpr,
     COMMON: tl.constexpr,
+    SOURCE: tl.constexpr,
 ):
     x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
+    s_row = output_ptr(out_table, t, 2, tl.float32, False)  # unused unless SOURCE: the source's scale row
+    if SOURCE:  # BLOCK_R divides 128: the tile lies in one row of source scales
+        x_ptr = x_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
+        source_ptr, source_stride = source_scales(table, t, BLOCK_R)
+        s_row = source_ptr + tile * BLOCK_R // _SOURCE_BLOCK * source_stride
     q_ptr = output_ptr(out_table, t, 0, tl.int32, True)  # 8 codes per 32-bit word; K/2 % 8 == 0
     s_ptr = output_ptr(out_table, t, 1, tl.uint8, False)
 
@@ -190,7 +201,7 @@ def _nvfp4_tile(
     blk2 = tl.arange(0, BLOCKS)[None, :]
     j3 = tl.arange(0, _HALF_BLOCK)[None, None, :]
     nibble = (4 * j3).to(tl.int32)
-    WORDS: tl.constexpr = HW and BF16 and ALIGNED  # bf16 pairs as 32-bit words: one integer op unpacks each
+    WORDS: tl.constexpr = HW and BF16 and ALIGNED and not SOURCE  # bf16 pairs as 32-bit words: one op unpacks each
     if WORDS:
         j3 = tl.arange(0, _HALF_BLOCK // 2)[None, None, :]  # word j holds elements 2j (low half), 2j + 1
         nibble = (8 * j3).to(tl.int32)
@@ -200,20 +211,25 @@ def _nvfp4_tile(
     out = (q_ptr, s_ptr, K, scale_2)
     unit = (minus_S_u, D_u, minus_I_u, Z_u)  # the division by scale_unit
     start = 0
-    if COMMON and VEC == 8:  # 16-bit weights, K % 64 == 0: a step is BLOCKS groups of 4 consecutive blocks,
-        # their 4 scales one 32-bit word (float32 weights: 42 BAR/SHFL per step instead of 12, not taken)
+    if COMMON and (VEC == 8 or SOURCE):  # 16-bit weights or sources, K % 64 == 0: a step is BLOCKS groups of
+        # 4 consecutive blocks, their 4 scales one 32-bit word (float32 weights: 42 BAR/SHFL per step
+        # instead of 12, not taken)
         QUAD: tl.constexpr = 4 * BLOCKS
         start = tl.where(K % (4 * _BLOCK) == 0, num_blocks // QUAD * QUAD, 0)
         scale_words = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # row r at r * K / 64 words
         for b0 in range(0, start, QUAD):
-            seen = _nvfp4_quad_step(x_ptr + r_in, lanes, b0 // 4 + blk2, r2 < rows, out, unit, seen, scale_words)
+            group = b0 // 4 + blk2
+            seen = _nvfp4_quad_step(x_ptr + r_in, lanes, group, r2 < rows, out, unit, seen, scale_words, s_row, SOURCE)
     full = start + (num_blocks - start) // BLOCKS * BLOCKS  # the rest one block per lane, scales as bytes
     for b0 in range(start, full, BLOCKS):
-        seen = _nvfp4_step(x_ptr + r_in, lanes, b0 + blk2, r2 < rows, out, unit, seen, False, HW, COMMON)
+        blk = b0 + blk2
+        src_scale = _source_scale(s_row, blk // (_SOURCE_BLOCK // _BLOCK), None, SOURCE, False)
+        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, r2 < rows, out, unit, seen, src_scale, False, HW, COMMON, SOURCE)
     if full < num_blocks:
         blk = full + blk2
         mask = (r2 < rows) & (blk < num_blocks)
-        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, mask, out, unit, seen, True, HW, COMMON)
+        src_scale = _source_scale(s_row, blk // (_SOURCE_BLOCK // _BLOCK), blk < num_blocks, SOURCE, True)
+        seen = _nvfp4_step(x_ptr + r_in, lanes, blk, mask, out, unit, seen, src_scale, True, HW, COMMON, SOURCE)
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)
     if HW and COMMON:  # a weight far above a given amax can overflow x * fl(1/d) to a NaN whose sign bit
@@ -224,20 +240,32 @@ def _nvfp4_tile(
 
 
 @triton.jit
+def _source_scale(s_row, column_block, mask, SOURCE: tl.constexpr, MASKED: tl.constexpr):
+    """The source scale of each lane's 16-blocks ([1, blocks]: the rows of a tile share it), or 0."""
+    if SOURCE:
+        if MASKED:
+            return tl.load(s_row + column_block, mask=mask, other=0.0)
+        return tl.load(s_row + column_block)
+    return tl.zeros(column_block.shape, dtype=tl.float32)
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _nvfp4_quad_step(rows_ptr, lanes, group, mask, out, unit, seen, scale_words):
+def _nvfp4_quad_step(rows_ptr, lanes, group, mask, out, unit, seen, scale_words, s_row, SOURCE: tl.constexpr):
     """One common-regime step over [rows, groups of 4 consecutive blocks]: four block steps (block 4g + k
     in the k-th, so one thread holds all four) whose scale bytes leave as one 32-bit word per group."""
     r2 = lanes[0]
     K = out[2]
-    seen, s0 = _nvfp4_step(rows_ptr, lanes, 4 * group, mask, out, unit, seen, False, True, True, False)
-    seen, s1 = _nvfp4_step(rows_ptr, lanes, 4 * group + 1, mask, out, unit, seen, False, True, True, False)
-    seen, s2 = _nvfp4_step(rows_ptr, lanes, 4 * group + 2, mask, out, unit, seen, False, True, True, False)
-    seen, s3 = _nvfp4_step(rows_ptr, lanes, 4 * group + 3, mask, out, unit, seen, False, True, True, False)
+    # sources: the 64 columns of a group lie in one 128-column block, under one scale
+    src = _source_scale(s_row, group // (_SOURCE_BLOCK // (4 * _BLOCK)), None, SOURCE, False)
+    seen, s0 = _nvfp4_step(rows_ptr, lanes, 4 * group, mask, out, unit, seen, src, False, True, True, SOURCE, False)
+    seen, s1 = _nvfp4_step(rows_ptr, lanes, 4 * group + 1, mask, out, unit, seen, src, False, True, True, SOURCE, False)
+    seen, s2 = _nvfp4_step(rows_ptr, lanes, 4 * group + 2, mask, out, unit, seen, src, False, True, True, SOURCE, False)
+    seen, s3 = _nvfp4_step(rows_ptr, lanes, 4 * group + 3, mask, out, unit, seen, src, False, True, True, SOURCE, False)
     tl.store(scale_words + r2 * (K // (4 * _BLOCK)) + group, s0 | (s1 << 8) | (s2 << 16) | (s3 << 24), mask=mask)
     return seen
 
@@ -251,9 +279,11 @@ def _nvfp4_step(
     out,
     unit,
     seen,
+    src_scale,
     MASKED: tl.constexpr,
     HW: tl.constexpr,
     COMMON: tl.constexpr,
+    SOURCE: tl.constexpr,
     STORE_SCALE: tl.constexpr = True,
 ):
     """One [rows, blocks] step: block scales (one byte each) and two 32-bit words of 8 codes per block.
@@ -261,7 +291,8 @@ def _nvfp4_step(
 
     lanes = (row, element-in-half-block, its nibble shift, WORDS); with WORDS (bf16 on the GPU path,
     aligned rows) the lane is a 32-bit word of two elements, the even one's nibble given, the odd one's
-    4 above; out = (codes, scales, K, weight_scale_2);
+    4 above; with SOURCE rows_ptr points at e4m3 codes (8 per half-block: a 64-bit load) standing for
+    bf16 values under the lane's ``src_scale``; out = (codes, scales, K, weight_scale_2);
     unit = divisor_parts of scale_unit and IEEE's zero threshold Z_u (see _nvfp4_tile); with COMMON
     (scale_unit, -scale_unit, +fl(1 / scale_unit), scale_unit)."""
     r2, j3, nibble, WORDS = lanes
@@ -285,6 +316,18 @@ def _nvfp4_step(
             tl.maximum(tl.abs(hi), tl.abs(hi_odd), propagate_nan=tl.PropagateNan.ALL),
             propagate_nan=tl.PropagateNan.ALL,
         )
+    elif SOURCE:
+        col = blk[:, :, None] * _BLOCK + j3
+        if MASKED:
+            lo_c = tl.load(rows_ptr + col, mask=mask[:, :, None], other=0)
+            hi_c = tl.load(rows_ptr + col + _HALF_BLOCK, mask=mask[:, :, None], other=0)
+        else:
+            lo_c = tl.load(rows_ptr + col)
+            hi_c = tl.load(rows_ptr + col + _HALF_BLOCK)
+        lo = source_values(lo_c, src_scale[:, :, None], HW)
+        hi = source_values(hi_c, src_scale[:, :, None], HW)
+        lo_odd, hi_odd = lo, hi  # unused
+        both = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
     else:
         col = blk[:, :, None] * _BLOCK + j3
         if MASKED:
@@ -411,21 +454,20 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
     if engine == "native":
         problems.raise_first()
         results = [_empty_outputs(w) for w in weights]
-        bad = native.nvfp4(weights, amax, results)  # one fused C pass per weight, a thread per core
+        # one fused C pass per weight, a thread per core; FP8-block sources are read fused
+        bad = native.nvfp4(weights, amax, results)
         problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
     elif engine == "reference":
-        weights = materialized(weights)
         if weight_amax is not None:  # otherwise the amax pass has checked
-            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in weights]))
+            problems.add_nonfinite(torch.stack([~torch.isfinite(w).all() for w in dequantized_sources(weights)]))
         problems.raise_first()
         results = []
-        for w, a in zip(weights, amax):
+        for w, a in zip(dequantized_sources(weights), amax):
             blocks = w.float().unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
             # (one tensor at a time on purpose: batching same-shape experts measured 1.5x slower on CPU,
             # the per-expert temporaries stay in cache)
             results.append(_nvfp4_from_blocks(blocks, blocks.abs().amax(-1), a))
     else:
-        weights = materialized(weights)  # FP8-block sources: the GPU's fused read is issue 25's other half
         results = [_empty_outputs(w) for w in weights]
         nonfinite = torch.zeros(len(weights), dtype=torch.int32, device=device)
         redo = torch.zeros(len(weights), dtype=torch.int32, device=device)  # common launch -> general one
@@ -438,7 +480,7 @@ def quantize_nvfp4(weights: Sequence[torch.Tensor], weight_amax: torch.Tensor | 
                 _nvfp4_kernel,
                 weights,
                 tiles,
-                (amax, nonfinite, redo),
+                args=(amax, nonfinite, redo),
                 outputs=[[getattr(r, field) for r in results] for field in NVFP4Weight._fields],
                 BLOCKS=tiles.cols,
                 RECIPROCAL=divides_by_reciprocal(device),

@@ -2,7 +2,8 @@
 
 ``register()`` installs the named patches of ``patches``; it is what ``import moeq_triton``
 runs once ModelOpt's quantization package is imported, and what the ready configs require.  The
-calibration itself lives in ``calibration`` (calibrator, grouped reduction) and ``weight_calibration``.
+calibration itself lives in ``calibrator`` (calibrator, grouped reduction) and ``weight_calibration``, loaded
+by ``register()`` only: they import ModelOpt, which this module must not need to be imported.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import copy
 import warnings
 
 from moeq_triton.modelopt import patches
+from moeq_triton.modelopt.names import CALIBRATOR, CALIBRATOR_SHARED, NAMES
 
-CALIBRATOR = "triton_grouped"
-CALIBRATOR_SHARED = "triton_grouped_shared"
-NAMES = (CALIBRATOR, CALIBRATOR_SHARED)
 SUPPORTED_MODELOPT = patches.SUPPORTED_MODELOPT
 UnsupportedModelOptError = patches.UnsupportedModelOptError
 

@@ -15,7 +15,7 @@ from modelopt.torch.quantization.calib import MaxCalibrator
 
 from moeq_triton.distributed import Group, SyncItem, max_reduce
 from moeq_triton.kernels import NonFiniteWeightError, grouped_amax, grouped_row_amax
-from moeq_triton.modelopt.backend import CALIBRATOR
+from moeq_triton.modelopt.names import CALIBRATOR
 from moeq_triton.modelopt.patches import calibrator
 
 
@@ -137,7 +137,7 @@ class WeightBatch:
         self.entries[index].shapes.append(tuple(weight.shape))
         return index
 
-    def add(self, quantizer, name: str, weight: torch.Tensor, per_channel: bool, groups: tuple[Group, ...]) -> None:
+    def add(self, quantizer, name: str, weight: torch.Tensor, *, per_channel: bool, groups: tuple[Group, ...]) -> None:
         """A weight as ModelOpt feeds it; per_channel: its quantizer's axis keeps dim 0 only.  The caller
         checked ``reduction_view`` (it is reduced through that view; its shape is what is recorded)."""
         index = self._entry(quantizer, name, weight, per_channel, groups)

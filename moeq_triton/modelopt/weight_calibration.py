@@ -19,13 +19,13 @@ from moeq_triton.distributed import active
 from moeq_triton.modelopt import patches as mo
 from moeq_triton.modelopt import shared_amax
 from moeq_triton.modelopt.calibrator import (
-    CALIBRATOR,
     Calibrated,
     TritonGroupedCalibrator,
     WeightBatch,
     reduction_view,
     set_last_stats,
 )
+from moeq_triton.modelopt.names import CALIBRATOR
 from moeq_triton.modelopt.sync_groups import rank_groups, sync_groups
 
 
@@ -131,7 +131,7 @@ def _feed(model: torch.nn.Module, found: ModelWalk, fast: bool, member_of) -> tu
                         if axis is None:
                             per_tensor.append((quantizer, name, weight, groups))
                         else:
-                            batch.add(quantizer, name, weight, True, groups)
+                            batch.add(quantizer, name, weight, per_channel=True, groups=groups)
                 elif fast:
                     raise _NotPlain(found.names.get(id(quantizer)))
                 else:
@@ -165,7 +165,7 @@ def _add_per_tensor(batch: WeightBatch, pairs: list[tuple]) -> None:
             start += size
         else:
             quantizer, name, weight, groups = pairs[start]
-            batch.add(quantizer, name, weight, False, groups)
+            batch.add(quantizer, name, weight, per_channel=False, groups=groups)
             start += 1
 
 

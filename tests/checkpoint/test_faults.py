@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,7 +109,8 @@ def assert_complete(out: Path) -> None:
         checkpoint.tensor(name)
     record = manifest(out)
     assert record is not None and sorted(record["files"]) == sorted(os.listdir(out)), record
-    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization.get("quant_algo", quantization["quant_method"]) in ("W4A16_NVFP4", "fp8"), quantization
 
 
 # ---------------------------------------------------------------- preparing each fault
@@ -162,6 +164,25 @@ def full_disk(directory: Path, size: str = "8k") -> Path:
         pytest.skip(f"mounting a small tmpfs needs root (CAP_SYS_ADMIN): {run.stderr.decode().strip()}")
     MOUNTS.append(directory)
     return directory
+
+
+HOLDERS: list[subprocess.Popen] = []  # processes holding a lock for a row, ended after it
+
+
+def lock_held_by_another_process(lock: Path) -> subprocess.Popen:
+    """A real process that holds ``lock`` as a running moeq-triton would (flock, its pid inside), until killed."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'pid {os.getpid()}\\n'.encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    HOLDERS.append(holder)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
 
 
 def no_c_compiler(monkeypatch) -> None:
@@ -292,16 +313,52 @@ FAULTS = [
         "cannot write there",
         "as before",
     ),
-    Fault(
+    Fault(  # partial names are unique to each run: a directory of the user's there is simply left alone
         "foreign-partial-sibling",
         lambda t, s, o, p: (with_file(t / ".out.moeq-triton-partial" / "x", "mine"), [])[1],
-        1,
-        "not made by moeq-triton",
-        "as before",
+        0,
+        "",
+        "complete",
     ),
     Fault(
         "stale-partial-of-ours",
         lambda t, s, o, p: (with_file(t / ".out.moeq-triton-partial" / ".moeq-triton-partial", ""), [])[1],
+        0,
+        "",
+        "complete",
+    ),
+    # issue 23 item 1: one run per destination (the lock is a real flock held by another process)
+    Fault(
+        "destination-locked-by-another-run",
+        lambda t, s, o, p: (lock_held_by_another_process(t / ".out.moeq-triton-lock"), [])[1],
+        1,
+        "out: another moeq-triton run (pid ",
+        "as before",
+    ),
+    Fault(  # a killed run leaves its lock file and its partial; the lock is free, so both are discarded
+        "killed-run-leftovers",
+        lambda t, s, o, p: (
+            with_file(t / ".out.moeq-triton-partial-4242-0badf00d" / ".moeq-triton-partial", ""),
+            with_file(t / ".out.moeq-triton-partial-4242-0badf00d" / "model-00001-of-00009.safetensors", "half"),
+            with_file(t / ".out.moeq-triton-lock", "pid 4242\n"),
+            [],
+        )[-1],
+        0,
+        "",
+        "complete",
+    ),
+    Fault(
+        "cache-below-a-regular-file",
+        N,
+        1,
+        "cannot create the default checkpoint in the cache",
+        "as before",
+        inject=lambda mp: mp.setenv("MOEQ_TRITON_CACHE", os.environ["FAULT_TMP"] + "/blocker/cache"),
+        argv=lambda s, o: (with_file(o.parent / "blocker", "x"), ["quantize", "--out", str(o), "--device", "cpu"])[1],
+    ),
+    Fault(  # killed between the commit's two renames: the previous output is back first, then replaced
+        "killed-between-commit-renames",
+        lambda t, s, o, p: (shutil.copytree(p, t / ".out.moeq-triton-old-4242-0badf00d"), ["--overwrite"])[1],
         0,
         "",
         "complete",
@@ -423,11 +480,11 @@ FAULTS = [
         signal_at="writing:TERM",
         marks=[SLOW],
     ),
-    Fault(
+    Fault(  # a signal once the output is complete ends nothing: exit 0, and it is said
         "sigint-committing",
         lambda t, s, o, p: (copy_prior(p, o), ["--overwrite"])[1],
-        130,
-        "out had already been written completely",
+        0,
+        "SIGINT received after",
         "complete",
         signal_at="committing",
         marks=[SLOW],
@@ -444,6 +501,262 @@ FAULTS = [
     ),
     Fault("two-ranks-nccl-rules", N, 0, "", "complete", ranks="nccl", marks=[SLOW]),
 ]
+
+
+# ---------------------------------------------------------------- issue 23, items 3 to 5: one line, never silent
+
+
+def qwen3_5_source(path: Path, edit: Callable[[dict], None] = lambda t: None, experts: int = 2) -> Path:
+    """A tiny Qwen3.5-MoE as released: stacked ``experts.gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
+    gen = torch.Generator().manual_seed(SEED)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(HIDDEN, HIDDEN, generator=gen),
+        "model.layers.0.mlp.gate.weight": torch.randn(experts, HIDDEN, generator=gen),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(experts, 2 * FFN, HIDDEN, generator=gen),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(experts, HIDDEN, FFN, generator=gen),
+    }
+    tensors = {n: t.to(torch.bfloat16) for n, t in tensors.items()}
+    edit(tensors)
+    path.mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in tensors.items()}, path / "model.safetensors", {"format": "pt"})
+    config = {"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "num_experts": experts}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def replace_source(make: Callable[[Path], Path]) -> Callable:
+    """A prepare step: the row's source replaced by ``make(src)``."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        shutil.rmtree(s)
+        make(s)
+        return []
+
+    return prepare
+
+
+def _stacked_nan(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"][1, 3, 5] = float("nan")
+
+
+def _stacked_narrow(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = tensors["model.layers.0.mlp.experts.gate_up_proj"][..., :24]
+
+
+def _stacked_odd(tensors: dict) -> None:
+    tensors["model.layers.0.mlp.experts.gate_up_proj"] = tensors["model.layers.0.mlp.experts.gate_up_proj"][:, :31]
+
+
+def add_tensors(tensors: dict[str, torch.Tensor], index: bool = True) -> Callable:
+    """A prepare step: ``tensors`` added to the first shard (and to the index unless ``index`` is False)."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        first = "model-00001-of-00003.safetensors"
+        shard = load_file(s / first)
+        save_file({**shard, **tensors}, s / first, {"format": "pt"})
+        if index:
+            data = json.loads((s / INDEX).read_text())
+            data["weight_map"] |= dict.fromkeys(tensors, first)
+            (s / INDEX).write_text(json.dumps(data))
+        return []
+
+    return prepare
+
+
+def edit_source(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable:
+    """A prepare step: every tensor of the source through ``edit`` (which may add or drop), reshard as three."""
+
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        tensors = {}
+        for file in sorted(s.glob("*.safetensors")):
+            tensors |= load_file(file)
+            file.unlink()
+        edit(tensors)
+        names = sorted(tensors)
+        weight_map = {}
+        for i in range(3):
+            file = f"model-{i + 1:05d}-of-00003.safetensors"
+            save_file({n: tensors[n].contiguous() for n in names[i::3]}, s / file, {"format": "pt"})
+            weight_map |= dict.fromkeys(names[i::3], file)
+        (s / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return []
+
+    return prepare
+
+
+def set_config(**values) -> Callable:
+    def prepare(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+        config = json.loads((s / "config.json").read_text())
+        (s / "config.json").write_text(json.dumps(config | values))
+        return []
+
+    return prepare
+
+
+EXPERT = "model.layers.1.mlp.experts.1"
+ODD_DTYPES = {
+    "model.layers.0.attention_mask_buffer": torch.ones(4, dtype=torch.bool),
+    "model.layers.0.position_ids_i16": torch.arange(4, dtype=torch.int16),
+    "model.layers.0.hash_u16": torch.arange(4).to(torch.uint16),
+    "model.layers.0.hash_u32": torch.arange(4).to(torch.uint32),
+    "model.layers.0.table_e5m2": torch.ones(4, dtype=torch.float8_e5m2),
+    "model.layers.0.rope_f64": torch.ones(4, dtype=torch.float64),
+}
+
+
+def _drop(name: str) -> Callable[[dict], None]:
+    return lambda tensors: tensors.pop(name)
+
+
+def _narrow_up(tensors: dict) -> None:
+    tensors[f"{EXPERT}.up_proj.weight"] = tensors[f"{EXPERT}.up_proj.weight"][:8]
+
+
+def _as_int16(tensors: dict) -> None:
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"].to(
+        torch.int16
+    )
+
+
+def _traversing_index(t: Path, s: Path, o: Path, p: Path) -> list[str]:
+    data = json.loads((s / INDEX).read_text())
+    data["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    (s / INDEX).write_text(json.dumps(data))
+    return []
+
+
+ROWS_23 = [
+    Fault("kept-dtypes-outside-the-quantized-set", add_tensors(ODD_DTYPES), 0, "", "complete"),
+    Fault(
+        "quantized-linear-of-int16",
+        edit_source(_as_int16),
+        1,
+        "tensor model.layers.0.self_attn.q_proj.weight (I16, shape [32, 32]) cannot be quantized",
+        "as before",
+    ),
+    Fault(
+        "tensor-not-in-the-index",
+        add_tensors({"model.layers.0.stray.weight": torch.ones(4, dtype=torch.bfloat16)}, index=False),
+        0,
+        "1 tensor(s) in the source's shards are not in its index and are not carried (loaders skip them too), "
+        "e.g. model.layers.0.stray.weight (in model-00001-of-00003.safetensors)",
+        "complete",
+    ),
+    Fault(
+        "num-experts-disagrees",
+        set_config(num_experts=4),
+        1,
+        "config.json: num_experts = 4, but model.layers.0.mlp.experts holds 2 experts",
+        "as before",
+    ),
+    Fault(
+        "gate-and-up-of-different-shapes",
+        edit_source(_narrow_up),
+        1,
+        f"{EXPERT}.up_proj.weight has shape [8, 32] but {EXPERT}.gate_proj.weight has [16, 32]; the engines fuse",
+        "as before",
+    ),
+    Fault(
+        "expert-missing-up",
+        edit_source(_drop(f"{EXPERT}.up_proj.weight")),
+        1,
+        f"expert {EXPERT.rsplit('.', 1)[0]}.1 has down_proj, gate_proj but no up_proj",
+        "as before",
+    ),
+    Fault(
+        "expert-missing-down",
+        edit_source(_drop(f"{EXPERT}.down_proj.weight")),
+        1,
+        "has gate_proj, up_proj but no down_proj",
+        "as before",
+    ),
+    Fault(
+        "exclude-everything",
+        lambda t, s, o, p: ["--exclude", "*"],
+        1,
+        "nothing to quantize: every linear of this Qwen3-MoE checkpoint is kept",
+        "as before",
+    ),
+    Fault(
+        "experts-only-without-experts",
+        lambda t, s, o, p: ["--experts-only", "--exclude", "*.mlp.experts.*"],
+        1,
+        "nothing to quantize",
+        "as before",
+    ),
+    Fault(
+        "already-quantized-source",
+        lambda t, s, o, p: ["--model", str(p)],
+        1,
+        "out/config.json: the source is already quantized (quantization_config quant_method 'modelopt')",
+        "as before",
+    ),
+    Fault(
+        "index-entry-outside-the-checkpoint",
+        _traversing_index,
+        1,
+        "weight_map entry model.norm.weight -> '../elsewhere.safetensors' is not a file name in the checkpoint",
+        "as before",
+    ),
+    Fault(
+        "out-name-too-long",
+        lambda t, s, o, p: ["--out", str(t / ("x" * 300))],
+        1,
+        "cannot write there (File name too long)",
+        "as before",
+    ),
+    Fault(
+        "model-path-too-long",
+        lambda t, s, o, p: ["--model", str(s) + "/x" * 3000],
+        1,
+        "cannot read (File name too long)",
+        "as before",
+    ),
+    Fault("out-empty", lambda t, s, o, p: ["--out", ""], 2, "--out: an empty path", "as before"),
+    Fault("out-dot", lambda t, s, o, p: ["--out", "."], 1, "'.': not a directory name to write to", "as before"),
+    Fault(
+        "allow-nonfinite-kept-with-verify",
+        lambda t, s, o, p: (
+            corrupt(s, set_nan(w := "model.embed_tokens.weight"), w),
+            ["--allow-nonfinite-kept", "--verify"],
+        )[1],
+        0,
+        "verify: ",
+        "complete",
+    ),
+    Fault(
+        "fp8-block-shapes-the-engines-refuse",
+        lambda t, s, o, p: ["--format", "fp8-block"],
+        0,
+        "warning: vLLM and SGLang refuse FP8 blocks at load when an expert's intermediate size",
+        "complete",
+    ),
+    Fault(
+        "qwen3_5-nan-in-stacked-experts",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_nan)),
+        1,
+        "model.safetensors (model.layers.0.mlp.experts.gate_up_proj[1]): tensor "
+        "model.layers.0.mlp.experts.1.gate_proj.weight contains NaN or Inf",
+        "as before",
+    ),
+    Fault(
+        "qwen3_5-slice-not-quantizable",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_narrow)),
+        1,
+        "model.safetensors (model.layers.0.mlp.experts.gate_up_proj[0]): tensor "
+        "model.layers.0.mlp.experts.0.gate_proj.weight (BF16, shape [16, 24]) cannot be quantized to nvfp4",
+        "as before",
+    ),
+    Fault(
+        "qwen3_5-gate-up-odd-rows",
+        replace_source(lambda s: qwen3_5_source(s, _stacked_odd)),
+        1,
+        "model.layers.0.mlp.experts.gate_up_proj has 31 rows",
+        "as before",
+    ),
+]
+FAULTS += ROWS_23
 
 
 # ---------------------------------------------------------------- running each fault
@@ -493,7 +806,7 @@ PHASE_HOOKS = textwrap.dedent(
 
         def rename(self, target):
             result = original(self, target)
-            if str(target).endswith(".moeq-triton-old"):
+            if ".moeq-triton-old" in str(target):
                 moved = f"{self.name} -> {pathlib.Path(target).name}"
                 print(f"FAULT-POINT {phase}: after {moved}", file=sys.stderr, flush=True)
                 signal.raise_signal(signal.SIGINT)
@@ -563,6 +876,7 @@ def run_two_ranks(argv: list[str], mode: str) -> tuple[int, str]:
 def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the command's own CPU path (the C loop), as users run it
     monkeypatch.setenv("FAULT_EMPTY_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+    monkeypatch.setenv("FAULT_TMP", str(tmp_path))
     src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(tiny, src)
     argv = fault.argv(src, out) if fault.argv else defaults(src, out)
@@ -578,6 +892,10 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         else:
             code, err = run_inline(argv, capsys)
     finally:
+        for holder in HOLDERS:
+            holder.kill()
+            holder.wait()
+        HOLDERS.clear()
         for mount in MOUNTS:
             assert snapshot(mount) == {}, "the full disk keeps nothing"  # checked before it goes away
             subprocess.run(["umount", str(mount)], check=True)
@@ -594,6 +912,290 @@ def test_fault(fault: Fault, tiny, prior, tmp_path, tmp_path_factory, monkeypatc
         assert snapshot(tmp_path) == before
     else:
         assert_complete(out)
-        stale = ".out.moeq-triton-partial"  # a partial directory of ours, left by a killed run: discarded
-        expected = {k: v for k, v in before.items() if not k.startswith(("out/", stale))}
+        # partial directories of ours (they hold the mark), left by killed runs: discarded
+        stale = tuple(k.split("/")[0] for k in before if k.endswith("/.moeq-triton-partial"))
+        stale += (".out.moeq-triton-lock", ".out.moeq-triton-old")  # a killed run's lock file and old output
+        expected = {k: v for k, v in before.items() if not k.startswith(("out/", *stale))}
         assert snapshot(tmp_path, skip=out) == expected | {"out": "dir"}
+
+
+# ---------------------------------------------------------------- one run per destination (issue 23, item 1)
+
+
+def command(argv: list[str], **kwargs) -> subprocess.Popen:
+    """The command as users start it, in a real process."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.Popen([sys.executable, "-m", "moeq_triton", *argv], text=True, env=env, **kwargs)
+
+
+@SLOW
+def test_second_run_fails_at_once_naming_the_first(tiny, tmp_path):
+    """Run A waits inside its first shard write (a real process); run B into the same --out fails at once in
+    one line naming A's pid and touches nothing of A's; A, terminated, leaves everything as before."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    before = snapshot(tmp_path)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", PHASE_HOOKS, "writing", *defaults(src, out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert first.stderr.readline().startswith("FAULT-POINT"), "run A never reached its first shard"
+        partial = [p for p in os.listdir(tmp_path) if p.startswith(".out.moeq-triton-partial-")]
+        assert partial and partial[0].startswith(f".out.moeq-triton-partial-{first.pid}-"), partial
+        during = snapshot(tmp_path)
+        second = command([*defaults(src, out), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = second.communicate(timeout=120)[1]
+        assert second.returncode == 1, err
+        assert f"out: another moeq-triton run (pid {first.pid}) is writing it" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert snapshot(tmp_path) == during  # A's partial and lock untouched
+        first.send_signal(signal.SIGTERM)
+        rest = first.communicate(timeout=120)[1]
+        assert first.returncode == 143, rest
+    finally:
+        first.kill()
+    assert snapshot(tmp_path) == before
+
+
+@SLOW
+@pytest.mark.parametrize("formats", [("nvfp4", "fp8-block"), ("fp8", "nvfp4"), ("fp8-per-channel", "fp8")])
+def test_racing_runs_leave_one_complete_output(formats, tiny, tmp_path):
+    """Two runs started together into one --out (the issue's reproduction): exactly one succeeds, the other
+    fails in one line (the lock, or the finished destination), and the output is the winner's, complete."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    runs = [
+        command([*defaults(src, out), "--format", f], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for f in formats
+    ]
+    errs = [r.communicate(timeout=240)[1] for r in runs]
+    codes = [r.returncode for r in runs]
+    assert sorted(codes) == [0, 1], (codes, errs)
+    winner, loser = codes.index(0), codes.index(1)
+    assert "another moeq-triton run (pid" in errs[loser] or "exists and is not empty" in errs[loser], errs[loser]
+    assert "Traceback" not in errs[loser] + errs[winner]
+    checkpoint = SourceCheckpoint(out)
+    for name in checkpoint.names():
+        checkpoint.tensor(name)
+    assert sorted(manifest(out)["files"]) == sorted(os.listdir(out))
+    algo = {"nvfp4": "W4A16_NVFP4", "fp8": "FP8", "fp8-per-channel": "FP8_PER_CHANNEL_PER_TOKEN"}
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config.get("quant_algo", "FP8_BLOCK_SCALES") == algo.get(formats[winner], "FP8_BLOCK_SCALES")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no partial, no lock file left
+
+
+@SLOW
+def test_first_runs_share_the_default_checkpoint(tmp_path):
+    """Two first runs without --model at once: one generates the cached checkpoint, the other waits for it
+    (no SafetensorError, no leftovers in the cache)."""
+    env = {**os.environ, "MOEQ_TRITON_CACHE": str(tmp_path / "cache")}
+    code = "from moeq_triton.synthetic import default_checkpoint; print(default_checkpoint())"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outs = [r.communicate(timeout=240) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0, 0], outs
+    assert len({o.strip() for o, _ in outs}) == 1
+    path = Path(outs[0][0].strip())
+    checkpoint = SourceCheckpoint(path)
+    assert len(checkpoint.names()) > 100 and checkpoint.tensor("lm_head.weight").dtype == torch.bfloat16
+    assert sorted(os.listdir(tmp_path / "cache")) == [path.name]
+
+
+# ---------------------------------------------------------------- all-zero weights (issue 23, item 2)
+
+ZEROED = ("model.layers.0.mlp.experts.1.gate_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight")
+ZEROED_ALONE = "model.layers.1.self_attn.o_proj.weight"  # not in a scale group of its own under any format
+
+
+def zero(*names: str) -> Callable[[dict], None]:
+    def edit(tensors: dict) -> None:
+        for name in names:
+            if name in tensors:
+                tensors[name].zero_()
+
+    return edit
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "fp8-per-channel", "fp8-block"])
+def test_all_zero_weights_dequantize_to_exact_zeros(fmt, tiny, tmp_path, capsys, monkeypatch):
+    """A pruned expert (gate and up all zero) and an all-zero o_proj: no NaN/Inf in any output tensor, the
+    zero tensors decode to exact zeros, the table counts them, and --verify and inspect accept the result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(tiny, src)
+    for name in (*ZEROED, ZEROED_ALONE):
+        corrupt(src, zero(name), name)
+    code, err = run_inline([*defaults(src, out), "--format", fmt, "--verify"], capsys)
+    assert code == 0, err
+    assert "verify failed" not in err and "verify: " in err, err
+    row = re.search(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│", err)
+    assert row and int(row.group(2)) == 3, err  # quantized, all-zero, kept
+    result = SourceCheckpoint(out)
+    for name in result.names():
+        tensor = result.tensor(name)
+        if tensor.dtype == torch.float8_e4m3fn:
+            assert not bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any()), name
+        elif tensor.is_floating_point():
+            assert bool(tensor.isfinite().all()), name
+    for name in (*ZEROED, ZEROED_ALONE):
+        codes = result.tensor(name).view(torch.uint8)
+        assert not bool(codes.any()), name  # E2M1 / E4M3 code 0 is +0, whatever the scales
+        scales = [n for n in result.names() if n.startswith(name + "_scale") or n.startswith(name[:-6] + "weight_sc")]
+        for scale in scales:
+            value = result.tensor(scale).float()
+            assert bool((value == 1.0).all()), (scale, value)  # finite, non-zero: nothing an engine divides by
+    if fmt == "nvfp4":  # the other expert of the layer keeps ModelOpt's bytes: only all-zero groups differ
+        assert result.tensor("model.layers.0.mlp.experts.0.gate_proj.weight_scale_2").item() != 1.0
+    assert cli.main(["inspect", str(out), "--device", "cpu"]) == 0  # (the tiny config.json declares no experts)
+    assert "no problem found" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the fuzz (issue 23, item 5), slow tier
+
+FUZZ_SIGNALS, FUZZ_CORRUPTIONS = 50, 20
+
+
+def blocked_start() -> None:
+    """preexec_fn: SIGINT/SIGTERM blocked across exec, as a supervisor can start a process; the command
+    unblocks them first thing (moeq_triton/__main__.py), so a signal sent during Python's own start-up, before
+    any line of the command can run, reaches the command's handler instead of Python's default."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def fuzz_run(argv: list[str], delay: float | None, number: int) -> tuple[int, str]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moeq_triton", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, preexec_fn=blocked_start,
+    )  # fmt: skip
+    if delay is not None:
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(number)
+    err = proc.communicate(timeout=300)[1]
+    return (128 - proc.returncode if proc.returncode < 0 else proc.returncode), err
+
+
+def corrupt_randomly(src: Path, rng) -> str:
+    """One random corruption of a shard, the index or config.json; returns what was done (for the report)."""
+    kind = rng.choice(["shard-truncate", "shard-header", "shard-data", "index-text", "index-entry", "config-text",
+                       "config-value"])  # fmt: skip
+    shards = sorted(src.glob("*.safetensors"))
+    if kind.startswith("shard"):
+        file = rng.choice(shards)
+        data = bytearray(file.read_bytes())
+        header = 8 + int.from_bytes(data[:8], "little")
+        if kind == "shard-truncate":
+            data = data[: rng.randrange(len(data))]
+        else:
+            at = rng.randrange(0, header) if kind == "shard-header" else rng.randrange(header, len(data))
+            for i in range(at, min(at + rng.randint(1, 4), len(data))):
+                data[i] = rng.randrange(256)
+        file.write_bytes(bytes(data))
+        return f"{kind} {file.name}"
+    file = src / (INDEX if kind.startswith("index") else "config.json")
+    text = file.read_text()
+    if kind.endswith("text"):
+        file.write_text(text[: rng.randrange(len(text))] if rng.random() < 0.5 else text.replace('"', "'", 1))
+        return kind
+    data = json.loads(text)
+    if kind == "index-entry":
+        name = rng.choice(sorted(data["weight_map"]))
+        data["weight_map"][name] = rng.choice([shards[0].name, "missing.safetensors", "../x.safetensors", 3, None])
+    else:
+        key = rng.choice(["architectures", "num_experts", "hidden_size", "model_type"])
+        data[key] = rng.choice([None, "x", -1, 7, ["Nope"], {}])
+    file.write_text(json.dumps(data))
+    return f"{kind}"
+
+
+def check_fuzz_trial(label: str, code: int, err: str, root: Path, before: dict, src_before: dict) -> str:
+    """The guarantees after any run: the source unchanged, the destination complete or exactly as before,
+    nothing else left, an expected exit code, at most one line of error and no traceback."""
+    out, src = root / "out", root / "src"
+    assert code in (0, 1, 2, 130, 143), (label, code, err[-2000:])
+    assert "Traceback" not in err, (label, err[-3000:])
+    said = [line for line in err.splitlines() if line.startswith("moeq-triton:") and "warning" not in line]
+    said = [line for line in said if not line.startswith("moeq-triton: note:")]
+    assert len(said) <= 1, (label, err[-2000:])
+    assert snapshot(src) == src_before, label
+    assert sorted(os.listdir(root)) == sorted({"src", *(["out"] if out.exists() else [])}), (label, os.listdir(root))
+    if snapshot(root) == before:
+        assert code != 0, (label, "exit 0 but nothing written")
+        return "as before"
+    assert code in (0, 130, 143), (label, code, err[-2000:])
+    assert_complete(out)
+    return "complete"
+
+
+@SLOW
+def test_fuzz_signals_and_corruptions(tiny, tmp_path):
+    """>= 50 SIGINT/SIGTERM at random times over whole runs (start-up and exit included, with and without
+    --verify or a prior output to --overwrite) and >= 20 random corruptions of shards, index and config.
+    Two trials run at a time (2 cores). The run's seed (tests/seeds.py) unless FUZZ_SEED picks another; it is
+    printed."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.seeds import SEED
+
+    seed = int(os.environ.get("FUZZ_SEED", SEED))
+    print(f"fuzz seed {seed} (FUZZ_SEED={seed} to rerun)")
+    master = random.Random(seed)
+    prior = tmp_path / "prior"
+    started = time.perf_counter()
+    code, err = fuzz_run([*defaults(tiny, prior)], None, 0)
+    duration = time.perf_counter() - started
+    assert code == 0, err
+    print(f"one undisturbed run: {duration:.2f} s")
+
+    def trial(i: int, trial_seed: int) -> str:
+        rng = random.Random(trial_seed)
+        root = tmp_path / f"t{i}"
+        root.mkdir()
+        shutil.copytree(tiny, root / "src")
+        argv = defaults(root / "src", root / "out")
+        if rng.random() < 0.4:
+            shutil.copytree(prior, root / "out")
+            argv.append("--overwrite")
+        if rng.random() < 0.3:
+            argv.append("--verify")
+        if i < FUZZ_SIGNALS:
+            what = f"signal {i} seed {trial_seed}"
+            delay = rng.uniform(0, 1.3 * duration)
+            number = rng.choice([signal.SIGINT, signal.SIGTERM])
+            what += f" {signal.Signals(number).name} at {delay:.2f} s"
+        else:
+            what = f"corruption {i} seed {trial_seed}: " + corrupt_randomly(root / "src", rng)
+            delay, number = None, 0
+        before, src_before = snapshot(root), snapshot(root / "src")
+        code, err = fuzz_run(argv, delay, number)
+        outcome = check_fuzz_trial(what, code, err, root, before, src_before)
+        shutil.rmtree(root)
+        return f"{what}: exit {code}, {outcome}"
+
+    seeds = [master.randrange(2**32) for _ in range(FUZZ_SIGNALS + FUZZ_CORRUPTIONS)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(trial, range(len(seeds)), seeds))
+    print("\n".join(results))
+    codes = [r.split("exit ")[1].split(",")[0] for r in results[:FUZZ_SIGNALS]]
+    assert {"130", "143"} <= set(codes), codes  # the signals did land inside runs
+
+
+def test_old_output_comes_back_when_a_run_died_between_the_renames(prior, tmp_path):
+    """A run killed after moving the previous output aside and before moving the new one in: the next run
+    (holding the lock) puts the previous output back before anything else; aborting leaves just that."""
+    shutil.copytree(prior, tmp_path / ".out.moeq-triton-old-4242-0badf00d")
+    out = AtomicCheckpointDir(tmp_path / "out", overwrite=True)
+    out.create()
+    assert snapshot(tmp_path / "out") == snapshot(prior)
+    out.abort()
+    assert sorted(os.listdir(tmp_path)) == ["out"]

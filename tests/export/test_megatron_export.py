@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import moeq_triton
-from moeq_triton.checkpoint.formats import FORMATS
-from moeq_triton.checkpoint.quantize import dequantize
+from moeq_triton.checkpoint.formats import FORMATS, dequantize
 from moeq_triton.kernels import dequantize_nvfp4_reference, grouped_amax, quantize_nvfp4_reference
 from tests.assertions import assert_bitwise_equal, checkpoint_tensors
 from tests.distributed_harness import run_ranks, values
@@ -74,7 +73,8 @@ def test_grouped_experts_export_the_same_bytes(megatron_world, tmp_path):
 
 
 def megatron_cpu_forward_patches(monkeypatch) -> None:
-    """Test-only patches that let Megatron's GPTModel run forward on CPU (shared/reference/megatron.md)."""
+    """Test-only patches that let Megatron's GPTModel run forward on CPU: megatron-core 0.16 asks
+    ``torch.cuda.current_device()`` and, without Transformer Engine, reaches an undefined ``te_general_gemm``."""
     from megatron.core import tensor_parallel
     from megatron.core.transformer.moe import moe_utils
 

@@ -31,6 +31,13 @@ def table() -> dict[str, list[str]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+OVER_SOURCE_BUDGET = pytest.mark.xfail(
+    strict=True,
+    reason="issue 25, not met yet (sm_90, bf16 base, triton 3.7.1): nvfp4/src +2.58, fp8/src +3.28, fp8_channel/src "
+    "+3.00, fp8_channel+amax/src +2.94 SASS/element over the bf16 launch (budget +2); benchmarks/RESULTS.md",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kernel",
@@ -42,6 +49,15 @@ def table() -> dict[str, list[str]]:
         "fp8_channel+amax",
         "fp8_block",
         "nvfp4",  # the common-regime launch; nvfp4_fallback (the rest) is reported, not budgeted
+        # FP8-block sources (issue 25): at most 2 SASS/element above the launch of the same output from bf16,
+        # code loads of 64 bits or wider, at most one 32-bit (scale) load per 16 codes, the rest as that launch
+        "amax/src",
+        "row_amax/src",
+        "fp8_block/src",
+        pytest.param("nvfp4/src", marks=OVER_SOURCE_BUDGET),
+        pytest.param("fp8/src", marks=OVER_SOURCE_BUDGET),
+        pytest.param("fp8_channel/src", marks=OVER_SOURCE_BUDGET),
+        pytest.param("fp8_channel+amax/src", marks=OVER_SOURCE_BUDGET),
     ],
 )
 def test_kernel_meets_sm90_budget(table, kernel):

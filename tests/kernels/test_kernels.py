@@ -28,6 +28,7 @@ from moeq_triton.modelopt.oracle import fp8_channel_export, fp8_export, nvfp4_ex
 from moeq_triton.testing import MODEL_SHAPES
 from tests.assertions import assert_bitwise_equal, assert_results_equal
 from tests.device import TEST_DEVICE
+from tests.seeds import SEED
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -60,9 +61,9 @@ def mixed_list(n: int, dtype, seed: int, max_k: int = 320) -> list[torch.Tensor]
     return out
 
 
-def fresh_seed() -> int:
-    """A new seed each run (printed on failure through the test id of the assertion message)."""
-    return random.SystemRandom().randrange(1 << 30)
+def run_seed() -> int:
+    """The run's fixed seed (tests/seeds.py; named in the assertion messages and beside every failure)."""
+    return SEED
 
 
 # ---------------------------------------------------------------- amax
@@ -72,7 +73,7 @@ def fresh_seed() -> int:
 @pytest.mark.parametrize("n", [1, 8, 64, pytest.param(300, marks=pytest.mark.slow)])
 def test_grouped_amax_matches_reference(dtype, n):
     """A mis-indexed tensor or a dropped tile must not survive: every tensor has its own magnitude."""
-    seed = fresh_seed()
+    seed = run_seed()
     weights = mixed_list(n, dtype, seed, max_k=96 if n == 300 else 320)
     for i, w in enumerate(weights):
         w.mul_(1 + i % 7)
@@ -93,7 +94,7 @@ def test_amax_of_views_without_copies():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 8, pytest.param(64, marks=pytest.mark.slow)])  # 64: 30-40 s interpreted
 def test_nvfp4_matches_reference_and_modelopt(dtype, n):
-    seed = fresh_seed()
+    seed = run_seed()
     weights = mixed_list(n, dtype, seed)
     amax = grouped_amax_reference(weights)
     results = quantize_nvfp4(weights)
@@ -107,7 +108,7 @@ def test_nvfp4_matches_reference_and_modelopt(dtype, n):
 @pytest.mark.slow  # about 190 s in the interpreter; test_one_launch_per_dtype keeps the claim in the default tier
 def test_nvfp4_300_tensors_one_launch_per_dtype():
     """300 ragged tensors in two dtypes: two launches, every output still exact."""
-    seed = fresh_seed()
+    seed = run_seed()
     weights = mixed_list(150, torch.bfloat16, seed, max_k=64) + mixed_list(150, torch.float32, seed + 1, max_k=64)
     reset_launch_counts()
     results = quantize_nvfp4(weights)
@@ -157,7 +158,7 @@ def test_nvfp4_crafted_edges(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nvfp4_saturation_with_small_amax(dtype):
     """An amax below the true max (e.g. a clipped calibration) saturates scales at 448 and codes at 6."""
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(run_seed())
     w = heavy_tailed((9, 48), dtype, gen)
     amax = grouped_amax_reference([w]) / 8
     (r,) = quantize_nvfp4([w], weight_amax=amax)
@@ -194,7 +195,7 @@ def test_nvfp4_dequantize_round_trip_error_is_bounded():
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("n", [1, 8, 64])
 def test_fp8_matches_reference_and_modelopt(dtype, per_channel, n):
-    seed = fresh_seed()
+    seed = run_seed()
     weights = mixed_list(n, dtype, seed)
     results = quantize_fp8(weights, per_channel=per_channel)
     for i, (w, r) in enumerate(zip(weights, results)):
@@ -292,7 +293,7 @@ def test_fp8_amax_below_smallest_normal_is_clamped(dtype, per_channel):
 
 def test_fp8_per_channel_given_row_amax():
     """A quantizer's [N, 1] amax (e.g. reduced across TP ranks) is used as given."""
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(run_seed())
     weights = [heavy_tailed((5, 32), torch.bfloat16, gen), heavy_tailed((3, 48), torch.bfloat16, gen)]
     row_amax = [w.abs().amax(-1, keepdim=True).float() * 2 for w in weights]
     for w, a, r in zip(weights, row_amax, quantize_fp8(weights, row_amax, per_channel=True)):
@@ -302,7 +303,7 @@ def test_fp8_per_channel_given_row_amax():
 def ulp_sensitive_amaxes(divisor: float, count: int) -> torch.Tensor:
     """bf16 amaxes above 1 (the other weights are 0.5) where float32 ``amax / divisor`` and
     ``amax * float32(1 / divisor)`` differ."""
-    candidates = (1 + torch.rand(4096, generator=torch.Generator().manual_seed(fresh_seed())) * 50).bfloat16().float()
+    candidates = (1 + torch.rand(4096, generator=torch.Generator().manual_seed(run_seed())) * 50).bfloat16().float()
     exact = candidates / torch.tensor(divisor)
     product = candidates * float32_reciprocal(divisor)
     return candidates[exact != product][:count]
@@ -338,7 +339,7 @@ def test_native_cpu_path_matches_reference_and_modelopt(monkeypatch, dtype):
     """The C loop the command line uses on CPU: bitwise equal to the references and to ModelOpt, on
     fresh ragged inputs, views, the crafted edges, an all-zero tensor and a clipped amax."""
     assert native.library() is not None, "no C compiler here: the fast path would silently be the reference"
-    seed = fresh_seed()
+    seed = run_seed()
     stacked = heavy_tailed((3, 17, 64), dtype, torch.Generator().manual_seed(seed))
     cpu = [
         *[w.cpu() for w in mixed_list(24, dtype, seed)],
@@ -466,7 +467,7 @@ def test_bad_amax_is_named():
 @pytest.mark.parametrize("model", MODEL_SHAPES, ids=lambda m: m.name)
 def test_real_model_expert_shapes_shrunk(model):
     """Real fc1/fc2 aspect ratios and K from each model, few rows, as views of one stacked tensor."""
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(run_seed())
     (_, k1), (_, k2) = model.fc1, model.fc2
     fc1 = heavy_tailed((3, 5, k1 // 16), torch.bfloat16, gen)  # K shrunk 16x but still a multiple of 16
     fc2 = heavy_tailed((3, 7, k2 // 16), torch.bfloat16, gen)

@@ -2,12 +2,12 @@
 
 - FP8 per tensor / per channel and FP8-block outputs from 16/32-bit weights == the torch references
   (themselves tested against ModelOpt) and ModelOpt's own export functions, exhaustively over every
-  finite bf16 and fp16 value, and on fresh random ragged inputs.
+  finite bf16 and fp16 value, and on random ragged inputs.
 - FP8-block sources (FP8BlockSource) read fused == dequantize (DeepSeek's weight_dequant, the torch
   reference) then quantize, byte for byte, for amax, NVFP4, FP8 (both) and FP8-block: every e4m3 code
   under a sweep of block scales (normal, subnormal, powers of two, the largest float32, overflowing
   bf16), ragged edge blocks, strided code views; NaN/Inf found and named as the references find them.
-Seeds are fixed where printed in the test id, or fresh and named in the assertion message.
+Seeds are fixed where printed in the test id, or the run's seed (tests/seeds.py) named in the assertion message.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from moeq_triton.kernels.formats import E4M3_MAX, FP8_BLOCK_SIZE
 from moeq_triton.modelopt.oracle import fp8_channel_export, fp8_export
 from tests.assertions import assert_bitwise_equal, assert_results_equal
 from tests.kernels.test_fp8_block import modelopt_fp8_block
+from tests.seeds import SEED
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -49,8 +50,9 @@ def native_engine(monkeypatch):
     assert native.library() is not None, "no C compiler here: the fast path would silently be the reference"
 
 
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(1 << 30)
+def run_seed() -> int:
+    """The run's fixed seed (tests/seeds.py; named in the assertion messages and beside every failure)."""
+    return SEED
 
 
 def every_finite(dtype: torch.dtype, k: int = 256) -> torch.Tensor:
@@ -98,8 +100,8 @@ def test_fp8_every_16_bit_value(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_matches_reference_and_modelopt(dtype):
-    """Fresh ragged weights: per tensor (own and clipped amax) and per channel == reference == ModelOpt."""
-    seed = fresh_seed()
+    """Random ragged weights: per tensor (own and clipped amax) and per channel == reference == ModelOpt."""
+    seed = run_seed()
     weights = ragged(seed, dtype)
     amax = grouped_amax_reference(weights)
     assert_bitwise_equal(grouped_amax(weights), amax, f"amax seed={seed}")
@@ -122,9 +124,9 @@ def test_fp8_matches_reference_and_modelopt(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_block_matches_reference_and_modelopt(dtype):
-    """Fresh ragged 2-D weights (partial edge blocks, a strided view, an all-zero block, the dtype's
+    """Random ragged 2-D weights (partial edge blocks, a strided view, an all-zero block, the dtype's
     subnormals) == reference == ModelOpt's FP8_PB_WO export chain."""
-    seed = fresh_seed()
+    seed = run_seed()
     weights = [w for w in ragged(seed, dtype) if w.dim() == 2]
     quiet = heavy_tailed((260, 130), dtype, torch.Generator().manual_seed(seed + 1))
     quiet[:128, :128] = 0  # amax 0 -> scale 1
@@ -249,8 +251,8 @@ def test_source_ragged_random(seed):
     assert_fused_equals_dequantized(sources, f"seed {seed}")
 
 
-def test_source_fresh_random():
-    seed = fresh_seed()
+def test_source_random_shapes():
+    seed = run_seed()
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     shapes = [(rng.randint(1, 300), 16 * rng.randint(1, 24)) for _ in range(6)]
@@ -280,7 +282,7 @@ def test_source_nan_code_is_named():
     gen = torch.Generator().manual_seed(5)
     sources = [random_source((20, 32), gen) for _ in range(3)]
     sources[2].codes.view(torch.uint8)[7, 9] = 0xFF
-    message = r"weights\[2\] \(shape \(20, 32\), torch.float8_e4m3fn\) contains NaN or Inf"
+    message = r"weights\[2\] \(FP8-block source, shape \(20, 32\), torch.float8_e4m3fn\) contains NaN or Inf"
     for call in (
         lambda: grouped_amax(sources),
         lambda: quantize_nvfp4(sources),
