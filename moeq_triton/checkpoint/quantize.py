@@ -27,7 +27,7 @@ from moeq_triton.checkpoint.io import (
     new_run_id,
     shard_name,
 )
-from moeq_triton.checkpoint.source import ExpertSlice, fp8_block_scales, read_units, split_experts
+from moeq_triton.checkpoint.source import ExpertSlice, dense, fp8_block_scales, read_units, split_experts
 from moeq_triton.kernels import (
     NonFiniteWeightError,
     NVFP4Weight,
@@ -50,7 +50,7 @@ class Unit:
     in_bytes: int  # source bytes (FP8-block scales included)
     out_bytes: int
     scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
-    load_bytes: int = 0  # bytes held once read (FP8-block weights dequantized to bf16); 0: in_bytes
+    load_bytes: int = 0  # bytes held once read (kept FP8-block weights dequantized to bf16); 0: in_bytes
     transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
     slices: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names read from a stacked tensor
 
@@ -93,8 +93,9 @@ def make_plan(
 
     ``source``: anything with ``config``, ``names()``, ``shape_dtype()``, ``nbytes()`` and ``where()``
     (a SourceCheckpoint, or the exporter's in-memory model tensors). ``exclude``: module-name globs kept
-    in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``)
-    is planned as its bf16 value; the scales themselves are dropped."""
+    in high precision (``--exclude``). A block-scaled FP8 source tensor (sibling ``weight_scale_inv``) is
+    quantized from its codes and scales (read fused by the kernels) or, when kept, planned as its bf16 value;
+    the scales themselves are dropped."""
     naming = naming_for(source.config, exclude)
     split = split_experts(source, naming.is_split)
     stacked = {piece.stacked for piece in split.values()}
@@ -164,7 +165,7 @@ def make_plan(
         unit = unit_of_key[key]
         unit.names.append(name)
         unit.in_bytes += in_bytes
-        unit.load_bytes += held or nbytes(name)
+        unit.load_bytes += in_bytes  # an FP8-block source stays FP8 until the kernels read it
         unit.out_bytes += _out_bytes(shape, fmt, transposed)
         unit.scale_inv.update(scale_inv)
         unit.slices.update(slices)
@@ -285,7 +286,7 @@ def quantize_units(
     if not names:
         return {}
     transposed = [u.transposed for u in units for _ in u.names]
-    weights = [_stacked_input(loaded[n], fmt) if t else loaded[n] for n, t in zip(names, transposed)]
+    weights = [_stacked_input(dense(loaded[n]), fmt) if t else loaded[n] for n, t in zip(names, transposed)]
     if fmt.is_fp8_block:  # block amaxes are local to each 128x128 tile: no amax pass, no shared scale
         if any(transposed):
             name = names[transposed.index(True)]
@@ -376,7 +377,7 @@ def run_shards(
             sampled = next((u for u in quantized if not u.transposed), None)
             if sampled:
                 sample = sampled.names[0]
-                stats.errors.append(relative_error(loaded[sample], dequantize(result, sample, plan.fmt)))
+                stats.errors.append(relative_error(dense(loaded[sample]), dequantize(result, sample, plan.fmt)))
             kept = [u.names[0] for u in batch if not u.quantize]
             stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
             for unit in batch:

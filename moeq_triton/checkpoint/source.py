@@ -1,7 +1,8 @@
 """How the tensors of a batch of plan units are read from the source, ready for the kernels.
 
 Kept here, apart from planning, because reading is where source layouts are undone: a block-scaled FP8
-weight (sibling ``weight_scale_inv``) becomes bf16 right before its batch is quantized or written.
+weight (sibling ``weight_scale_inv``) that is quantized goes to the kernels as an ``FP8BlockSource`` (codes
+and scales; the kernels compute on its bf16 values without a bf16 copy), one that is kept becomes bf16.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from moeq_triton.checkpoint.io import SAFETENSORS_DTYPES, CheckpointError
-from moeq_triton.kernels import dequantize_fp8_block
+from moeq_triton.kernels import FP8BlockSource, dequantize_fp8_block
+from moeq_triton.kernels.grouping import validate
 
 SCALE_INV = "_scale_inv"
 """Suffix of an FP8-block source's scale: ``X.weight`` is dequantized with ``X.weight_scale_inv``."""
@@ -75,9 +77,9 @@ def _read_slice(source, piece: ExpertSlice) -> torch.Tensor:
         return handle.get_slice(piece.stacked)[piece.expert, piece.rows[0] : piece.rows[1]]
 
 
-def read_units(units, source, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of ``units`` on ``device``; FP8-block tensors dequantized to bf16 as they arrive (memory:
-    the batch, never the model)."""
+def read_units(units, source, device: torch.device) -> dict[str, torch.Tensor | FP8BlockSource]:
+    """Every tensor of ``units`` on ``device`` (memory: the batch, never the model). An FP8-block weight of a
+    quantized unit stays FP8 (an ``FP8BlockSource``: the kernels read it fused); a kept one becomes bf16."""
     loaded = {
         n: (_read_slice(source, unit.slices[n]) if n in unit.slices else source.tensor(n)).to(device)
         for unit in units
@@ -86,7 +88,14 @@ def read_units(units, source, device: torch.device) -> dict[str, torch.Tensor]:
     for unit in units:
         for name, inv in unit.scale_inv.items():
             try:
-                (loaded[name],) = dequantize_fp8_block([loaded[name]], [source.tensor(inv).to(device)])
+                weight = FP8BlockSource(loaded[name], source.tensor(inv).to(device))
+                validate([weight])  # the kernels' check of a source: layout, scale shape, one device
+                loaded[name] = weight if unit.quantize else dequantize_fp8_block([weight.codes], [weight.scale_inv])[0]
             except ValueError as error:
                 raise CheckpointError(f"{source.where(name)}: tensor {name}: {error}") from None
     return loaded
+
+
+def dense(weight: torch.Tensor | FP8BlockSource) -> torch.Tensor:
+    """A loaded weight as a tensor (an FP8-block source dequantized: for the few callers that need values)."""
+    return weight.dequantize() if isinstance(weight, FP8BlockSource) else weight

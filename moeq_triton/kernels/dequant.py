@@ -47,7 +47,7 @@ class FP8BlockSource(NamedTuple):
 
 def dequantized_sources(weights: Sequence) -> list:
     """The list with every FP8BlockSource replaced by its bf16 tensor: how the engines without a fused
-    path (the torch reference, and the C loop until it reads sources itself) see a source."""
+    path (the torch references) see a source; the Triton kernels and the C loop read sources fused."""
     return [w.dequantize() if isinstance(w, FP8BlockSource) else w for w in weights]
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, source_tile_abs_max, tile_abs_max
 from .dequant import dequantized_sources, source_values
 from .formats import DTYPE_CODES, E4M3_MAX, FP8_BLOCK_SIZE
@@ -26,6 +27,7 @@ from .grouping import (
     Problems,
     Tiles,
     describe,
+    engine_for,
     hardware_math,
     launch,
     num_rows,
@@ -194,6 +196,8 @@ def quantize_fp8(
     if device is None:
         return []
     problems = Problems(weights)
+    if engine_for(device, native.enabled()) == "native":  # the C loop reads FP8-block sources fused
+        return _quantize_native(weights, weight_amax, per_channel, device, problems)
     amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
     if not use_triton(device):
         values = dequantized_sources(weights)
@@ -245,6 +249,29 @@ def quantize_fp8(
         HW=hardware_math(device),
     )
     problems.add_nonfinite(nonfinite > 0)
+    problems.raise_first()
+    return results
+
+
+def _quantize_native(
+    weights: Sequence, weight_amax, per_channel: bool, device: torch.device, problems: Problems
+) -> list[FP8Weight]:
+    """The compiled C loop (CPU): one pass per weight; per channel it finds the row amaxes in that pass."""
+    if per_channel and weight_amax is None:
+        amaxes = [None] * len(weights)
+    else:
+        amax, row_amax = _amaxes(weights, weight_amax, per_channel, device, problems)
+        problems.raise_first()  # a bad given amax is named before a non-finite weight, as on the other paths
+        if per_channel:
+            amaxes = list(row_amax.split([num_rows(w) for w in weights]))
+        else:
+            amaxes = list(amax)
+    results = [
+        FP8Weight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_layout(w.shape, per_channel)))
+        for w in weights
+    ]
+    bad = native.fp8(weights, amaxes, results, per_channel)
+    problems.add_nonfinite(torch.tensor([i in bad for i in range(len(weights))], dtype=torch.bool))
     problems.raise_first()
     return results
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
 from .amax import flag_nan
 from .dequant import FP8BlockSource, bf16_round, dequantized_sources, e4m3_values, source_values
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
@@ -33,6 +34,7 @@ from .grouping import (
     Problems,
     Tiles,
     describe,
+    engine_for,
     hardware_math,
     launch,
     output_ptr,
@@ -156,6 +158,17 @@ rows of one loop step (STEP_R): on CUDA 32 rows x 128 columns, 16 elements per t
 the interpreter the whole block in one step."""
 
 
+def _quantize_native(weights: Sequence, device: torch.device) -> list[FP8BlockWeight]:
+    """The compiled C loop (CPU): one pass per weight over its 128-row strips."""
+    results = [
+        FP8BlockWeight(*(torch.empty(s, dtype=d, device=device) for s, d in fp8_block_layout(w.shape))) for w in weights
+    ]
+    bad = native.fp8_block(weights, results)
+    if bad:
+        raise NonFiniteWeightError(bad[0], describe(bad[0], weights[bad[0]]))
+    return results
+
+
 def _dtype_constexprs(dtype: torch.dtype) -> dict:
     return {"TINY": torch.finfo(dtype).tiny, "BF16_BITS": dtype == torch.bfloat16}
 
@@ -177,6 +190,8 @@ def quantize_fp8_block(weights: Sequence[torch.Tensor | FP8BlockSource]) -> list
             )
         if w.shape[0] * w.shape[1] and (w.shape[0] - 1) * row_stride(i, w) + w.shape[1] > MAX_ENTRY_ELEMENTS:
             raise ValueError(f"{describe(i, w)}: spans more than 2**31 elements; split it into row blocks of 128")
+    if engine_for(device, native.enabled()) == "native":  # the C loop reads FP8-block sources fused
+        return _quantize_native(weights, device)
     if not use_triton(device):
         values = dequantized_sources(weights)
         bad = [i for i, w in enumerate(values) if not bool(torch.isfinite(w).all())]

@@ -1,9 +1,11 @@
 """The CPU fast path: nvfp4_cpu.c compiled once with the system C compiler, called through ctypes.
 
-Without a GPU the kernels would fall back to their torch references, which make ~25 passes over
-float32 temporaries per weight.  The C loop does amax and NVFP4 in one pass per weight with the same
-float32 operations (no fast-math, no contraction), and ctypes releases the GIL, so a thread per core
-quantizes weights side by side.  The library is built on first use into the cache directory
+Without a GPU the kernels would fall back to their torch references, which make many passes over
+float32 temporaries per weight.  The C loop does amax, NVFP4, FP8 (per tensor, per channel) and
+FP8-block in one pass per weight with the same float32 operations (no fast-math, no contraction), and
+reads FP8-block sources (``FP8BlockSource``) directly: each value is bf16(code x its block's scale),
+as the dequantization gives, from a per-strip table (no bf16 copy).  ctypes releases the GIL, so a
+thread per core quantizes weights side by side.  The library is built on first use into the cache directory
 ($MOEQ_TRITON_CACHE or ~/.cache/moeq-triton, keyed by the source's hash) in about a second; without
 a compiler, or with MOEQ_TRITON_NATIVE=0, the references run instead (same bytes, slower).
 """
@@ -23,16 +25,18 @@ from pathlib import Path
 
 import torch
 
+from .dequant import FP8BlockSource
 from .formats import (
     DTYPE_CODES,
     E2M1_BOUNDS,
     E2M1_MAX,
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
+    FP8_BLOCK_SIZE,
     NVFP4_BLOCK_SIZE,
     NVFP4_SCALE_2_DIVISOR,
 )
-from .grouping import num_rows, row_stride
+from .grouping import Weight, num_rows, row_stride
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 # -march=native vectorizes the loops (2x here); the build is then tied to this CPU, so the cache key
@@ -52,7 +56,11 @@ _DEFINES = [
     f"-DE4M3_MIN_SUBNORMAL={_float(E4M3_MIN_SUBNORMAL)}",
     f"-DNVFP4_SCALE_2_DIVISOR={_float(NVFP4_SCALE_2_DIVISOR)}",
     f"-DBLOCK={NVFP4_BLOCK_SIZE}",
+    f"-DFP8_BLOCK={FP8_BLOCK_SIZE}",
 ]
+
+SOURCE_FP8_BLOCK = 3
+"""The C loop's dtype code of an FP8-block source (after DTYPE_CODES' 0-2)."""
 
 
 def _cpu_signature() -> bytes:
@@ -95,17 +103,34 @@ def library() -> ctypes.CDLL | None:
         except (OSError, subprocess.CalledProcessError):
             return None
     lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.moeq_amax.argtypes = [ptr, ctypes.c_int, i64, i64, i64]
-    lib.moeq_amax.restype = ctypes.c_float
-    lib.moeq_nvfp4.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ctypes.c_float, ptr, ptr, ptr]
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    source = [ptr, ctypes.c_int, i64, i64, i64, ptr]  # weight, dtype code, rows, K, row stride, scale_inv
+    lib.moeq_amax.argtypes = source
+    lib.moeq_amax.restype = f32
+    lib.moeq_nvfp4.argtypes = [*source, f32, ptr, ptr, ptr]
     lib.moeq_nvfp4.restype = ctypes.c_int
+    lib.moeq_fp8.argtypes = [*source, ptr, ctypes.c_int, f32, ptr, ptr]
+    lib.moeq_fp8.restype = ctypes.c_int
+    lib.moeq_fp8_block.argtypes = [*source, f32, ptr, ptr]
+    lib.moeq_fp8_block.restype = ctypes.c_int
     return lib
 
 
-def _geometry(index: int, w: torch.Tensor) -> tuple[int, int, int, int]:
-    """(dtype code, rows, K, row stride) of a validated weight."""
-    return DTYPE_CODES[w.dtype], num_rows(w), w.shape[-1], row_stride(index, w)
+class _Source:
+    """The C loop's view of one weight: its arguments, and the tensors they point into (kept alive)."""
+
+    def __init__(self, index: int, w: Weight) -> None:
+        if isinstance(w, FP8BlockSource):
+            self.scale_inv = w.scale_inv.to(torch.float32).contiguous()
+            codes = w.codes
+            self.args = (codes.data_ptr(), SOURCE_FP8_BLOCK, codes.shape[0], codes.shape[1], codes.stride(0))
+            self.args += (self.scale_inv.data_ptr(),)
+            self.dtype = torch.bfloat16  # the dequantized values are bf16
+        else:
+            self.args = (w.data_ptr(), DTYPE_CODES[w.dtype], num_rows(w), w.shape[-1], row_stride(index, w), None)
+            self.dtype = w.dtype
+        self.empty = w.shape[-1] == 0 or self.args[2] == 0
+        self.tiny = torch.finfo(self.dtype).tiny
 
 
 def _parallel(fn: Callable[[int], object], count: int) -> list:
@@ -116,31 +141,66 @@ def _parallel(fn: Callable[[int], object], count: int) -> list:
         return list(pool.map(fn, range(count)))
 
 
-def amax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def _failed(results: list[int]) -> list[int]:
+    """Indices of non-finite weights (1); an allocation failure in the C loop (-1) raises."""
+    if any(r < 0 for r in results):
+        raise MemoryError("the C loop could not allocate its row buffers")
+    return [i for i, r in enumerate(results) if r]
+
+
+def amax(weights: Sequence[Weight]) -> torch.Tensor:
     """float32 [len(weights)]: max |w| per weight; NaN where a weight holds NaN."""
     lib = library()
 
     def one(i: int) -> float:
-        w = weights[i]
-        code, rows, k, stride = _geometry(i, w)
-        return lib.moeq_amax(w.data_ptr(), code, rows, k, stride) if w.numel() else 0.0
+        source = _Source(i, weights[i])
+        return 0.0 if source.empty else lib.moeq_amax(*source.args)
 
     return torch.tensor(_parallel(one, len(weights)), dtype=torch.float32)
 
 
-def nvfp4(weights: Sequence[torch.Tensor], amax: torch.Tensor, outputs: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+def nvfp4(weights: Sequence[Weight], amax: torch.Tensor, outputs: Sequence[Sequence[torch.Tensor]]) -> list[int]:
     """Fill each weight's (packed, scales, scale_2) outputs; returns the indices of non-finite weights."""
     lib = library()
     values = amax.tolist()
 
-    def one(i: int) -> bool:
-        w = weights[i]
-        code, rows, k, stride = _geometry(i, w)
+    def one(i: int) -> int:
+        source = _Source(i, weights[i])
         packed, scales, scale_2 = outputs[i]
-        return bool(
-            lib.moeq_nvfp4(
-                w.data_ptr(), code, rows, k, stride, values[i], packed.data_ptr(), scales.data_ptr(), scale_2.data_ptr()
-            )
+        return lib.moeq_nvfp4(*source.args, values[i], packed.data_ptr(), scales.data_ptr(), scale_2.data_ptr())
+
+    return _failed(_parallel(one, len(weights)))
+
+
+def fp8(
+    weights: Sequence[Weight],
+    amax: Sequence[torch.Tensor | None],
+    outputs: Sequence[Sequence[torch.Tensor]],
+    per_channel: bool,
+) -> list[int]:
+    """Fill each weight's (codes, scale) outputs; returns the indices of non-finite weights.
+
+    ``amax[i]``: float32 of the tensor (per tensor, one value) or of each row (per channel); None per
+    channel: the loop takes each row's own max |w| in its pass."""
+
+    def one(i: int) -> int:
+        source = _Source(i, weights[i])
+        codes, scale = outputs[i]
+        given = amax[i].to(torch.float32).contiguous() if amax[i] is not None else None
+        pointer = given.data_ptr() if given is not None else None
+        return library().moeq_fp8(
+            *source.args, pointer, int(per_channel), source.tiny, codes.data_ptr(), scale.data_ptr()
         )
 
-    return [i for i, bad in enumerate(_parallel(one, len(weights))) if bad]
+    return _failed(_parallel(one, len(weights)))
+
+
+def fp8_block(weights: Sequence[Weight], outputs: Sequence[Sequence[torch.Tensor]]) -> list[int]:
+    """Fill each 2-D weight's (codes, weight_scale_inv) outputs; returns the indices of non-finite weights."""
+
+    def one(i: int) -> int:
+        source = _Source(i, weights[i])
+        codes, scale = outputs[i]
+        return library().moeq_fp8_block(*source.args, source.tiny, codes.data_ptr(), scale.data_ptr())
+
+    return _failed(_parallel(one, len(weights)))

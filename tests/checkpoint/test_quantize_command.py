@@ -61,14 +61,15 @@ def modelopt_export(source: str, fmt: str, out) -> None:
         for f in FORMATS
         if f != "fp8-block"
     ]
-    + [("nvfp4", "native"), ("fp8", "reference")],
+    + [("nvfp4", "native"), ("fp8", "native"), ("fp8-per-channel", "native"), ("fp8", "reference")],
 )
 def test_output_equals_modelopt_export(source, fmt, engine, tmp_path, monkeypatch):
     """Every tensor byte-identical to ModelOpt's export; hf_quant_config and config.json equivalent.
 
-    engine: the Triton kernels (interpreter), or what `--device cpu` runs for users: the compiled C
-    loop for NVFP4, the torch references for FP8."""
+    engine: the Triton kernels (interpreter), what `--device cpu` runs for users (the compiled C loop), or
+    the torch references (no C compiler)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1" if engine == "interpreter" else "0")
+    monkeypatch.setenv("MOEQ_TRITON_NATIVE", "0" if engine == "reference" else "1")
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     assert main(["quantize", "--model", source, "--out", str(ours), "--format", fmt, "--device", "cpu"]) == 0
     modelopt_export(source, fmt, theirs)

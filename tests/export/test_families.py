@@ -21,6 +21,7 @@ from moeq_triton.checkpoint.io import CheckpointError
 from moeq_triton.checkpoint.quantize import quantize_checkpoint
 from moeq_triton.cli import main
 from moeq_triton.kernels import (
+    FP8BlockSource,
     NVFP4Weight,
     dequantize_fp8_block,
     dequantize_fp8_block_reference,
@@ -412,7 +413,7 @@ def dequantized_copy(source, target) -> None:
     (target / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "fp8-per-channel", "fp8-block"])
 def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
     """A DeepSeek-V3 checkpoint in its FP8-block layout (hidden 144: one full and one partial block;
     MTP layer in FP8 too) quantizes to the same bytes as dequantizing to bf16, saving, and quantizing
@@ -425,11 +426,16 @@ def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
     dequantized_copy(tmp_path / "fp8", tmp_path / "cast")
 
     held: list[int] = []
+    fused: set[str] = set()
     read_units = model_free.read_units
+
+    def nbytes(t) -> int:
+        return nbytes(t.codes) + nbytes(t.scale_inv) if isinstance(t, FP8BlockSource) else t.numel() * t.element_size()
 
     def recording(units, source, device):
         loaded = read_units(units, source, device)
-        held.append(sum(t.numel() * t.element_size() for t in loaded.values()))
+        held.append(sum(nbytes(t) for t in loaded.values()))
+        fused.update(n for n, t in loaded.items() if isinstance(t, FP8BlockSource))
         return loaded
 
     monkeypatch.setattr(model_free, "read_units", recording)
@@ -439,9 +445,11 @@ def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
         model_free.SourceCheckpoint(tmp_path / "fp8"), FORMATS[fmt], experts_only=False, max_shard_bytes=2 << 30
     )
     biggest = max(u.held_bytes for u in plan.units)
-    source_bytes = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tmp_path / "cast").values())
+    source_bytes = sum(t.numel() * t.element_size() for t in checkpoint_tensors(tmp_path / "fp8").values())
     assert len(held) > 4 and sum(held) >= source_bytes  # the model was read in many batches
     assert max(held) <= max(batch, biggest), (max(held), batch, biggest)
+    # every quantized FP8 weight reached the kernels as codes + scales (no bf16 copy), and only those
+    assert fused and fused == {n for u in plan.units if u.quantize for n in u.scale_inv}
     monkeypatch.setattr(model_free, "read_units", read_units)
     plan, _, _ = quantize_checkpoint(tmp_path / "cast", tmp_path / "b", FORMATS[fmt])
     fp8_source = model_free.SourceCheckpoint(tmp_path / "fp8")
@@ -449,12 +457,13 @@ def test_fp8_block_source_equals_the_bf16_route(fmt, tmp_path, monkeypatch):
     assert model_free.verify(tmp_path / "a", fp8_source, fp8_plan, torch.device("cpu"))[0] == []
 
     a, b = checkpoint_tensors(tmp_path / "a"), checkpoint_tensors(tmp_path / "b")
-    assert sorted(a) == sorted(b) and not [n for n in a if n.endswith("_scale_inv")]
+    assert sorted(a) == sorted(b)
+    assert fmt == "fp8-block" or not [n for n in a if n.endswith("_scale_inv")]  # fp8-block writes its own
     for name in b:
         assert_bitwise_equal(a[name], b[name], name)
     assert a["model.layers.3.self_attn.q_a_proj.weight"].dtype == torch.bfloat16  # a kept (MTP) FP8 tensor
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "modelopt"
+    assert config["quantization_config"]["quant_method"] == ("fp8" if fmt == "fp8-block" else "modelopt")
     assert config == json.loads((tmp_path / "b" / "config.json").read_text())
 
 
