@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeq_triton.checkpoint import serving
 from moeq_triton.checkpoint.formats import Format, dequantize, output_layout, output_names
 from moeq_triton.checkpoint.io import (
     SAFETENSORS_DTYPES,
@@ -186,7 +187,6 @@ def make_plan(
 
 
 _EXPERT = re.compile(r"(.*)\.(\d+)\.(\w+)\.weight")
-_EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 
 
 def check_experts(source, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -202,7 +202,7 @@ def check_experts(source, shapes: dict[str, tuple[int, ...]]) -> None:
             experts.setdefault(base, {}).setdefault(int(e), {})[leaf] = name
     config = source.config.get("text_config") if isinstance(source.config.get("text_config"), dict) else {}
     config = {**config, **source.config}
-    declared = next(((k, config[k]) for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    declared = next(((k, config[k]) for k in serving.EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
     config_file = f"{source.path / 'config.json'}" if hasattr(source, "path") else "config"
     for base, by_index in sorted(experts.items()):
         for e, leaves in sorted(by_index.items()):

@@ -82,10 +82,13 @@ UNUSABLE_FOR_MOE = {"FP8", "FP8_PER_CHANNEL_PER_TOKEN"}
 """Formats no engine serves correctly for a MoE model: the checkpoint itself is the problem."""
 
 
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+"""Where the common families' config.json gives the number of routed experts."""
+
+
 def is_moe(config: dict) -> bool:
-    """A config.json of a Mixture-of-Experts model (the key names of the common families)."""
-    keys = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
-    return any(int(config.get(k) or 0) > 1 for k in keys)
+    """A config.json of a Mixture-of-Experts model; a count that is not an integer counts as none."""
+    return any(isinstance(n := config.get(k), int) and n > 1 for k in EXPERT_COUNT_KEYS)
 
 
 def summary(key: str) -> str:

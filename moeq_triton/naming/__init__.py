@@ -32,10 +32,16 @@ def supported_architectures() -> str:
 def family_for(config: dict) -> Family:
     """The family of a config.json: by ``architectures``, else by ``model_type``; a clear error otherwise."""
     names = config.get("architectures") or []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UnsupportedArchitecture(
+            f"config.json: architectures is {names!r}, expected a list of model class names "
+            f"(e.g. [{FAMILIES[0].architectures[0]!r}])"
+        )
     for family in FAMILIES:
         if any(name in family.architectures for name in names):
             return family
-    model_type = config.get("model_type")
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     if not names:
         for family in FAMILIES:
             if model_type in family.model_types:

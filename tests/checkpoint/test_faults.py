@@ -1199,3 +1199,20 @@ def test_old_output_comes_back_when_a_run_died_between_the_renames(prior, tmp_pa
     assert snapshot(tmp_path / "out") == snapshot(prior)
     out.abort()
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("value", [7, -1, {"a": 1}, ["Qwen3MoeForCausalLM", 3], 2.5])
+def test_config_architectures_of_the_wrong_type_is_one_line(value):
+    """Found by the fuzz (a config.json value replaced): `architectures` that is not a list of names is named."""
+    from moeq_triton.naming import UnsupportedArchitecture, family_for
+
+    with pytest.raises(UnsupportedArchitecture, match=r"config\.json: architectures is .*expected a list"):
+        family_for({"architectures": value, "model_type": "qwen3_moe"})
+
+
+@pytest.mark.parametrize("value", ["x", ["Nope"], {}, None, -1, 2.0])
+def test_an_expert_count_that_is_not_an_integer_is_no_moe(value):
+    from moeq_triton.checkpoint.serving import is_moe
+
+    assert not is_moe({"num_experts": value})
+    assert is_moe({"num_experts": value, "n_routed_experts": 8})
