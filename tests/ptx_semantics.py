@@ -2,7 +2,8 @@
 
 Why: the kernels' GPU formulation (HW=True) uses fma.rn.f32, min.f32 (returns the non-NaN operand),
 cvt.rn(.satfinite) conversions (e4m3 -> f16 -> f32 for FP8-block sources among them) and, through inline
-asm, rcp.approx.ftz.f32 in NVFP4's common regime and cvt.rn.bf16x2.f32 (a source's bf16 rounding).  The
+asm, rcp.approx.ftz.f32 in NVFP4's common regime, cvt.rn.bf16x2.f32 (a source's bf16 rounding) and abs.f32
+(a source value's magnitude).  The
 interpreter rounds its fma twice, propagates NaN through min, converts to float8 wrongly and has no
 inline asm, so the GPU path cannot run there as is.  With these stand-ins (IEEE fma exactly; numpy's
 fmin/fmax; torch's round-to-nearest-even casts, which saturate E4M3 like satfinite; a reciprocal up to
@@ -75,9 +76,16 @@ def cvt_rn_bf16x2_high(x: np.ndarray) -> np.ndarray:
     return rounded.numpy()
 
 
+def abs_f32(x: np.ndarray) -> np.ndarray:
+    """``abs.f32``: the sign bit cleared (subnormals kept; PTX leaves a NaN's sign unspecified, and a NaN only
+    flags the tensor non-finite, so clearing it too is one of the allowed results)."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)).view(np.float32)
+
+
 INLINE_ASM = {
     "rcp.approx.ftz.f32 $0, $1;": rcp_approx,
     "{ .reg .b32 z; mov.b32 z, 0; cvt.rn.bf16x2.f32 $0, $1, z; }": cvt_rn_bf16x2_high,
+    "abs.f32 $0, $1;": abs_f32,
 }
 """The PTX the kernels write through tl.inline_asm_elementwise, each with its stand-in."""
 

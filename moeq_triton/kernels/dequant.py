@@ -143,3 +143,17 @@ def source_values(codes, scale, HW: tl.constexpr):
     """The bf16 values (as float32) that FP8-block codes stand for: fl32(e4m3 * scale) rounded to bf16,
     what ``dequantize_fp8_block_reference`` computes; ``scale`` broadcasts against ``codes``."""
     return bf16_round(e4m3_values(codes, HW) * scale, HW)
+
+
+@triton.jit
+def source_magnitude(x, HW: tl.constexpr):
+    """|x| of ``source_values``' result.
+
+    HW: an abs.f32 in inline asm.  LLVM rewrites a fabs of the inline asm's result (bf16_round) as an
+    integer AND with 0x7FFFFFFF, a LOP3 per element that ptxas cannot fold as an |operand| modifier into
+    the FMUL / FMNMX using it (issue 25; the bf16-source kernels get the fold).  Same bits: the sign bit
+    cleared (a NaN's sign is unspecified by PTX; a NaN only flags the tensor non-finite).
+    tests/ptx_semantics.py defines the instruction for the interpreter."""
+    if HW:
+        return tl.inline_asm_elementwise("abs.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.abs(x)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import native
 from .amax import amax_unchecked, check_amax, flag_nan, row_amax_unchecked, source_tile_abs_max, tile_abs_max
-from .dequant import dequantized_sources, source_values
+from .dequant import dequantized_sources, source_magnitude, source_values
 from .formats import DTYPE_CODES, E4M3_MAX, FP8_BLOCK_SIZE
 from .grouping import (
     Problems,
@@ -85,10 +85,11 @@ def _e4m3_byte(q, HW: tl.constexpr):
 
 
 @triton.jit
-def fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
-    """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND)."""
+def fp8_codes(x, ax, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND: tl.constexpr, HW: tl.constexpr):
+    """E4M3 bytes of x / divisor, the quotient first rounded to the weight dtype (QUOTIENT_KIND); ax is |x|
+    (the caller's: FP8-block sources take it from source_magnitude)."""
     if HW:
-        q = with_sign_of(quotient(tl.maximum(tl.abs(x) * minus_S, minus_top), D, minus_inverse), x)
+        q = with_sign_of(quotient(tl.maximum(ax * minus_S, minus_top), D, minus_inverse), x)
     else:
         q = tl.div_rn(x, divisor)
     return _e4m3_byte(round_to_dtype(q, QUOTIENT_KIND, HW), HW)
@@ -132,6 +133,9 @@ def _fp8_kernel(
         source_ptr, source_stride = source_scales(table, t, BLOCK_R)
         s_row = source_ptr + tile * BLOCK_R // _SOURCE_BLOCK * source_stride
     STEP: tl.constexpr = _SOURCE_BLOCK if SOURCE else BLOCK_K
+    # a source step holds half the elements of a 16-bit one (128 columns, 8-bit codes): twice the unroll
+    # keeps the loop's own instructions per element as low (issue 25's budget; 48 registers on sm_90)
+    UNROLL_K: tl.constexpr = 2 * UNROLL if SOURCE else UNROLL
 
     if PER_CHANNEL:
         if HAS_ROW_AMAX:
@@ -156,24 +160,31 @@ def _fp8_kernel(
     r_in = tl.minimum(r, rows - 1)
     k_full = K // STEP * STEP
     seen = tl.zeros([BLOCK_R, STEP], dtype=tl.float32)
-    for k0 in tl.range(0, k_full, STEP, loop_unroll_factor=UNROLL):
+    kb = 0  # SOURCE: this step's 128-column block, counted by the loop (k0 // 128 re-derived costs 5 SASS a step)
+    for k0 in tl.range(0, k_full, STEP, loop_unroll_factor=UNROLL_K):
         c = k0 + tl.arange(0, STEP)[None, :]
         if SOURCE:
-            x = source_values(tl.load(x_ptr + r_in * stride + c), tl.load(s_row + k0 // _SOURCE_BLOCK), HW)
+            codes = tl.load(x_ptr + r_in * stride + c)
+            x = source_values(codes, tl.load(s_row + kb), HW)
+            ax = source_magnitude(x, HW)
+            kb += 1
         else:
             x = tl.load(x_ptr + r_in * stride + c).to(tl.float32)
-        seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+            ax = tl.abs(x)
+        seen = tl.maximum(seen, ax, propagate_nan=tl.PropagateNan.ALL)
+        q = fp8_codes(x, ax, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask)
     if k_full < K:
         c = k_full + tl.arange(0, STEP)[None, :]
         if SOURCE:
             codes = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0)
             x = source_values(codes, tl.load(s_row + k_full // _SOURCE_BLOCK), HW)
+            ax = source_magnitude(x, HW)
         else:
             x = tl.load(x_ptr + r_in * stride + c, mask=c < K, other=0.0).to(tl.float32)
-        seen = tl.maximum(seen, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-        q = fp8_codes(x, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
+            ax = tl.abs(x)
+        seen = tl.maximum(seen, ax, propagate_nan=tl.PropagateNan.ALL)
+        q = fp8_codes(x, ax, divisor, minus_S, D, minus_inverse, minus_top, QUOTIENT_KIND, HW)
         tl.store(q_ptr + r * K + c, q, mask=row_mask & (c < K))
     if tl.max(tl.max(flag_nan(seen), axis=1), axis=0) == float("inf"):  # once per tile
         tl.store(nonfinite + index, 1)

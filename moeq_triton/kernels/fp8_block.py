@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import native
 from .amax import flag_nan
-from .dequant import FP8BlockSource, bf16_round, dequantized_sources, e4m3_values, source_values
+from .dequant import FP8BlockSource, bf16_round, dequantized_sources, e4m3_values, source_magnitude, source_values
 from .formats import E4M3_MAX, FP8_BLOCK_SIZE
 from .fp8 import fp8_codes
 from .grouping import (
@@ -143,10 +143,12 @@ def _fp8_block_kernel(
             mask = (r < rows) & (c < K)
             if SOURCE:
                 x = source_values(tl.load(x_ptr + r * stride + c, mask=mask, other=0), src_scale, HW)
+                ax = source_magnitude(x, HW)
             else:
                 x = _load_float32(x_ptr, r * stride + c, mask, BF16_BITS)
+                ax = tl.abs(x)
             # ModelOpt divides by an expanded float32 tensor: the quotient stays float32 (kind 0)
-            q = fp8_codes(x, scale, minus_S, D, minus_inverse, minus_top, 0, HW)
+            q = fp8_codes(x, ax, scale, minus_S, D, minus_inverse, minus_top, 0, HW)
             tl.store(q_ptr + r * K + c, q, mask=mask)
     if seen == float("inf"):  # once per strip
         tl.store(nonfinite + index, 1)
