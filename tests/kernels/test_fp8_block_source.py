@@ -6,7 +6,7 @@ Coverage: all 254 finite e4m3 codes in every 128x128 block (and in ragged edge b
 scales (normal with full mantissas, so the float32 product and the bf16 rounding both round, powers of two,
 float32 subnormals down to 2^-149, zero, a negative scale, and the largest scale whose products stay finite),
 on the interpreter's portable path and on the GPU path under the PTX semantics of its instructions
-(tests/ptx_semantics.py: cvt.rn.f16x2.e4m3x2 -> f32, cvt.rn.bf16x2.f32, fma).
+(tests/ptx_semantics.py: cvt.rn.f16x2.e4m3x2 -> f32, cvt.rn.bf16x2.f32, abs.f32, fma).
 
 What stands on the other side of each comparison: the torch references run on the dequantized bf16 tensor (plain
 torch on CPU, exact, subnormals included), ModelOpt's NVFP4 export on it, and the same kernels given that bf16
