@@ -5,7 +5,9 @@ names and shapes alone, then each output shard is produced by reading its source
 quantizing them in grouped kernel calls (scale groups such as an expert's gate/up are always read
 together, so their shared amax needs no second pass) and writing the shard.  The plan is
 deterministic, so N processes (torchrun) each produce whole shards and the result is the same files
-a single process writes.
+a single process writes.  Here: the plan and the command's part (``CheckpointFeed``, ``verify``); the job
+itself (agreement across ranks, batches, the grouped calls of a batch, commit or abort) is ``job.py``, which
+``export_hf`` runs too.
 """
 
 from __future__ import annotations
