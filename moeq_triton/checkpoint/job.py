@@ -143,9 +143,9 @@ def run_job(
             made["out"].create()
 
     def produce() -> None:
-        job = feed(made["plan"], made["source"])
+        mine = feed(made["plan"], made["source"])
         made["stats"] = produce_shards(
-            made["plan"], made["out"], job, batch_bytes=batch_bytes, allow_nonfinite_kept=allow_nonfinite_kept
+            made["plan"], made["out"], mine, batch_bytes=batch_bytes, allow_nonfinite_kept=allow_nonfinite_kept
         )
 
     def finish() -> None:
@@ -153,8 +153,8 @@ def run_job(
             write_metadata(made["plan"], made["source"], made["out"])
             made["out"].commit(on_commit)
 
-    for step, what in ((open_destination, preparing), (produce, "quantizing and writing shards"),
-                       (finish, "writing metadata")):  # fmt: skip
+    steps = ((open_destination, preparing), (produce, "quantizing and writing shards"), (finish, "writing metadata"))
+    for step, what in steps:
         failure = distributed.agree(step, what)
         if failure is not None:
             if rank == 0 and "out" in made:
