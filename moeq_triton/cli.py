@@ -47,6 +47,7 @@ def run() -> None:
 def _main(argv: list[str] | None, signals: _Signals) -> int:
     with signals.held():  # imports torch (through the kernels' constants)
         from moeq_triton.checkpoint.formats import FORMATS
+        from moeq_triton.checkpoint.job import BATCH_BYTES
 
     parser = argparse.ArgumentParser(prog="moeq-triton", description="Grouped NVFP4/FP8 quantization of MoE models.")
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
@@ -75,7 +76,10 @@ def _main(argv: list[str] | None, signals: _Signals) -> int:
     q.add_argument("--verify", action="store_true", help="reload the output and check it")
     q.add_argument("--max-shard-size", type=byte_size, default=byte_size("2GB"))
     q.add_argument(
-        "--batch-size", type=byte_size, default=byte_size("256MB"), help="source bytes held in memory at once"
+        "--batch-size",
+        type=byte_size,
+        default=BATCH_BYTES,
+        help=f"source bytes held in memory at once (default {BATCH_BYTES >> 20}MB)",
     )
     q.add_argument(
         "--allow-nonfinite-kept", action="store_true", help="carry kept (unquantized) tensors holding NaN/Inf through"

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moeq_triton.checkpoint.quantize import relative_error
+from moeq_triton.checkpoint.job import relative_error
 from moeq_triton.kernels import (
     dequantize_nvfp4_reference,
     grouped_amax,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoEShape:
     name: str
     hidden: int
@@ -30,9 +30,9 @@ class MoEShape:
         return (self.hidden, self.moe_intermediate)
 
 
-QWEN3_30B_A3B = MoEShape("Qwen3-30B-A3B", hidden=2048, moe_intermediate=768, experts=128, moe_layers=48)
-QWEN3_235B_A22B = MoEShape("Qwen3-235B-A22B", hidden=4096, moe_intermediate=1536, experts=128, moe_layers=94)
-DEEPSEEK_V3 = MoEShape("DeepSeek-V3", hidden=7168, moe_intermediate=2048, experts=256, moe_layers=58)
+QWEN3_30B_A3B = MoEShape(name="Qwen3-30B-A3B", hidden=2048, moe_intermediate=768, experts=128, moe_layers=48)
+QWEN3_235B_A22B = MoEShape(name="Qwen3-235B-A22B", hidden=4096, moe_intermediate=1536, experts=128, moe_layers=94)
+DEEPSEEK_V3 = MoEShape(name="DeepSeek-V3", hidden=7168, moe_intermediate=2048, experts=256, moe_layers=58)
 
 MODEL_SHAPES = (QWEN3_30B_A3B, QWEN3_235B_A22B, DEEPSEEK_V3)
 

@@ -17,7 +17,7 @@ from moeq_triton.testing import MoEShape
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-TINY = MoEShape("tiny", hidden=64, moe_intermediate=32, experts=4, moe_layers=2)
+TINY = MoEShape(name="tiny", hidden=64, moe_intermediate=32, experts=4, moe_layers=2)
 
 
 def output_bytes(results) -> int:

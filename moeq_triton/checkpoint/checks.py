@@ -40,7 +40,7 @@ _EXPERT_GATE = re.compile(r"^(.*\.experts\.\d+)\.(gate_proj|w1)\.weight$")
 _UP_OF = {"gate_proj": "up_proj", "w1": "w3"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Finding:
     severity: str
     message: str
@@ -49,7 +49,7 @@ class Finding:
     nonfinite: bool = False  # a NaN/Inf finding (``--verify --allow-nonfinite-kept`` accepts those it allowed)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
     path: Path
     format: str  # a format key of serving.VERDICTS, another quant_algo, or "unquantized"
@@ -66,7 +66,9 @@ class Report:
     def add(
         self, severity: str, message: str, about: str = "checkpoint", *, tensor: str = "", nonfinite: bool = False
     ) -> None:
-        self.findings.append(Finding(severity, message, about, tensor, nonfinite))
+        self.findings.append(
+            Finding(severity=severity, message=message, about=about, tensor=tensor, nonfinite=nonfinite)
+        )
 
 
 def checkpoint_format(path: Path, config: dict) -> tuple[str, str, list[str]]:
@@ -117,7 +119,7 @@ def module_kind(weight_name: str) -> str:
 def inspect_checkpoint(path: str | os.PathLike, device: str = "cpu", batch_bytes: int = 256 << 20) -> Report:
     source = SourceCheckpoint(path)
     fmt, declared_in, kept_patterns = checkpoint_format(source.path, source.config)
-    report = Report(source.path, fmt, declared_in, serving.is_moe(source.config))
+    report = Report(path=source.path, format=fmt, declared_in=declared_in, moe=serving.is_moe(source.config))
     names = set(source.names())
     meta = {n: source.shape_dtype(n) for n in names}
     scale_suffixes = SCALES.get(fmt, ("_scale",))

@@ -5,7 +5,9 @@ names and shapes alone, then each output shard is produced by reading its source
 quantizing them in grouped kernel calls (scale groups such as an expert's gate/up are always read
 together, so their shared amax needs no second pass) and writing the shard.  The plan is
 deterministic, so N processes (torchrun) each produce whole shards and the result is the same files
-a single process writes.
+a single process writes.  Here: the plan and the command's part (``CheckpointFeed``, ``verify``); the job
+itself (agreement across ranks, batches, the grouped calls of a batch, commit or abort) is ``job.py``, which
+``export_hf`` runs too.
 """
 
 from __future__ import annotations
@@ -14,68 +16,24 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from moeq_triton.checkpoint import serving
-from moeq_triton.checkpoint.formats import Format, dequantize, output_layout, output_names
+from moeq_triton import distributed
+from moeq_triton.checkpoint import job, serving
+from moeq_triton.checkpoint.formats import Format, output_layout, output_names
 from moeq_triton.checkpoint.io import (
     SAFETENSORS_DTYPES,
     AtomicCheckpointDir,
     CheckpointError,
     SourceCheckpoint,
     new_run_id,
-    shard_name,
 )
-from moeq_triton.checkpoint.source import ExpertSlice, dense, fp8_block_scales, read_units, split_experts
-from moeq_triton.kernels import (
-    NonFiniteWeightError,
-    NVFP4Weight,
-    grouped_amax,
-    quantize_fp8,
-    quantize_fp8_block,
-    quantize_nvfp4,
-)
+from moeq_triton.checkpoint.job import BATCH_BYTES, Feed, Plan, Stats, Unit, pack, quantize_units
+from moeq_triton.checkpoint.source import fp8_block_scales, read_units, split_experts
 from moeq_triton.naming import PASS, QUANTIZE, Decision, naming_for
 
 QUANTIZABLE_DTYPES = ("BF16", "F16", "F32")
-
-
-@dataclass
-class Unit:
-    """Tensors read and processed together: one scale group, or one kept tensor."""
-
-    names: list[str]
-    quantize: bool
-    in_bytes: int  # source bytes (FP8-block scales included)
-    out_bytes: int
-    scale_inv: dict[str, str] = field(default_factory=dict)  # FP8-block source: weight -> its weight_scale_inv
-    load_bytes: int = 0  # bytes held once read (kept FP8-block weights dequantized to bf16); 0: in_bytes
-    transposed: bool = False  # stacked [E, in, out] experts: quantized along ``in``, written back as [E, ., out]
-    slices: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names read from a stacked tensor
-
-    @property
-    def held_bytes(self) -> int:
-        return self.load_bytes or self.in_bytes
-
-
-@dataclass
-class Plan:
-    fmt: Format | None  # None: an unquantized export (every tensor kept as it is)
-    shards: list[list[Unit]]
-    exclude_modules: list[str]
-    split: dict[str, ExpertSlice] = field(default_factory=dict)  # per-expert names of stacked source tensors
-    warnings: list[str] = field(default_factory=list)  # odd but loadable: said at the end of the run
-
-    @property
-    def units(self) -> list[Unit]:
-        return [u for shard in self.shards for u in shard]
-
-    def source_layout(self, source: SourceCheckpoint, name: str) -> tuple[tuple[int, ...], str]:
-        """Shape and safetensors dtype of a planned source tensor (a per-expert slice included)."""
-        piece = self.split.get(name)
-        return (piece.shape, piece.dtype) if piece else source.shape_dtype(name)
 
 
 def _out_bytes(shape: tuple[int, ...], fmt: Format, transposed: bool = False) -> int:
@@ -139,7 +97,12 @@ def make_plan(
         scale_inv = {name: inv} if inv else {}
         slices = {name: split[name]} if name in split else {}
         if decision.action != QUANTIZE:
-            units.append(Unit([name], False, in_bytes, held or nbytes(name), scale_inv, held, slices=slices))
+            units.append(
+                Unit(
+                    names=[name], quantize=False, in_bytes=in_bytes, out_bytes=held or nbytes(name),
+                    scale_inv=scale_inv, load_bytes=held, slices=slices,
+                )
+            )  # fmt: skip
             continue
         transposed = decision.transposed
         dims, inner = (3, shape[-2]) if transposed else (2, shape[-1])
@@ -161,7 +124,7 @@ def make_plan(
             )
         key = keys[name]
         if key not in unit_of_key:
-            unit_of_key[key] = Unit([], True, 0, 0, transposed=transposed)
+            unit_of_key[key] = Unit(names=[], quantize=True, in_bytes=0, out_bytes=0, transposed=transposed)
             units.append(unit_of_key[key])
         unit = unit_of_key[key]
         unit.names.append(name)
@@ -171,7 +134,7 @@ def make_plan(
         unit.scale_inv.update(scale_inv)
         unit.slices.update(slices)
     shards = pack(units, max_shard_bytes, lambda u: u.out_bytes)
-    plan = Plan(fmt, shards, sorted(exclude_modules), split)
+    plan = Plan(fmt=fmt, shards=shards, exclude_modules=sorted(exclude_modules), split=split)
     if fmt is not None and fmt.is_fp8_block:
         from moeq_triton.checkpoint.checks import block_shape_warning
 
@@ -231,223 +194,6 @@ def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> 
     """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
     shape, dtype = plan.source_layout(source, name)
     return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
-
-
-@dataclass
-class Stats:
-    quantized: int = 0
-    kept: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    errors: list[tuple[float, float]] = field(default_factory=list)  # (max, mean) relative error per sample
-    nonfinite_kept: list[str] = field(default_factory=list)  # kept tensors carried through with NaN/Inf
-    all_zero: int = 0  # quantized tensors whose every value is zero (written as the exact-zero encoding)
-    warnings: list[str] = field(default_factory=list)  # odd but loadable: said once at the end
-
-
-def nonfinite_kept(
-    names: list[str], loaded: dict[str, torch.Tensor], source: SourceCheckpoint, allow: bool
-) -> list[str]:
-    """Kept floating-point tensors holding NaN/Inf, found by one grouped amax call; an error naming the
-    first (and how many) unless ``allow``."""
-    checked = [n for n in names if loaded[n].dtype in (torch.bfloat16, torch.float16, torch.float32)]
-    checked = [n for n in checked if loaded[n].numel()]
-    bad: list[str] = []
-    while checked:  # one call when all are finite; a failure re-checks only the tensors after it
-        try:
-            grouped_amax([loaded[n].reshape(1, -1) if loaded[n].dim() < 2 else loaded[n] for n in checked])
-            break
-        except NonFiniteWeightError as error:
-            bad.append(checked[error.index])
-            checked = checked[error.index + 1 :]
-    bad += [n for n in names if loaded[n].dtype == torch.float64 and not bool(loaded[n].isfinite().all())]
-    if bad and not allow:
-        more = f" (and {len(bad) - 1} more kept tensors)" if len(bad) > 1 else ""
-        raise CheckpointError(
-            f"{source.where(bad[0])}: kept tensor {bad[0]} contains NaN or Inf{more}; "
-            "pass --allow-nonfinite-kept to carry such tensors through"
-        )
-    return bad
-
-
-def quantize_units(
-    units: list[Unit],
-    loaded: dict[str, torch.Tensor],
-    fmt: Format,
-    source: SourceCheckpoint,
-    *,
-    all_zero: list[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Grouped kernel calls over every quantized tensor of a batch; shared amax per scale group.
-
-    ``all_zero`` (when given) receives the names of the tensors whose every value is zero; an all-zero
-    NVFP4 scale group is written as ``zero_nvfp4`` (finite bytes that dequantize to exact zeros)."""
-    names = [n for u in units for n in u.names]
-    if not names:
-        return {}
-    transposed = [u.transposed for u in units for _ in u.names]
-    weights = [_stacked_input(dense(loaded[n]), fmt) if t else loaded[n] for n, t in zip(names, transposed)]
-    if fmt.is_fp8_block:  # block amaxes are local to each 128x128 tile: no amax pass, no shared scale
-        if any(transposed):
-            name = names[transposed.index(True)]
-            where = source.where(name)
-            raise CheckpointError(f"{where}: {name} is a stacked expert tensor; fp8-block takes 2-D weights")
-        try:
-            results = quantize_fp8_block(weights)
-        except NonFiniteWeightError as error:
-            name = names[error.index]
-            raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero
-            all_zero += [n for n, q in zip(names, results) if not bool((q[0].view(torch.uint8) & 0x7F).any())]
-        return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
-    try:
-        amax = grouped_amax(weights)
-    except NonFiniteWeightError as error:
-        name = names[error.index]
-        raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-    unit_of = torch.tensor([i for i, u in enumerate(units) for _ in u.names], device=amax.device)
-    scale_group_amax = torch.zeros(len(units), device=amax.device).scatter_reduce(0, unit_of, amax, "amax")[unit_of]
-    zero = (scale_group_amax == 0).tolist()  # amax 0: every value of every member of the group is zero
-    if all_zero is not None:
-        all_zero += [n for n, z in zip(names, zero) if z]
-    if fmt.is_nvfp4:
-        results = [zero_nvfp4(q) if z else q for q, z in zip(quantize_nvfp4(weights, scale_group_amax), zero)]
-    else:
-        results = quantize_fp8(weights, None if fmt.per_channel else scale_group_amax, per_channel=fmt.per_channel)
-    out: dict[str, torch.Tensor] = {}
-    for name, t, q in zip(names, transposed, results):
-        for output, tensor in zip(output_names(name, fmt), q):
-            out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
-    return out
-
-
-def zero_nvfp4(q: NVFP4Weight) -> NVFP4Weight:
-    """The encoding of an all-zero NVFP4 scale group: codes 0 (E2M1 +0), block scales 1.0 (what ModelOpt writes
-    for a zero block inside a non-zero tensor) and weight_scale_2 1.0.  Every dequantized value is
-    0 x 1.0 x 1.0 = +0 exactly, with no zero or NaN scale an engine could divide by.
-
-    The one place where the bytes differ from ModelOpt's export: there amax 0 gives weight_scale_2 = 0 and
-    block scales 0/0 = NaN (codes 0x77), so every engine computes NaN for the layer.  Done here, on the
-    kernels' output, rather than in the kernels: the group's amax is known here, and a group is all-zero
-    exactly when its amax is 0 (NaN/Inf raise before), so nothing else changes."""
-    return NVFP4Weight(torch.zeros_like(q.weight), torch.ones_like(q.weight_scale), torch.ones_like(q.weight_scale_2))
-
-
-def _stacked_input(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """A stacked [E, in, out] expert tensor as the kernels take it: [E, out, in]. For FP8 also in float32:
-    ModelOpt divides a 3-D weight by its scale unsqueezed to 1-D, which promotes the quotient to float32
-    (one rounding, where a 2-D bf16 weight's quotient is rounded to bf16 first)."""
-    weight = weight.transpose(-1, -2)
-    return weight.contiguous() if fmt.is_nvfp4 else weight.float().contiguous()
-
-
-def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float, float]:
-    """Max and mean of |values - original| / max|original| (the figures the command and the demo report)."""
-    err = (values.float() - original.float()).abs() / original.float().abs().amax().clamp_min(1e-30)
-    return float(err.max()), float(err.mean())
-
-
-def run_shards(
-    plan: Plan,
-    source: SourceCheckpoint,
-    out: AtomicCheckpointDir,
-    device: torch.device,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    batch_bytes: int = 256 << 20,
-    advance: Callable[[int], None] = lambda n: None,
-    allow_nonfinite_kept: bool = False,
-) -> Stats:
-    """Produce this rank's shards (shard s belongs to rank s % world).
-
-    Kept floating-point tensors are checked for NaN/Inf in one grouped amax call per batch (quantized
-    ones are checked by their own amax, no extra pass); with ``allow_nonfinite_kept`` they are carried
-    through and listed in ``Stats.nonfinite_kept``."""
-    stats = Stats()
-    for s, shard in enumerate(plan.shards):
-        if s % world != rank:
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
-            quantized = [u for u in batch if u.quantize]
-            zero: list[str] = []
-            result = quantize_units(quantized, loaded, plan.fmt, source, all_zero=zero)
-            stats.all_zero += len(zero)
-            sampled = next((u for u in quantized if not u.transposed), None)
-            if sampled:
-                sample = sampled.names[0]
-                stats.errors.append(relative_error(dense(loaded[sample]), dequantize(result, sample, plan.fmt)))
-            kept = [u.names[0] for u in batch if not u.quantize]
-            stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
-            for unit in batch:
-                if not unit.quantize:
-                    result[unit.names[0]] = loaded[unit.names[0]]
-                stats.quantized += len(unit.names) if unit.quantize else 0
-                stats.kept += 0 if unit.quantize else 1
-                stats.bytes_in += unit.in_bytes
-                stats.bytes_out += unit.out_bytes
-                advance(unit.in_bytes)
-            tensors.update({k: v.cpu() for k, v in result.items()})
-        out.write_shard(shard_name(s, len(plan.shards)), tensors)
-    return stats
-
-
-def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
-    """The batches one shard is read in: at most ``batch_bytes`` held in memory each (dequantized size)."""
-    return pack(shard, batch_bytes, lambda u: u.held_bytes)
-
-
-def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
-    """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
-    compute; at most two batches in memory)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def load(batch: list[Unit]) -> dict[str, torch.Tensor]:
-        return read_units(batch, source, device)
-
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(load, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            loaded = pending.result()
-            pending = reader.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
-            yield batch, loaded
-
-
-def pack(units: list[Unit], budget: int, size_of: Callable[[Unit], int]) -> list[list[Unit]]:
-    """Consecutive units in packs of at most ``budget`` bytes (a larger unit stands alone)."""
-    packs: list[list[Unit]] = [[]]
-    size = 0
-    for unit in units:
-        if packs[-1] and size + size_of(unit) > budget:
-            packs.append([])
-            size = 0
-        packs[-1].append(unit)
-        size += size_of(unit)
-    return packs
-
-
-def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:
-    """config.json with quantization_config, hf_quant_config.json, tokenizer/generation files, and
-    last the index (its metadata records every file written: the manifest)."""
-    weight_map: dict[str, str] = {}
-    total = 0
-    for s, shard in enumerate(plan.shards):
-        for unit in shard:
-            for name in unit.names:
-                for output in output_names(name, plan.fmt) if unit.quantize else [name]:
-                    weight_map[output] = shard_name(s, len(plan.shards))
-            total += unit.out_bytes
-    config = dict(source.config)
-    if plan.fmt is not None:
-        config["quantization_config"] = plan.fmt.quantization_config(plan.exclude_modules)
-        hf_quant_config = plan.fmt.hf_quant_config(plan.exclude_modules)
-        if hf_quant_config is not None:
-            out.write_json("hf_quant_config.json", hf_quant_config)
-    out.write_json("config.json", config)
-    for extra in source.extra_files():
-        out.copy_file(extra)
-    out.write_index({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def verify(
@@ -523,74 +269,61 @@ def quantize_checkpoint(
     device: str = "cpu",
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
-    batch_bytes: int = 256 << 20,
+    batch_bytes: int = BATCH_BYTES,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     exclude: tuple[str, ...] = (),
     allow_nonfinite_kept: bool = False,
     on_commit: Callable[[], None] = lambda: None,
 ) -> tuple[Plan, Stats, float]:
-    """The whole job in one process (rank/world from torchrun's environment when present).
+    """The whole job in one process (rank/world from torchrun's environment when present): ``job.run_job``
+    with every rank reading and writing whole shards of its own (``CheckpointFeed``).
 
     Any failure on any rank (an error, an interrupt) leaves the destination as it was on every rank;
     ``on_commit`` runs as soon as the complete output is in place."""
-    from moeq_triton import distributed
-
     start = time.perf_counter()
-    rank, world = distributed.init_from_environment(device)
-    made: dict = {}
+    distributed.init_from_environment(device)
     run_id = distributed.gather_objects(new_run_id())[0]  # rank 0's: names the partial directory on every rank
 
-    def prepare() -> None:  # every rank reads the source and checks the destination; rank 0 creates it
-        made["source"] = SourceCheckpoint(source_path)
-        refuse_quantized_source(made["source"])
-        made["plan"] = make_plan(
-            made["source"], fmt, experts_only=experts_only, max_shard_bytes=max_shard_bytes, exclude=exclude
-        )
-        made["out"] = AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
-        if rank == 0:
-            made["out"].create()
+    def prepare() -> tuple[Plan, SourceCheckpoint, AtomicCheckpointDir]:
+        source = SourceCheckpoint(source_path)  # every rank reads the source and checks the destination
+        refuse_quantized_source(source)
+        plan = make_plan(source, fmt, experts_only=experts_only, max_shard_bytes=max_shard_bytes, exclude=exclude)
+        return plan, source, AtomicCheckpointDir(destination, overwrite, protect=[source_path], run_id=run_id)
 
-    failure = distributed.agree(prepare, "reading the source and preparing the destination")
-    if failure is not None:
-        if rank == 0 and "out" in made:
-            made["out"].abort()
-        raise failure
-    source, plan, out = made["source"], made["plan"], made["out"]
-    advance = (
-        progress(rank, sum(u.in_bytes for s, sh in enumerate(plan.shards) if s % world == rank for u in sh))
-        if progress
-        else (lambda n: None)
+    def feed(plan: Plan, source: SourceCheckpoint) -> CheckpointFeed:
+        return CheckpointFeed(plan, source, torch.device(device), progress=progress)
+
+    plan, stats = job.run_job(
+        prepare,
+        feed,
+        preparing="reading the source and preparing the destination",
+        batch_bytes=batch_bytes,
+        allow_nonfinite_kept=allow_nonfinite_kept,
+        on_commit=on_commit,
     )
-    stats = Stats()
-
-    def shards() -> None:
-        nonlocal stats
-        stats = run_shards(
-            plan,
-            source,
-            out,
-            torch.device(device),
-            rank=rank,
-            world=world,
-            batch_bytes=batch_bytes,
-            advance=advance,
-            allow_nonfinite_kept=allow_nonfinite_kept,
-        )
-
-    def finish() -> None:
-        if rank == 0:
-            write_metadata(plan, source, out)
-            out.commit(on_commit)
-
-    for step, what in ((shards, "quantizing and writing shards"), (finish, "writing metadata")):
-        failure = distributed.agree(step, what)
-        if failure is not None:
-            if rank == 0:
-                out.abort()
-            raise failure
-    distributed.barrier()
-    stats.warnings += plan.warnings
     return plan, stats, time.perf_counter() - start
+
+
+class CheckpointFeed(Feed):
+    """The command's part of the job: shard s belongs to rank s % world, which reads its tensors from the
+    source checkpoint (a thread reads the next batch meanwhile) and writes the shard itself."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        source: SourceCheckpoint,
+        device: torch.device,
+        *,
+        progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    ) -> None:
+        super().__init__(source)
+        self.device = device
+        if progress is not None:  # this rank's bar over the source bytes of its own shards
+            total = sum(u.in_bytes for s in self.shards(plan) for u in plan.shards[s])
+            self.advance = progress(distributed.rank_world()[0], total)
+
+    def batches(self, batches: list[list[Unit]]):
+        return job.prefetched(batches, lambda batch: read_units(batch, self.source, self.device))
 
 
 def refuse_quantized_source(source: SourceCheckpoint) -> None:

@@ -28,7 +28,7 @@ def fp8_block_scales(names: Iterable[str]) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExpertSlice:
     """One expert's 2-D weight inside a stacked [E, out, in] tensor on disk (Qwen3.5's released layout)."""
 
@@ -64,7 +64,9 @@ def split_experts(source, is_split) -> dict[str, ExpertSlice]:
             (projection, 0, rows),)  # fmt: skip
         for e in range(experts):
             for leaf, start, end in parts:
-                out[f"{base}.{e}.{leaf}.weight"] = ExpertSlice(name, e, (start, end), (end - start, cols), dtype)
+                out[f"{base}.{e}.{leaf}.weight"] = ExpertSlice(
+                    stacked=name, expert=e, rows=(start, end), shape=(end - start, cols), dtype=dtype
+                )
     return out
 
 

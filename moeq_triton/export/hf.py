@@ -26,30 +26,16 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from moeq_triton import distributed
-from moeq_triton.checkpoint.formats import FORMATS
-from moeq_triton.checkpoint.io import (
-    SAFETENSORS_DTYPES,
-    AtomicCheckpointDir,
-    CheckpointError,
-    SourceCheckpoint,
-    shard_name,
-)
-from moeq_triton.checkpoint.quantize import (
-    Plan,
-    dequantize,
-    make_plan,
-    output_layout,
-    output_names,
-    pack,
-    quantize_units,
-    write_metadata,
-)
+from moeq_triton.checkpoint import job
+from moeq_triton.checkpoint.formats import FORMATS, dequantize, output_layout, output_names
+from moeq_triton.checkpoint.io import SAFETENSORS_DTYPES, AtomicCheckpointDir, CheckpointError, SourceCheckpoint
+from moeq_triton.checkpoint.job import BATCH_BYTES, Feed, Plan, Unit
+from moeq_triton.checkpoint.quantize import make_plan
 from moeq_triton.modelopt.export_format import detect_format
 from moeq_triton.naming import FAMILIES, family_for, megatron
 
@@ -64,7 +50,7 @@ def transformers_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return revert_weight_conversion(model, state)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Piece:
     """One rank's slice of an HF tensor: part ``index`` of ``parts`` equal parts along ``dim``; the joined
     tensor keeps its first ``rows`` rows (vocab padding dropped; None: all)."""
@@ -111,19 +97,20 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, Piece
             raise CheckpointError(str(error)) from None
         cut, names = mapped.cut, mapped.names
         if cut == megatron.COPY:
-            out[names[0]] = Piece(tensor)
+            out[names[0]] = Piece(tensor=tensor)
         elif cut in (megatron.COLUMN, megatron.ROW):
-            out[names[0]] = Piece(tensor, rank, size, 0 if cut == megatron.COLUMN or tensor.dim() == 1 else 1)
+            dim = 0 if cut == megatron.COLUMN or tensor.dim() == 1 else 1
+            out[names[0]] = Piece(tensor=tensor, index=rank, parts=size, dim=dim)
         elif cut == megatron.VOCAB:
-            out[names[0]] = Piece(tensor, rank, size, 0, hf_config["vocab_size"])
+            out[names[0]] = Piece(tensor=tensor, index=rank, parts=size, rows=hf_config["vocab_size"])
         elif cut == megatron.GLU:
             for hf, half in zip(names, tensor.chunk(2, dim=0)):
-                out[hf] = Piece(half, rank, size)
+                out[hf] = Piece(tensor=half, index=rank, parts=size)
         elif cut == megatron.QKV:
             per_group = tensor.view(groups // size, (heads // groups + 2) * head_dim, *tensor.shape[1:])
             parts = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
             for hf, part in zip(names, parts):
-                out[hf] = Piece(part.reshape(-1, *tensor.shape[1:]), rank, size)
+                out[hf] = Piece(tensor=part.reshape(-1, *tensor.shape[1:]), index=rank, parts=size)
         else:  # GroupedMLP: weight1 [H, E_local * fc1_out], weight2 [E_local * fc2_in, H]
             local = model.config.num_moe_experts // par["ep"]
             stacked = tensor.view(tensor.shape[0], local, -1).permute(1, 2, 0) if cut == megatron.GROUPED_FC1 else (
@@ -132,9 +119,9 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, Piece
                 hf = [n.format(e=par["first_expert"] + e) for n in names]
                 if cut == megatron.GROUPED_FC1:
                     for one, half in zip(hf, stacked[e].chunk(2, dim=0)):
-                        out[one] = Piece(half, rank, size)
+                        out[one] = Piece(tensor=half, index=rank, parts=size)
                 else:
-                    out[hf[0]] = Piece(stacked[e], rank, size, 1)
+                    out[hf[0]] = Piece(tensor=stacked[e], index=rank, parts=size, dim=1)
     return out
 
 
@@ -301,6 +288,7 @@ def export_hf(
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
+    batch_bytes: int = BATCH_BYTES,
     progress: Callable[[int], None] = lambda n: None,
 ) -> Path:
     """Write ``model`` as a checkpoint vLLM / TensorRT-LLM / SGLang load; every rank calls it.
@@ -308,7 +296,8 @@ def export_hf(
     hf_config: required for a Megatron model (a transformers config or dict naming the architecture);
     fmt: "auto" (from the weight quantizers), a format name ("nvfp4", "fp8", "fp8-per-channel", "fp8-block") or None
     (unquantized); exclude: module-name globs kept in high precision (as ``--exclude``); source_dir: where
-    tokenizer and generation files are copied from.
+    tokenizer and generation files are copied from; batch_bytes: source bytes joined and quantized together
+    (the command's ``--batch-size``; the files do not depend on it).
     """
     if is_megatron(model):
         if hf_config is None:
@@ -317,92 +306,80 @@ def export_hf(
         tensors = megatron_tensors(model, config)
     else:
         config = hf_config_dict(hf_config if hf_config is not None else model.config)
-        tensors = {name: Piece(tensor) for name, tensor in transformers_tensors(model).items()}
+        tensors = {name: Piece(tensor=tensor) for name, tensor in transformers_tensors(model).items()}
     chosen = detect_format(model) if fmt == "auto" else (FORMATS[fmt] if fmt else None)
     source = ModelTensors(tensors, config, source_dir)
     plan = make_plan(source, chosen, experts_only=experts_only, max_shard_bytes=max_shard_bytes, exclude=tuple(exclude))
     source.spread(plan.units)
-    made: list[AtomicCheckpointDir] = []
 
-    def prepare() -> None:  # every rank checks the destination; rank 0 creates the partial directory
-        made.append(AtomicCheckpointDir(export_dir, overwrite, protect=[source_dir] if source_dir else []))
-        if source.rank == 0:
-            made[0].create()
+    def prepare() -> tuple[Plan, ModelTensors, AtomicCheckpointDir]:  # every rank checks the destination
+        return plan, source, AtomicCheckpointDir(export_dir, overwrite, protect=[source_dir] if source_dir else [])
 
-    def finish() -> None:
-        if source.rank == 0:
-            write_metadata(plan, source, made[0])
-            made[0].commit()
-
-    steps = (
-        (prepare, "checking the export directory"),
-        (lambda: _write_shards(plan, source, made[0], progress), "exporting shards"),  # agrees per step inside
-        (finish, "writing metadata"),
+    # kept tensors are carried as the model holds them (NaN/Inf included), as ModelOpt's export does
+    job.run_job(
+        prepare,
+        lambda plan, source: ModelFeed(source, progress),
+        preparing="checking the export directory",
+        batch_bytes=batch_bytes,
+        allow_nonfinite_kept=True,
     )
-    for step, what in steps:
-        failure = distributed.agree(step, what)
-        if failure is not None:
-            if source.rank == 0 and made:
-                made[0].abort()
-            raise failure
-    distributed.barrier()
     return Path(export_dir)
 
 
-def _write_shards(plan: Plan, source: ModelTensors, out: AtomicCheckpointDir, progress: Callable[[int], None]) -> None:
-    """Per shard, per batch (the same batches on every rank): owners receive the other parts of their
-    tensors, quantize their units in grouped calls and drop the inputs; then the shard's results go to
-    rank 0 as raw bytes and rank 0 writes.  A rank holds its own slices, one joined batch and its part
-    of one output shard.
+class ModelFeed(Feed):
+    """The exporter's part of the job: every rank takes part in every shard (the same batches on every rank).
+    Per batch, owners receive the other parts of their tensors (``ModelTensors.join``) and quantize their
+    units; per shard, the results go to rank 0 as raw bytes and rank 0 writes.  A rank holds its own
+    slices, one joined batch and its part of one output shard.
 
-    Every step that can fail on one rank alone runs through ``distributed.together``: a failure never
-    leaves a rank waiting for bytes that will not come.
+    Every step runs through ``distributed.together``: a failure never leaves a rank waiting for bytes that
+    will not come.
     """
-    for s, shard in enumerate(plan.shards):
-        produced: dict[str, torch.Tensor] = {}
-        for batch in pack(shard, BATCH_BYTES, lambda u: u.in_bytes):
-            names = [n for u in batch for n in u.names]
-            distributed.together(partial(source.join, names), "joining tensor-parallel slices")
-            distributed.together(partial(_quantize_own, batch, source, plan, produced, progress), "quantizing")
-            source.release()
-        distributed.together(partial(_gather_to_rank0, shard, source, plan, produced), "sending to rank 0")
-        write = out.write_shard if source.rank == 0 else (lambda *_: None)
-        distributed.together(partial(write, shard_name(s, len(plan.shards)), produced), "writing a shard")
 
+    def __init__(self, source: ModelTensors, advance: Callable[[int], None] = lambda n: None) -> None:
+        super().__init__(source, advance)
+        self.writes = source.rank == 0
 
-BATCH_BYTES = 1 << 30
-"""Source bytes quantized together (one group of kernel launches); the joined tensors of one batch."""
+    def shards(self, plan: Plan) -> range:
+        return range(len(plan.shards))
 
+    def batches(self, batches: list[list[Unit]]):
+        source: ModelTensors = self.source
+        for batch in batches:
+            mine = [u for u in batch if source.owner[u.names[0]] == source.rank]
+            loaded: dict[str, torch.Tensor] = {}
 
-def _quantize_own(batch, source: ModelTensors, plan: Plan, produced: dict, progress: Callable[[int], None]) -> None:
-    """This rank's units of a batch: grouped kernel calls, results moved to the CPU."""
-    mine = [u for u in batch if source.owner[u.names[0]] == source.rank]
-    if not mine:
-        return
-    loaded = {n: source.tensor(n) for u in mine for n in u.names}
-    result = quantize_units([u for u in mine if u.quantize], loaded, plan.fmt, source)
-    result.update({u.names[0]: loaded[u.names[0]] for u in mine if not u.quantize})
-    produced.update({k: v.detach().cpu() for k, v in result.items()})
-    progress(sum(u.in_bytes for u in mine))
+            def join(batch: list[Unit] = batch, mine: list[Unit] = mine, loaded: dict = loaded) -> None:
+                source.join([n for u in batch for n in u.names])
+                loaded.update((n, source.tensor(n)) for u in mine for n in u.names)
 
+            try:
+                distributed.together(join, "joining tensor-parallel slices")
+                yield mine, loaded
+            finally:
+                source.release()
 
-def _gather_to_rank0(shard, source: ModelTensors, plan: Plan, produced: dict[str, torch.Tensor]) -> None:
-    """Point-to-point transfer of raw bytes, in an order every rank derives from the plan, into rank 0's
-    ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
-    if source.world == 1:
-        return
-    for unit in shard:
-        owner = source.owner[unit.names[0]]
-        if owner == 0:
-            continue
-        names = [o for n in unit.names for o in output_names(n, plan.fmt)] if unit.quantize else unit.names
-        for name in names:
-            if source.rank == owner:
-                distributed.send_bytes(produced.pop(name), dst=0)
-            elif source.rank == 0:
-                shape, dtype = _output_layout(name, unit, source, plan)
-                buffer = distributed.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=owner)
-                produced[name] = buffer.view(dtype).reshape(shape)
+    def step(self, run: Callable[[], object], what: str) -> None:
+        distributed.together(run, what)
+
+    def collect(self, plan: Plan, shard: list[Unit], produced: dict[str, torch.Tensor]) -> None:
+        """Point-to-point transfer of raw bytes, in an order every rank derives from the plan, into rank 0's
+        ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
+        source: ModelTensors = self.source
+        if source.world == 1:
+            return
+        for unit in shard:
+            owner = source.owner[unit.names[0]]
+            if owner == 0:
+                continue
+            names = [o for n in unit.names for o in output_names(n, plan.fmt)] if unit.quantize else unit.names
+            for name in names:
+                if source.rank == owner:
+                    distributed.send_bytes(produced.pop(name), dst=0)
+                elif source.rank == 0:
+                    shape, dtype = _output_layout(name, unit, source, plan)
+                    buffer = distributed.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=owner)
+                    produced[name] = buffer.view(dtype).reshape(shape)
 
 
 def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[tuple[int, ...], torch.dtype]:

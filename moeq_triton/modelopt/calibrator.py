@@ -98,7 +98,7 @@ class StatRow:
     amax: float | None  # max over the (per-channel) amax; None when no weight reached the quantizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Calibrated:
     """One quantizer of a batch and, after ``reduce``, its amax in the weight's dtype."""
 
@@ -133,7 +133,9 @@ class WeightBatch:
         index = self._index.get(id(quantizer))
         if index is None:
             index = self._index[id(quantizer)] = len(self.entries)
-            self.entries.append(Calibrated(quantizer, name, weight.dtype, per_channel, groups))
+            self.entries.append(
+                Calibrated(quantizer=quantizer, name=name, dtype=weight.dtype, per_channel=per_channel, groups=groups)
+            )
         self.entries[index].shapes.append(tuple(weight.shape))
         return index
 

@@ -206,7 +206,7 @@ def _replacements() -> tuple:
     return tuple(p.replacement for p in PATCHES.values())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Patch:
     """One replaced attribute: where it lives, what it held, and what replaced it."""
 
@@ -235,7 +235,7 @@ def _install(name: str, holder: object, attribute: str, make: Callable[[object],
     replacement = make(original)
     replacement.__wrapped__ = original
     setattr(holder, attribute, replacement)
-    PATCHES[name] = Patch(name, holder, attribute, original, replacement)
+    PATCHES[name] = Patch(name=name, holder=holder, attribute=attribute, original=original, replacement=replacement)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +267,12 @@ def patch_calibrator_name(names: tuple[str, ...]) -> None:
     """Accept our names, and say which names are valid when a string is not (typos stay rejected)."""
     _NAME_RULE.names, _NAME_RULE.refusal = names, None
     decorator = _replace_validator()
-    PATCHES.setdefault("calibrator_name", Patch("calibrator_name", None, "validate_calibrator", decorator, None))
+    PATCHES.setdefault(
+        "calibrator_name",
+        Patch(
+            name="calibrator_name", holder=None, attribute="validate_calibrator", original=decorator, replacement=None
+        ),
+    )
 
 
 def refuse_calibrator_names(names: tuple[str, ...], error: UnsupportedModelOptError) -> bool:

@@ -29,7 +29,7 @@ from moeq_triton.modelopt.names import CALIBRATOR
 from moeq_triton.modelopt.sync_groups import rank_groups, sync_groups
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelWalk:
     """One pass over ``named_modules()``: what the calibration needs to know about the model."""
 

@@ -34,7 +34,10 @@ def family(
 ) -> Family:
     """A family with what every MoE family here shares: routed experts quantized, lm_head, the embeddings
     and the router kept (``kept`` adds to those)."""
-    return Family(name, architectures, model_types, routed, quantized, (LM_HEAD, EMBED, router, *kept), **rest)
+    return Family(
+        name=name, architectures=architectures, model_types=model_types, routed=routed, quantized=quantized,
+        kept=(LM_HEAD, EMBED, router, *kept), **rest,
+    )  # fmt: skip
 
 
 QWEN3_MOE = family(

@@ -27,7 +27,7 @@ GROUPED_FC1, GROUPED_FC2 = "grouped_fc1", "grouped_fc2"
 the transposed block is that expert's ``linear_fc1`` (a GLU cut) / ``linear_fc2`` (a row cut)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Spelling:
     """How one HF family names the modules a Megatron layer holds (``{L}`` = ``model.layers.<global i>``)."""
 

@@ -30,7 +30,7 @@ class UnsupportedArchitecture(ValueError):
     """A config.json whose architecture no family covers; the message lists the supported ones."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
     """One architecture family's naming, as data. Patterns are full-match regexes over module names
     (a tensor name without ``.weight``) with the placeholders of ``MACROS``."""

@@ -776,6 +776,7 @@ PHASE_HOOKS = textwrap.dedent(
     import os, signal, sys, threading, time
     from moeq_triton import cli
     from moeq_triton.checkpoint import io as checkpoint_io
+    from moeq_triton.checkpoint import job
     from moeq_triton.checkpoint import quantize as model_free
 
     # Ctrl-C as a terminal user has it: a parent started in the background (nohup, `&` without job control)
@@ -797,7 +798,7 @@ PHASE_HOOKS = textwrap.dedent(
 
         setattr(holder, name, paused)
 
-    where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
+    where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (job, "quantize_units"),
              "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
     if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
         import pathlib

@@ -128,7 +128,7 @@ def test_expert_parallel_export_equals_single_process(tmp_path):
 def _export_failing_on_rank1(rank: int, world: int, out: str) -> str:
     from megatron.core import parallel_state
 
-    from moeq_triton.export import hf as exporter
+    from moeq_triton.checkpoint import job
 
     parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
     try:
@@ -138,7 +138,7 @@ def _export_failing_on_rank1(rank: int, world: int, out: str) -> str:
             def broken(*args, **kwargs):
                 raise MemoryError("injected on rank 1")
 
-            exporter.quantize_units = broken
+            job.quantize_units = broken
         moeq_triton.export_hf(model, out, hf_config(), fmt="nvfp4", max_shard_bytes=40_000)
     except Exception as error:  # the test wants every rank's outcome
         return f"{type(error).__name__}: {error}"
