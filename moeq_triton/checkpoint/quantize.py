@@ -368,29 +368,63 @@ def run_shards(
     for s, shard in enumerate(plan.shards):
         if s % world != rank:
             continue
-        tensors: dict[str, torch.Tensor] = {}
-        for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
-            quantized = [u for u in batch if u.quantize]
-            zero: list[str] = []
-            result = quantize_units(quantized, loaded, plan.fmt, source, all_zero=zero)
-            stats.all_zero += len(zero)
-            sampled = next((u for u in quantized if not u.transposed), None)
-            if sampled:
-                sample = sampled.names[0]
-                stats.errors.append(relative_error(dense(loaded[sample]), dequantize(result, sample, plan.fmt)))
-            kept = [u.names[0] for u in batch if not u.quantize]
-            stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
-            for unit in batch:
-                if not unit.quantize:
-                    result[unit.names[0]] = loaded[unit.names[0]]
-                stats.quantized += len(unit.names) if unit.quantize else 0
-                stats.kept += 0 if unit.quantize else 1
-                stats.bytes_in += unit.in_bytes
-                stats.bytes_out += unit.out_bytes
-                advance(unit.in_bytes)
-            tensors.update({k: v.cpu() for k, v in result.items()})
-        out.write_shard(shard_name(s, len(plan.shards)), tensors)
+        layout = shard_layout(plan, source, shard)
+        with out.open_shard(shard_name(s, len(plan.shards)), layout) as file:  # written batch by batch, overlapped
+            for batch, loaded in _prefetched(batch_plan(shard, batch_bytes), source, device):
+                file.write(
+                    quantize_batch(
+                        plan, batch, loaded, source, stats=stats, advance=advance,
+                        allow_nonfinite_kept=allow_nonfinite_kept,
+                    )
+                )  # fmt: skip
     return stats
+
+
+def quantize_batch(
+    plan: Plan,
+    batch: list[Unit],
+    loaded: dict[str, torch.Tensor],
+    source: SourceCheckpoint,
+    *,
+    stats: Stats,
+    advance: Callable[[int], None],
+    allow_nonfinite_kept: bool,
+) -> dict[str, torch.Tensor]:
+    """One batch's output tensors (quantized and kept, on the CPU), its counts added to ``stats``."""
+    quantized = [u for u in batch if u.quantize]
+    zero: list[str] = []
+    result = quantize_units(quantized, loaded, plan.fmt, source, all_zero=zero)
+    stats.all_zero += len(zero)
+    sampled = next((u for u in quantized if not u.transposed), None)
+    if sampled:
+        sample = sampled.names[0]
+        stats.errors.append(relative_error(dense(loaded[sample]), dequantize(result, sample, plan.fmt)))
+    kept = [u.names[0] for u in batch if not u.quantize]
+    stats.nonfinite_kept += nonfinite_kept(kept, loaded, source, allow_nonfinite_kept)
+    for unit in batch:
+        if not unit.quantize:
+            result[unit.names[0]] = loaded[unit.names[0]]
+        stats.quantized += len(unit.names) if unit.quantize else 0
+        stats.kept += 0 if unit.quantize else 1
+        stats.bytes_in += unit.in_bytes
+        stats.bytes_out += unit.out_bytes
+        advance(unit.in_bytes)
+    return {k: v.cpu() for k, v in result.items()}
+
+
+def shard_layout(plan: Plan, source: SourceCheckpoint, shard: list[Unit]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every output tensor of a shard: name -> (shape, safetensors dtype name), known before any is computed."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    for unit in shard:
+        for name in unit.names:
+            if not unit.quantize:
+                layout[name] = kept_layout(plan, source, unit, name)
+                continue
+            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
+            for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
+                layout[output] = (tuple(shape), names[dtype])
+    return layout
 
 
 def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:

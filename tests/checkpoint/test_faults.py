@@ -848,12 +848,12 @@ def _rank_main(rank: int, world: int, argv: list[str], mode: str) -> tuple[int, 
     err = io.StringIO()
     context = contextlib.nullcontext()
     if mode == "fail-rank-1" and rank == 1:
-        from moeq_triton.checkpoint import io as checkpoint_io
+        from moeq_triton.checkpoint import shard_file
 
-        def disk_full(tensors, path, metadata=None):  # rank 1 alone fails, as its own full disk would
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        def disk_full(fd, data, offset):  # rank 1 alone fails, as its own full disk would
+            raise shard_file.ShardWriteError(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
-        checkpoint_io.save_file = disk_full
+        shard_file.write_at = disk_full
     if mode == "nccl":
         from tests.pretend_nccl import pretend_nccl
 

@@ -154,20 +154,20 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(source, tmp_
     import moeq_triton.checkpoint.quantize as model_free
 
     out = tmp_path / "out"
-    original = model_free.AtomicCheckpointDir.write_shard
+    original = model_free.AtomicCheckpointDir.open_shard
     calls = []
 
-    def failing(self, file, tensors):
+    def failing(self, file, layout):
         calls.append(file)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, file, tensors)
+        return original(self, file, layout)
 
-    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", failing)
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "open_shard", failing)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
-    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", original)
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "open_shard", original)
     quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
     assert (out / "model.safetensors.index.json").is_file()
 
