@@ -777,6 +777,7 @@ PHASE_HOOKS = textwrap.dedent(
     from moeq_triton import cli
     from moeq_triton.checkpoint import io as checkpoint_io
     from moeq_triton.checkpoint import quantize as model_free
+    from moeq_triton.checkpoint import shard_file
 
     # Ctrl-C as a terminal user has it: a parent started in the background (nohup, `&` without job control)
     # passes SIGINT down ignored, and an ignored SIGINT is rightly ignored by the command too
@@ -798,7 +799,7 @@ PHASE_HOOKS = textwrap.dedent(
         setattr(holder, name, paused)
 
     where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (model_free, "quantize_units"),
-             "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
+             "writing": (shard_file.ShardFile, "write"), "verifying": (model_free, "verify")}
     if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
         import pathlib
 
