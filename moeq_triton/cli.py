@@ -226,8 +226,8 @@ def memory_line(peak) -> str:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         return f"peak memory (RSS, includes mapped source files): {rss:.0f} MiB"
     return (
-        f"peak memory: {peak.anonymous / 2**20:.0f} MiB heap (anonymous: the output shard being assembled, "
-        "bounded by --max-shard-size, and the batch in work, bounded by --batch-size); "
+        f"peak memory: {peak.anonymous / 2**20:.0f} MiB heap (anonymous: the batches in flight, each bounded by "
+        "--batch-size: one read ahead, one in work, the previous one's output being written); "
         f"file-backed pages (mapped source shards, libraries) up to {peak.file_backed / 2**20:.0f} MiB, "
         "which the kernel can drop"
     )

@@ -434,7 +434,7 @@ def batch_plan(shard: list[Unit], batch_bytes: int) -> list[list[Unit]]:
 
 def _prefetched(batches: list[list[Unit]], source: SourceCheckpoint, device: torch.device):
     """Yield (batch, its tensors) while a reader thread already loads the next batch (overlaps I/O and
-    compute; at most two batches in memory)."""
+    compute; at most two batches of input in memory, besides the previous batch's output being written)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def load(batch: list[Unit]) -> dict[str, torch.Tensor]:

@@ -447,7 +447,7 @@ FAULTS = [
     # item 8: the fast CPU path cannot be built
     Fault("no-c-compiler", N, 0, "could not be compiled, no working C compiler", "complete", inject=no_c_compiler),
     # item 9: the memory figure separates the heap from mapped files
-    Fault("memory-figure", N, 0, "MiB heap (anonymous: the output shard being assembled", "complete"),
+    Fault("memory-figure", N, 0, "MiB heap (anonymous: the batches in flight", "complete"),
     # item 5: real signals (subprocess): the message says what is on disk
     Fault("sigint-reading", N, 130, "is as it was before the run", "as before", signal_at="reading", marks=[SLOW]),
     Fault(
