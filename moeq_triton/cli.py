@@ -6,6 +6,7 @@ Interrupts (SIGINT, SIGTERM) are expected too: the message says truthfully what 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import signal
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
 def run() -> None:
     """The console script ``moeq-triton`` and ``python -m moeq_triton``."""
+    # start-up (torch, triton) allocates about a million objects that live as long as the process: no collection
+    # runs while they are imported, and afterwards they are frozen out of every later one (see _main)
+    gc.disable()
     end_process(main(exiting=True))
 
 
@@ -62,6 +66,9 @@ def end_process(code: int) -> None:
 def _main(argv: list[str] | None, signals: _Signals) -> int:
     with signals.held():  # imports torch (through the kernels' constants)
         from moeq_triton.checkpoint.formats import FORMATS
+    if signals.keep_settled:  # the process itself (run): what is loaded now stays loaded, never worth collecting
+        gc.freeze()
+        gc.enable()
 
     parser = argparse.ArgumentParser(prog="moeq-triton", description="Grouped NVFP4/FP8 quantization of MoE models.")
     parser.add_argument("--version", action="version", version=f"moeq-triton {__version__}")
