@@ -45,6 +45,11 @@ def run() -> None:
     # start-up (torch, triton) allocates about a million objects that live as long as the process: no collection
     # runs while they are imported, and afterwards they are frozen out of every later one (see _main)
     gc.disable()
+    # before torch and numpy load their thread pools: OpenMP workers that spin after each small torch op, and
+    # OpenBLAS threads numpy starts (no BLAS runs here), take 10-15% of a 2-core machine's CPU from the C loop's
+    # threads (perf, MEDIUM nvfp4); a user's own setting wins
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     end_process(main(exiting=True))
 
 
