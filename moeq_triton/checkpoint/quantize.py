@@ -297,8 +297,9 @@ def quantize_units(
         except NonFiniteWeightError as error:
             name = names[error.index]
             raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero
-            all_zero += [n for n, q in zip(names, results) if not bool((q[0].view(torch.uint8) & 0x7F).any())]
+        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero;
+            # a block of amax 0 has scale 1.0, so only where every block scale is 1.0 are the codes looked at
+            all_zero += [n for n, q in zip(names, results) if bool((q[1] == 1).all()) and not _any_code(q[0])]
         return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
     try:
         amax = grouped_amax(weights)
@@ -319,6 +320,11 @@ def quantize_units(
         for output, tensor in zip(output_names(name, fmt), q):
             out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
     return out
+
+
+def _any_code(codes: torch.Tensor) -> bool:
+    """Whether any float8_e4m3fn code is non-zero (-0.0, 0x80, counts as zero)."""
+    return bool((codes.view(torch.uint8) & 0x7F).any())
 
 
 def zero_nvfp4(q: NVFP4Weight) -> NVFP4Weight:

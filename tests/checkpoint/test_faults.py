@@ -1057,6 +1057,29 @@ def test_all_zero_weights_dequantize_to_exact_zeros(fmt, tiny, tmp_path, capsys,
     assert "no problem found" in capsys.readouterr().out
 
 
+def test_fp8_block_all_zero_count_is_exact_where_every_block_scale_is_one(monkeypatch):
+    """fp8-block's all-zero count looks at the codes only where every block scale is 1.0 (what amax 0 gives):
+    a weight whose every 128x128 block has amax exactly 448 (scale 1.0 too, codes non-zero) is not counted, a
+    zero one and a -0.0 one are, an ordinary one is not."""
+    from moeq_triton.checkpoint.formats import FORMATS
+    from moeq_triton.checkpoint.quantize import Unit, quantize_units
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    at_448 = torch.zeros(256, 256, dtype=torch.bfloat16)
+    at_448[::128, ::128] = 448.0
+    loaded = {
+        "zero.weight": torch.zeros(128, 256, dtype=torch.bfloat16),
+        "negative_zero.weight": torch.full((128, 128), -0.0, dtype=torch.bfloat16),
+        "at_448.weight": at_448,
+        "ordinary.weight": torch.linspace(-1, 1, 128 * 128).reshape(128, 128).to(torch.bfloat16),
+    }
+    units = [Unit([name], True, 0, 0) for name in loaded]
+    zero: list[str] = []
+    out = quantize_units(units, loaded, FORMATS["fp8-block"], None, all_zero=zero)
+    assert bool((out["at_448.weight_scale_inv"] == 1).all())  # the case the scales alone cannot tell
+    assert zero == ["zero.weight", "negative_zero.weight"]
+
+
 # ---------------------------------------------------------------- the fuzz (issue 23, item 5), slow tier
 
 FUZZ_SIGNALS, FUZZ_CORRUPTIONS = 50, 20
