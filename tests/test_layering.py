@@ -72,8 +72,6 @@ EXTERNAL_SIGNATURES = {
 
 KNOWN: dict[tuple[str, str, str], str] = {
     # (file, rule, subject): why it is still there and who removes it
-    ("moeq_triton/kernels/grouping.py", "keyword-only", "Group"): "a dataclass of 10 fields; kernels/ is being "
-    "rewritten on branch cpuspeed, which this rule's branch (orch) leaves alone: made kw_only after that merge",
 }
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moeq_triton.checkpoint.shard_file import ShardFile, ShardWriteError
 from moeq_triton.version import __version__
 
 INDEX = "model.safetensors.index.json"
@@ -407,6 +408,16 @@ class AtomicCheckpointDir:
             save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, self.partial / file, {"format": "pt"})
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"{self.destination / file}: write failed ({_os_reason(error)})") from None
+
+    @contextmanager
+    def open_shard(self, file: str, layout: dict[str, tuple[tuple[int, ...], str]]) -> Iterator[ShardFile]:
+        """A shard written as its tensors arrive (``ShardFile``; the same bytes as ``write_shard``): ``layout``
+        names every tensor it will hold, with its shape and safetensors dtype name."""
+        try:
+            with ShardFile(self.partial / file, layout, SAFETENSORS_DTYPES, {"format": "pt"}) as shard:
+                yield shard
+        except ShardWriteError as error:
+            raise CheckpointError(f"{self.destination / file}: write failed ({_os_reason(error.error)})") from None
 
     def write_json(self, file: str, obj: dict) -> None:
         try:

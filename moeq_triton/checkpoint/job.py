@@ -12,6 +12,7 @@ quantizes a unit, and whether a shard's outputs are gathered to rank 0 or writte
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,8 +20,14 @@ from typing import Any
 import torch
 
 from moeq_triton import distributed
-from moeq_triton.checkpoint.formats import Format, dequantize, output_names
-from moeq_triton.checkpoint.io import AtomicCheckpointDir, CheckpointError, SourceCheckpoint, shard_name
+from moeq_triton.checkpoint.formats import Format, dequantize, output_layout, output_names
+from moeq_triton.checkpoint.io import (
+    SAFETENSORS_DTYPES,
+    AtomicCheckpointDir,
+    CheckpointError,
+    SourceCheckpoint,
+    shard_name,
+)
 from moeq_triton.checkpoint.source import ExpertSlice, dense
 from moeq_triton.kernels import (
     NonFiniteWeightError,
@@ -92,8 +99,6 @@ class Feed:
 
     ``source``: what the plan was made from (``where`` names a tensor's origin in errors)."""
 
-    writes = True  # this rank writes the shards it takes part in (False: it hands its outputs to the writer)
-
     def __init__(self, source: Any, advance: Callable[[int], None] = lambda n: None) -> None:
         self.source = source
         self.advance = advance
@@ -111,8 +116,13 @@ class Feed:
         """One step of a shard; a step other ranks wait on runs through ``distributed.together``."""
         run()
 
-    def collect(self, plan: Plan, shard: list[Unit], produced: dict[str, torch.Tensor]) -> None:
-        """Bring a shard's outputs to the rank that writes it (here: that rank made them all)."""
+    @contextmanager
+    def shard_output(self, out: AtomicCheckpointDir, plan: Plan, s: int) -> Iterator[Callable[[dict], None]]:
+        """Where a batch's outputs go while shard ``s`` is produced: here, straight into the shard's file
+        (``open_shard``: this rank made every tensor of it, and a writer thread writes one batch while the
+        next is quantized, so the shard is never assembled in memory)."""
+        with out.open_shard(shard_name(s, len(plan.shards)), shard_layout(plan, self.source, plan.shards[s])) as file:
+            yield file.write
 
 
 # ---------------------------------------------------------------- the job
@@ -170,28 +180,23 @@ def produce_shards(
     plan: Plan, out: AtomicCheckpointDir, feed: Feed, *, batch_bytes: int = BATCH_BYTES,
     allow_nonfinite_kept: bool = False,
 ) -> Stats:  # fmt: skip
-    """This rank's part of every shard it takes part in: batches quantized, outputs collected, shard written.
+    """This rank's part of every shard it takes part in: batches quantized, each batch's outputs handed to the
+    feed's ``shard_output`` (written as they come, or gathered and written at the shard's end).
 
-    A rank holds its part of one output shard and at most two batches (``batch_bytes`` each) at a time."""
+    The command holds at most three batches at a time (one read ahead, one in work, the previous one's output
+    being written); the exporter its slices, one joined batch and its part of one output shard."""
     stats = Stats()
     for s in feed.shards(plan):
-        shard = plan.shards[s]
-        produced: dict[str, torch.Tensor] = {}
-        for units, loaded in feed.batches(batch_plan(shard, batch_bytes)):
-            allow = allow_nonfinite_kept
-            batch = partial(quantize_batch, units, loaded, plan, stats, feed=feed, allow_nonfinite_kept=allow)
-            feed.step(partial(_store, produced, batch), "quantizing")
-        feed.step(partial(feed.collect, plan, shard, produced), "sending to rank 0")
-        feed.step(partial(write_shard, out, plan, s, produced) if feed.writes else _nothing, "writing a shard")
+        with feed.shard_output(out, plan, s) as store:
+            for units, loaded in feed.batches(batch_plan(plan.shards[s], batch_bytes)):
+                allow = allow_nonfinite_kept
+                batch = partial(quantize_batch, units, loaded, plan, stats, feed=feed, allow_nonfinite_kept=allow)
+                feed.step(partial(_store, store, batch), "quantizing")
     return stats
 
 
-def _store(into: dict[str, torch.Tensor], make: Callable[[], dict[str, torch.Tensor]]) -> None:
-    into.update(make())
-
-
-def _nothing() -> None:
-    pass
+def _store(store: Callable[[dict], None], make: Callable[[], dict[str, torch.Tensor]]) -> None:
+    store(make())
 
 
 def quantize_batch(
@@ -313,8 +318,9 @@ def quantize_units(
         except NonFiniteWeightError as error:
             name = names[error.index]
             raise CheckpointError(f"{source.where(name)}: tensor {name} contains NaN or Inf") from None
-        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero
-            all_zero += [n for n, q in zip(names, results) if not bool((q[0].view(torch.uint8) & 0x7F).any())]
+        if all_zero is not None:  # a block's largest |w| is coded +-448: all codes zero <=> all values zero;
+            # a block of amax 0 has scale 1.0, so only where every block scale is 1.0 are the codes looked at
+            all_zero += [n for n, q in zip(names, results) if bool((q[1] == 1).all()) and not _any_code(q[0])]
         return {k: v for name, q in zip(names, results) for k, v in zip(output_names(name, fmt), q)}
     try:
         amax = grouped_amax(weights)
@@ -335,6 +341,11 @@ def quantize_units(
         for output, tensor in zip(output_names(name, fmt), q):
             out[output] = tensor.transpose(-1, -2).contiguous() if t and tensor.dim() >= 2 else tensor
     return out
+
+
+def _any_code(codes: torch.Tensor) -> bool:
+    """Whether any float8_e4m3fn code is non-zero (-0.0, 0x80, counts as zero)."""
+    return bool((codes.view(torch.uint8) & 0x7F).any())
 
 
 def zero_nvfp4(q: NVFP4Weight) -> NVFP4Weight:
@@ -367,8 +378,30 @@ def relative_error(original: torch.Tensor, values: torch.Tensor) -> tuple[float,
 
 
 def write_shard(out: AtomicCheckpointDir, plan: Plan, s: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Output shard ``s`` of the plan, written into the partial destination."""
+    """Output shard ``s`` of the plan, written into the partial destination in one call (all its tensors)."""
     out.write_shard(shard_name(s, len(plan.shards)), tensors)
+
+
+def kept_layout(plan: Plan, source: Any, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
+    shape, dtype = plan.source_layout(source, name)
+    return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
+
+
+def shard_layout(plan: Plan, source: Any, units: list[Unit]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every output tensor of ``units``: name -> (shape, safetensors dtype name), known before any is computed
+    (a streamed shard's header; ``verify``'s expectations)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    layout: dict[str, tuple[tuple[int, ...], str]] = {}
+    for unit in units:
+        for name in unit.names:
+            if not unit.quantize:
+                layout[name] = kept_layout(plan, source, unit, name)
+                continue
+            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
+            for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
+                layout[output] = (tuple(shape), names[dtype])
+    return layout
 
 
 def write_metadata(plan: Plan, source: SourceCheckpoint, out: AtomicCheckpointDir) -> None:

@@ -21,15 +21,14 @@ import torch
 
 from moeq_triton import distributed
 from moeq_triton.checkpoint import job, serving
-from moeq_triton.checkpoint.formats import Format, output_layout, output_names
+from moeq_triton.checkpoint.formats import Format, output_layout
 from moeq_triton.checkpoint.io import (
-    SAFETENSORS_DTYPES,
     AtomicCheckpointDir,
     CheckpointError,
     SourceCheckpoint,
     new_run_id,
 )
-from moeq_triton.checkpoint.job import BATCH_BYTES, Feed, Plan, Stats, Unit, pack, quantize_units
+from moeq_triton.checkpoint.job import BATCH_BYTES, Feed, Plan, Stats, Unit, pack, quantize_units, shard_layout
 from moeq_triton.checkpoint.source import fp8_block_scales, read_units, split_experts
 from moeq_triton.naming import PASS, QUANTIZE, Decision, naming_for
 
@@ -190,12 +189,6 @@ def check_experts(source, shapes: dict[str, tuple[int, ...]]) -> None:
             )
 
 
-def kept_layout(plan: Plan, source: SourceCheckpoint, unit: Unit, name: str) -> tuple[tuple[int, ...], str]:
-    """Shape and safetensors dtype of a kept tensor in the output (an FP8-block source tensor becomes BF16)."""
-    shape, dtype = plan.source_layout(source, name)
-    return (shape, "BF16") if name in unit.scale_inv else (shape, dtype)
-
-
 def verify(
     destination: str | os.PathLike,
     source: SourceCheckpoint,
@@ -213,16 +206,7 @@ def verify(
         result = SourceCheckpoint(destination)
     except CheckpointError as error:
         return [str(error)], []
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    expected: dict[str, tuple[tuple[int, ...], str]] = {}
-    for unit in plan.units:
-        for name in unit.names:
-            if not unit.quantize:
-                expected[name] = kept_layout(plan, source, unit, name)
-                continue
-            layouts = output_layout(plan.source_layout(source, name)[0], plan.fmt, unit.transposed)
-            for output, (shape, dtype) in zip(output_names(name, plan.fmt), layouts):
-                expected[output] = (tuple(shape), names[dtype])
+    expected = shard_layout(plan, source, plan.units)
     missing = sorted(set(expected) - set(result.weight_map))
     extra = sorted(set(result.weight_map) - set(expected))
     if missing or extra:

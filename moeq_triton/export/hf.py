@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -338,7 +340,6 @@ class ModelFeed(Feed):
 
     def __init__(self, source: ModelTensors, advance: Callable[[int], None] = lambda n: None) -> None:
         super().__init__(source, advance)
-        self.writes = source.rank == 0
 
     def shards(self, plan: Plan) -> range:
         return range(len(plan.shards))
@@ -362,6 +363,15 @@ class ModelFeed(Feed):
     def step(self, run: Callable[[], object], what: str) -> None:
         distributed.together(run, what)
 
+    @contextmanager
+    def shard_output(self, out: AtomicCheckpointDir, plan: Plan, s: int) -> Iterator[Callable[[dict], None]]:
+        """A shard's outputs held by the ranks that made them, then gathered to rank 0, which writes the shard."""
+        produced: dict[str, torch.Tensor] = {}
+        yield produced.update
+        self.step(partial(self.collect, plan, plan.shards[s], produced), "sending to rank 0")
+        write = partial(job.write_shard, out, plan, s, produced) if self.source.rank == 0 else _nothing
+        self.step(write, "writing a shard")
+
     def collect(self, plan: Plan, shard: list[Unit], produced: dict[str, torch.Tensor]) -> None:
         """Point-to-point transfer of raw bytes, in an order every rank derives from the plan, into rank 0's
         ``produced`` (a rank's own entries for other ranks are sent and dropped)."""
@@ -380,6 +390,10 @@ class ModelFeed(Feed):
                     shape, dtype = _output_layout(name, unit, source, plan)
                     buffer = distributed.recv_bytes(int(torch.Size(shape).numel()) * dtype.itemsize, src=owner)
                     produced[name] = buffer.view(dtype).reshape(shape)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _output_layout(name: str, unit, source: ModelTensors, plan: Plan) -> tuple[tuple[int, ...], torch.dtype]:

@@ -250,7 +250,7 @@ class Problems:
 # ---------------------------------------------------------------------------------------------- tables
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Group:
     """All tensors of one dtype (or all FP8-block sources) as the kernels see them: a table on the device
     and the grid."""
@@ -367,16 +367,16 @@ def _build(weights: Sequence[Weight], block_rows: int) -> list[Group]:
                 tile_map.extend([e, t, index, first] for t in range(math.ceil(rows / block_rows)))
         groups.append(
             Group(
-                SOURCE_VALUE_DTYPE if source else kind,
-                tuple(indices),
-                tuple(entries),
-                _to_device(table, torch.int64, TABLE_COLS.value, device),
-                _to_device(tile_map, torch.int32, 4, device),
-                len(tile_map),
-                aligned,
-                vec,
-                source,
-                tuple(keep),
+                dtype=SOURCE_VALUE_DTYPE if source else kind,
+                indices=tuple(indices),
+                entries=tuple(entries),
+                table=_to_device(table, torch.int64, TABLE_COLS.value, device),
+                tile_map=_to_device(tile_map, torch.int32, 4, device),
+                num_tiles=len(tile_map),
+                aligned=aligned,
+                vec=vec,
+                source=source,
+                keep=tuple(keep),
             )
         )
     return groups

@@ -447,7 +447,7 @@ FAULTS = [
     # item 8: the fast CPU path cannot be built
     Fault("no-c-compiler", N, 0, "could not be compiled, no working C compiler", "complete", inject=no_c_compiler),
     # item 9: the memory figure separates the heap from mapped files
-    Fault("memory-figure", N, 0, "MiB heap (anonymous: the output shard being assembled", "complete"),
+    Fault("memory-figure", N, 0, "MiB heap (anonymous: the batches in flight", "complete"),
     # item 5: real signals (subprocess): the message says what is on disk
     Fault("sigint-reading", N, 130, "is as it was before the run", "as before", signal_at="reading", marks=[SLOW]),
     Fault(
@@ -778,6 +778,7 @@ PHASE_HOOKS = textwrap.dedent(
     from moeq_triton.checkpoint import io as checkpoint_io
     from moeq_triton.checkpoint import job
     from moeq_triton.checkpoint import quantize as model_free
+    from moeq_triton.checkpoint import shard_file
 
     # Ctrl-C as a terminal user has it: a parent started in the background (nohup, `&` without job control)
     # passes SIGINT down ignored, and an ignored SIGINT is rightly ignored by the command too
@@ -799,7 +800,7 @@ PHASE_HOOKS = textwrap.dedent(
         setattr(holder, name, paused)
 
     where = {"reading": (checkpoint_io.SourceCheckpoint, "tensor"), "quantizing": (job, "quantize_units"),
-             "writing": (checkpoint_io.AtomicCheckpointDir, "write_shard"), "verifying": (model_free, "verify")}
+             "writing": (shard_file.ShardFile, "write"), "verifying": (model_free, "verify")}
     if phase == "committing":  # the process raises SIGINT itself, between the commit's two renames
         import pathlib
 
@@ -849,12 +850,12 @@ def _rank_main(rank: int, world: int, argv: list[str], mode: str) -> tuple[int, 
     err = io.StringIO()
     context = contextlib.nullcontext()
     if mode == "fail-rank-1" and rank == 1:
-        from moeq_triton.checkpoint import io as checkpoint_io
+        from moeq_triton.checkpoint import shard_file
 
-        def disk_full(tensors, path, metadata=None):  # rank 1 alone fails, as its own full disk would
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        def disk_full(fd, data, offset):  # rank 1 alone fails, as its own full disk would
+            raise shard_file.ShardWriteError(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
-        checkpoint_io.save_file = disk_full
+        shard_file.write_at = disk_full
     if mode == "nccl":
         from tests.pretend_nccl import pretend_nccl
 
@@ -1055,6 +1056,29 @@ def test_all_zero_weights_dequantize_to_exact_zeros(fmt, tiny, tmp_path, capsys,
         assert result.tensor("model.layers.0.mlp.experts.0.gate_proj.weight_scale_2").item() != 1.0
     assert cli.main(["inspect", str(out), "--device", "cpu"]) == 0  # (the tiny config.json declares no experts)
     assert "no problem found" in capsys.readouterr().out
+
+
+def test_fp8_block_all_zero_count_is_exact_where_every_block_scale_is_one(monkeypatch):
+    """fp8-block's all-zero count looks at the codes only where every block scale is 1.0 (what amax 0 gives):
+    a weight whose every 128x128 block has amax exactly 448 (scale 1.0 too, codes non-zero) is not counted, a
+    zero one and a -0.0 one are, an ordinary one is not."""
+    from moeq_triton.checkpoint.formats import FORMATS
+    from moeq_triton.checkpoint.job import Unit, quantize_units
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    at_448 = torch.zeros(256, 256, dtype=torch.bfloat16)
+    at_448[::128, ::128] = 448.0
+    loaded = {
+        "zero.weight": torch.zeros(128, 256, dtype=torch.bfloat16),
+        "negative_zero.weight": torch.full((128, 128), -0.0, dtype=torch.bfloat16),
+        "at_448.weight": at_448,
+        "ordinary.weight": torch.linspace(-1, 1, 128 * 128).reshape(128, 128).to(torch.bfloat16),
+    }
+    units = [Unit(names=[name], quantize=True, in_bytes=0, out_bytes=0) for name in loaded]
+    zero: list[str] = []
+    out = quantize_units(units, loaded, FORMATS["fp8-block"], None, all_zero=zero)
+    assert bool((out["at_448.weight_scale_inv"] == 1).all())  # the case the scales alone cannot tell
+    assert zero == ["zero.weight", "negative_zero.weight"]
 
 
 # ---------------------------------------------------------------- the fuzz (issue 23, item 5), slow tier

@@ -154,20 +154,20 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_finishes(source, tmp_
     import moeq_triton.checkpoint.quantize as model_free
 
     out = tmp_path / "out"
-    original = model_free.AtomicCheckpointDir.write_shard
+    original = model_free.AtomicCheckpointDir.open_shard
     calls = []
 
-    def failing(self, file, tensors):
+    def failing(self, file, layout):
         calls.append(file)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, file, tensors)
+        return original(self, file, layout)
 
-    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", failing)
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "open_shard", failing)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
-    monkeypatch.setattr(model_free.AtomicCheckpointDir, "write_shard", original)
+    monkeypatch.setattr(model_free.AtomicCheckpointDir, "open_shard", original)
     quantize_checkpoint(source, out, FORMATS["nvfp4"], max_shard_bytes=20_000)
     assert (out / "model.safetensors.index.json").is_file()
 
@@ -234,5 +234,5 @@ def test_memory_figure_printed_apart_from_mapped_files(source, tmp_path, capsys,
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert main(["quantize", "--model", source, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    pattern = r"peak memory: \d+ MiB heap \(anonymous: .* --max-shard-size, .* --batch-size\); file-backed pages"
+    pattern = r"peak memory: \d+ MiB heap \(anonymous: the batches in flight, .* --batch-size: .*\); file-backed pages"
     assert re.search(pattern + r" \(mapped source shards, libraries\) up to \d+ MiB", printed), printed[-600:]

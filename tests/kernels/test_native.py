@@ -98,6 +98,21 @@ def test_fp8_every_16_bit_value(dtype):
     assert_results_equal(ours, quantize_fp8_reference(w, rows, per_channel=True), f"{dtype} own row amaxes")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nvfp4_every_16_bit_value(dtype):
+    """Every finite bf16/fp16 value, in sorted blocks (the block scales sweep E4M3's subnormals, ties and
+    saturation) and shuffled (mixed magnitudes per block), under amaxes from the tensor's own to ones that
+    clamp the scales to E4M3's smallest subnormal or its max, and amax 0 (scale_2 0: NaN scales, as ModelOpt)."""
+    w = every_finite(dtype)
+    shuffled = w.reshape(-1)[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(7))].reshape(w.shape)
+    true = grouped_amax_reference([w])[0]
+    for weight in (w, shuffled):
+        for amax in (true, true / 8, torch.tensor(FLOAT32_MAX), torch.tensor(1e-3), torch.tensor(0.0)):
+            (ours,) = quantize_nvfp4([weight], amax.reshape(1))
+            where = f"{dtype} amax {amax.item()} {'shuffled' if weight is shuffled else 'sorted'}"
+            assert_results_equal(ours, quantize_nvfp4_reference(weight, amax), where)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_matches_reference_and_modelopt(dtype):
     """Random ragged weights: per tensor (own and clipped amax) and per channel == reference == ModelOpt."""

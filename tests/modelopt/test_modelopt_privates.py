@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "moeq_triton"
 PATCHES = PACKAGE / "modelopt" / "patches.py"
-NOT_MODELOPT = {"_base", "_fields"}  # torch's view base (Tensor._base), namedtuple's field names
+NOT_MODELOPT = {"_base", "_fields", "_exit"}  # Tensor._base, namedtuple field names, os._exit (public, stdlib)
 # ModelOpt internals replayed by the whole-model path: only patches.py may name them
 INTERNALS = {"layer_sync_moe_local_experts_amax", "SharedWeightGlobalAmaxState", "SharedQuantState", "_calib_amax"}
 ATTRIBUTE_CALLS = {"getattr", "hasattr", "setattr", "delattr", "register_buffer"}
