@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,12 +92,17 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, Piece
         if param is None or (tied and name == "output_layer.weight"):
             continue  # a tied output layer is the embedding (HF writes no lm_head)
         tensor = param.detach()
+        if name.endswith("router.expert_bias"):
+            tensor = tensor.float()  # what Megatron keeps it in, and transformers holds e_score_correction_bias in
         expert = ".mlp.experts." in name
         rank, size = (par["etp_rank"], par["etp"]) if expert else (par["tp_rank"], par["tp"])
         try:
-            mapped = megatron.hf_names(name, family, layer_of=layer_of, first_expert=par["first_expert"])
+            mapped = megatron.hf_names(
+                name, family, layer_of=layer_of, first_expert=par["first_expert"], config=hf_config
+            )
         except megatron.UnmappedParameter as error:
             raise CheckpointError(str(error)) from None
+        _check_bias_present(name, tensors, family, hf_config)
         cut, names = mapped.cut, mapped.names
         if cut == megatron.COPY:
             out[names[0]] = Piece(tensor=tensor)
@@ -125,6 +131,17 @@ def megatron_tensors(model: torch.nn.Module, hf_config: dict) -> dict[str, Piece
                 else:
                     out[hf[0]] = Piece(tensor=stacked[e], index=rank, parts=size, dim=1)
     return out
+
+
+def _check_bias_present(name: str, tensors: dict, family: str, hf_config: dict) -> None:
+    """A linear the HF config gives a bias must have one in Megatron: transformers would initialise it at random."""
+    kind = megatron.bias_kind(name)
+    if kind is None or not re.search(r"\.weight\d*$", name):
+        return
+    present, why = megatron.family_has_bias(family, kind, hf_config)
+    bias = re.sub(r"\.weight(\d*)$", r".bias\1", name)
+    if present and tensors.get(bias) is None and tensors.get(f"module.{bias}") is None:
+        raise CheckpointError(f"Megatron parameter {bias} is missing: {why} (HF would initialise it at random)")
 
 
 def _parallelism(model: torch.nn.Module) -> dict[str, int]:

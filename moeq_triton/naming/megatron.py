@@ -40,22 +40,36 @@ class Spelling:
     shared: str | None = None  # shared experts
     shared_gate: str | None = None  # the shared-expert gate (a [1, H] linear)
     qk_norm: bool = True
+    # Whether the HF model has biases on q/k/v, o_proj and the MLP linears (dense, shared, expert): the config key
+    # that says so (absent = false, every family's default), or a constant.  Megatron biases the family lacks are
+    # refused, and so are missing ones it expects (HF would load the first unused, initialise the second at random).
+    qkv_bias: str | bool = "attention_bias"
+    proj_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = False
 
 
 DENSE = Spelling(router=None, experts="")
 SPELLINGS: dict[str, Spelling] = {
     "Qwen3 (dense)": DENSE,
-    "Llama (dense)": Spelling(router=None, experts="", qk_norm=False),
+    "Llama (dense)": Spelling(router=None, experts="", qk_norm=False, mlp_bias="mlp_bias"),
     "Qwen3-MoE": Spelling(),
-    "Qwen2-MoE": Spelling(shared="mlp.shared_expert", shared_gate="mlp.shared_expert_gate", qk_norm=False),
+    "Qwen2-MoE": Spelling(
+        shared="mlp.shared_expert",
+        shared_gate="mlp.shared_expert_gate",
+        qk_norm=False,
+        qkv_bias="qkv_bias",
+        proj_bias=False,
+    ),
     "GLM-4.5 / 4.6 / 4.7": Spelling(
-        shared="mlp.shared_experts", router_bias="mlp.gate.e_score_correction_bias", qk_norm=False
+        shared="mlp.shared_experts", router_bias="mlp.gate.e_score_correction_bias", qk_norm=False, proj_bias=False
     ),
     "Mixtral": Spelling(
         experts="block_sparse_moe.experts",
         expert_gate_up_down=("w1", "w3", "w2"),
         router="block_sparse_moe.gate",
         qk_norm=False,
+        qkv_bias=False,
+        proj_bias=False,
     ),
 }
 """The families a Megatron GPTModel exports to, by ``naming.hf`` family name."""
@@ -120,13 +134,42 @@ def supported_layouts() -> str:
     return ", ".join(SPELLINGS)
 
 
+_BIAS_KIND = re.compile(r".*\.(?:(?P<qkv>linear_qkv)|(?P<proj>linear_proj)|mlp\..*linear_fc[12])\.(?:weight|bias)\d*")
+_DEFAULTS = {"qwen2_moe": {"qkv_bias": True}}
+"""Config keys whose transformers default is true (a config.json written with ``use_diff`` may omit them)."""
+
+
+def bias_kind(megatron_name: str) -> str | None:
+    """ "qkv", "proj" or "mlp" for a Megatron linear's weight or bias (dense, shared or expert); None otherwise."""
+    match = _BIAS_KIND.fullmatch(megatron_name)
+    if match is None:
+        return None
+    return "qkv" if match["qkv"] else "proj" if match["proj"] else "mlp"
+
+
+def family_has_bias(family: str, kind: str, config: dict) -> tuple[bool, str]:
+    """Whether ``family``'s HF model, built from ``config``, has ``kind`` biases, and why (for messages)."""
+    rule = getattr(SPELLINGS[family], f"{kind}_bias")
+    if isinstance(rule, bool):
+        return rule, f"the {family} HF model has {'a' if rule else 'no'} {kind} bias"
+    value = bool(config.get(rule, _DEFAULTS.get(config.get("model_type", ""), {}).get(rule, False)))
+    return value, f"the HF config has {rule}={str(value).lower()}"
+
+
 def hf_names(
-    megatron_name: str, family: str, *, layer_of: dict[int, int], first_expert: int = 0, prefix: str = "model."
+    megatron_name: str,
+    family: str,
+    *,
+    layer_of: dict[int, int],
+    first_expert: int = 0,
+    prefix: str = "model.",
+    config: dict | None = None,
 ) -> Mapped:
     """The HF names of one local Megatron parameter under ``family``'s spelling.
 
     layer_of: local decoder layer index -> global index (pipeline stages); first_expert: this rank's
-    first global expert index (expert parallelism).  Grouped weights (``weight1`` / ``weight2``) map to the
+    first global expert index (expert parallelism); config: the HF config, whose bias keys a Megatron bias must
+    agree with (None: not checked).  Grouped weights (``weight1`` / ``weight2``) map to the
     experts' template ``{experts}.{e}`` with ``{e}`` left for the caller, who splits the stack.
     """
     spelling = SPELLINGS.get(family)
@@ -152,6 +195,11 @@ def hf_names(
                 f"Megatron parameter {megatron_name} has no {family} counterpart (the family has no "
                 f"{', '.join(missing) or 'routed experts'}); Megatron layouts supported: {supported_layouts()}"
             )
+        kind = bias_kind(megatron_name) if re.search(r"\.bias\d*$", megatron_name) else None
+        if kind is not None and config is not None:
+            present, why = family_has_bias(family, kind, config)
+            if not present:
+                raise UnmappedParameter(f"Megatron parameter {megatron_name} has no {family} counterpart: {why}")
         if cut == "expert":
             local = int(groups.get("expert") or groups["texpert"])
             fc, p = groups.get("fc") or groups["tfc"], groups.get("p") or groups["tp"]
