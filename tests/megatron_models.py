@@ -157,7 +157,7 @@ def fill_from_global_names(model: GPTModel, seed: int = 0) -> None:
             whole = (1.0 if norm else 0.0) + (1.0 if norm else 0.2) * torch.randn(shape, generator=gen)
             if dim is None:
                 p.copy_(whole)
-            elif name.endswith("linear_fc1.weight"):  # GLU: [gate slice; up slice]
+            elif name.endswith(("linear_fc1.weight", "linear_fc1.bias")):  # GLU: [gate slice; up slice]
                 p.copy_(torch.cat([half.chunk(size, dim)[rank] for half in whole.chunk(2, 0)]))
             else:
                 p.copy_(whole.chunk(size, dim)[rank])
