@@ -123,6 +123,9 @@ def test_biases_must_agree_with_the_hf_config(megatron_world, tmp_path):
                                                r"the HF config has attention_bias=true"):  # fmt: skip
         moeq_triton.export_hf(gpt_model("dense"), tmp_path / "x", biased, fmt=None)
     assert not list(tmp_path.iterdir())
+    from transformers import Qwen2MoeConfig  # a config.json without qkv_bias: transformers' default applies
+
+    assert megatron.family_has_bias("Qwen2-MoE", "qkv", {"model_type": "qwen2_moe"})[0] == Qwen2MoeConfig().qkv_bias
 
 
 def test_moe_with_linear_biases_is_refused_at_the_router_bias(megatron_world, tmp_path):

@@ -58,18 +58,22 @@ def test_parallel_export_equals_single_process(name, single_process, tmp_path):
     assert_same_files(files[0], tmp_path / name, single_process)
 
 
-BIASED = {  # layout: the parallelisms it is exported at (TP cuts of q/k/v, fc1 and proj biases; EP with expert_bias)
+OTHER_LAYOUTS = {  # layout: parallelisms (TP cuts of q/k/v, fc1 and proj biases; EP with expert_bias; Mixtral names)
     "llama_bias": ("tp2",),
     "shared": ("tp2",),
     "glm": ("tp2", "tp2_ep2_etp1"),
+    "mixtral": ("tp2_ep2_etp1",),
 }
 
 
 @pytest.mark.slow  # 1 + 2 or 4 gloo processes: 30-60 s each
-@pytest.mark.parametrize(("layout", "name"), [(layout, name) for layout, names in BIASED.items() for name in names])
-def test_biases_and_expert_bias_at_tp_and_ep_equal_single_process(layout, name, tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "name"), [(layout, name) for layout, names in OTHER_LAYOUTS.items() for name in names]
+)
+def test_other_layouts_at_tp_and_ep_equal_single_process(layout, name, tmp_path):
     """Linear biases (Llama), a qkv bias and a gated shared expert (Qwen2-MoE), GLM's shared experts and router
-    expert_bias: cut as Megatron cuts them, joined back, the same files as one process."""
+    expert_bias, Mixtral's expert names under EP: cut as Megatron cuts them, joined back, the same files as one
+    process."""
     tp, pp, ep, etp = PARALLELISMS[name]
     values(run_ranks(export_at, 1, str(tmp_path / "one"), (1, 1, 1, 1), layout, timeout_s=300))
     world = tp * pp if ep * etp <= tp else ep * etp * pp
