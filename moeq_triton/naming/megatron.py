@@ -10,6 +10,9 @@ column-parallel along dim 0, row-parallel along dim 1, fused QKV by query group 
 groups: [q heads of the group, k, v] per group), GLU ``linear_fc1`` as [gate slice; up slice] per rank, and
 the vocab-parallel embedding / output layer along dim 0 over a padded vocabulary whose padding rows are
 dropped.  Experts are cut over the expert-tensor-parallel group instead.
+
+Biases follow the HF config (``Spelling.qkv_bias`` / ``proj_bias`` / ``mlp_bias``): a Megatron bias the HF model
+would not have, or a missing one it would, is refused rather than written for engines to trip over or ignore.
 """
 
 from __future__ import annotations
