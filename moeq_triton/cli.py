@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
 def run() -> None:
     """The console script ``moeq-triton`` and ``python -m moeq_triton``."""
-    # start-up (torch, triton) allocates about a million objects that live as long as the process: no collection
+    # start-up (torch) allocates about a million objects that live as long as the process: no collection
     # runs while they are imported, and afterwards they are frozen out of every later one (see _main)
     gc.disable()
     # before torch and numpy load their thread pools: OpenMP workers that spin after each small torch op, and
