@@ -373,9 +373,15 @@ def torch_device(name: str):
 
 
 class _progress:
-    """A rich progress bar over source bytes; yields the factory quantize_checkpoint expects."""
+    """A rich progress bar over source bytes; yields the factory quantize_checkpoint expects.
+
+    Only on a terminal: elsewhere (a pipe, a log file) the transient bar shows nothing, and rich.progress,
+    its refresh thread and its closing blank line cost a few ms of every scripted run."""
 
     def __init__(self, console) -> None:
+        self.bar = None
+        if not console.is_terminal:
+            return
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
         self.bar = Progress(
@@ -384,6 +390,8 @@ class _progress:
         )  # fmt: skip
 
     def __enter__(self):
+        if self.bar is None:
+            return lambda rank, total: lambda n: None
         self.bar.__enter__()
 
         def factory(rank: int, total: int):
@@ -393,7 +401,7 @@ class _progress:
         return factory
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        return None if self.bar is None else self.bar.__exit__(*exc)
 
 
 def _table(plan, stats, seconds: float, out: str, device: str):
