@@ -261,7 +261,7 @@ def _quantize(args, fmt, device: str, signals: _Signals) -> int:
             signals.settle()  # the output is complete: a signal from now on ends nothing
 
     try:
-        with signals.held():  # triton, safetensors, rich
+        with signals.held():  # safetensors, rich (triton only on a first Triton launch, in the run)
             from rich.console import Console
 
             from moeq_triton.checkpoint import hub
