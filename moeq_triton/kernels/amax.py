@@ -2,6 +2,9 @@
 
 This is the whole of weight calibration for the ``max`` method: it reads every weight byte once,
 so its speed of light is a single read pass over the weights.
+
+The launcher, the C-loop dispatch and the torch reference are here; the Triton kernel is ``amax_jit``, imported on
+the first Triton launch (so the CPU paths never import triton).
 """
 
 from __future__ import annotations

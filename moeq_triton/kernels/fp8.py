@@ -8,6 +8,9 @@ Bit-exact with ModelOpt's HF export (``get_scaling_factor`` -> ``TensorQuantizer
   treated like its 2-D [rows, K] view, as ModelOpt treats a 2-D weight);
 - per channel ("FP8_PER_CHANNEL_PER_TOKEN"): the quotient stays float32.
 Steps and their rounding: docs/numerics.md, sections "FP8 per tensor" and "FP8 per channel".
+
+The launcher, the C-loop dispatch and the torch reference are here; the Triton kernel is ``fp8_jit``, imported on
+the first Triton launch (so the CPU paths never import triton).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ the numbers of ModelOpt 0.47's ``FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG`` export (``FP
 The scale is stored as the engines name it, ``weight_scale_inv`` [ceil(N/128), ceil(K/128)]; ModelOpt's own
 export writes the same values as ``weight_scale`` shaped (ceil(N/128), 1, ceil(K/128), 1).
 Steps and their rounding: docs/numerics.md, section "FP8 block (128x128)".
+
+The launcher, the C-loop dispatch and the torch reference are here; the Triton kernel is ``fp8_block_jit``, imported on
+the first Triton launch (so the CPU paths never import triton).
 """
 
 from __future__ import annotations

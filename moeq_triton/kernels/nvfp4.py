@@ -7,6 +7,9 @@ element in the low nibble.  Steps and their rounding: docs/numerics.md, section 
 On the GPU path two launches per dtype share the tile map: one for tensors whose amax lies in a common
 regime (COMMON_AMAX_MIN), where the divisions need no prescale and the sign no underflow threshold,
 and the general one for the rest; each program returns at once when its tensor is the other kind.
+
+The launcher, the C-loop dispatch and the torch reference are here; the Triton kernel is ``nvfp4_jit``, imported on
+the first Triton launch (so the CPU paths never import triton).
 """
 
 from __future__ import annotations
