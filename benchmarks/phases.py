@@ -2,9 +2,10 @@
 
     python -m benchmarks.phases SRC [--format nvfp4] [--out DIR]
 
-Times the imports (torch; then triton, rich and the package), then runs the command in process (``cli.main``)
-with each step wrapped: planning, reading a batch (reader thread), the C loop's calls, the sampled error, the
-NaN/Inf check of kept tensors, the shard writes (writer thread) and the caller's waits for them, the commit.
+Times the imports (torch; then rich and the package: triton only where a Triton launch runs), then runs the
+command in process (``cli.main``) with each step wrapped: planning, reading a batch (reader thread), the C loop's
+calls, the sampled error, the NaN/Inf check of kept tensors, the shard writes (writer thread) and the caller's
+waits for them, the commit.
 Threads overlap, so the rows do not add up to the wall time; the wall and CPU seconds of the whole run are
 printed beside them.  Python's start-up and the process exit are outside (end_to_end.py times whole processes).
 The environment the console script sets (OpenMP / OpenBLAS threads passive) is set here first.
@@ -17,6 +18,7 @@ import contextlib
 import io
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +53,7 @@ def main() -> None:
 
     native.library()
     after_imports = time.perf_counter()
+    print(f"triton imported: {'triton' in sys.modules}")
 
     seconds: dict[str, float] = defaultdict(float)
     calls: Counter = Counter()
@@ -96,7 +99,7 @@ def main() -> None:
     print("| phase | s | calls |")
     print("|---|---|---|")
     print(f"| import torch | {after_torch - start:.3f} | 1 |")
-    print(f"| import rich, triton (through the kernels), the package; load the C library | "
+    print(f"| import rich, the package (and triton, if anything imported it); load the C library | "
           f"{after_imports - after_torch:.3f} | 1 |")  # fmt: skip
     print(f"| the command (cli.main), wall | {wall:.3f} | 1 |")
     print(f"| the command, CPU (all threads) | {cpu_seconds() - cpu:.3f} | 1 |")

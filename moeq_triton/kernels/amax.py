@@ -2,6 +2,9 @@
 
 This is the whole of weight calibration for the ``max`` method: it reads every weight byte once,
 so its speed of light is a single read pass over the weights.
+
+The launcher, the C-loop dispatch and the torch reference are here; the Triton kernel is ``amax_jit``, imported on
+the first Triton launch (so the CPU paths never import triton).
 """
 
 from __future__ import annotations
@@ -9,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 from . import native
-from .dequant import bf16_round, dequantized_sources, e4m3_values
-from .formats import FP8_BLOCK_SIZE
+from .dequant import dequantized_sources
 from .grouping import (
     NonFiniteWeightError,
     Problems,
@@ -23,89 +23,11 @@ from .grouping import (
     hardware_math,
     launch,
     num_rows,
-    source_scales,
-    tile_entry,
     tiles_for,
     validate,
-    weight_rows,
 )
 
 __all__ = ["NonFiniteWeightError", "grouped_amax", "grouped_amax_reference", "grouped_row_amax"]
-
-
-@triton.jit
-def tile_abs_max(x_ptr, r, rows, K, stride, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_R, BLOCK_K] running max of |x| over the rows ``r`` (int32 offsets); NaN propagates."""
-    row_mask = r < rows
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)[None, :]
-        x = tl.load(x_ptr + r * stride + c, mask=row_mask & (c < K), other=0.0)
-        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
-    return acc
-
-
-_SOURCE_BLOCK = tl.constexpr(FP8_BLOCK_SIZE)
-_GROUP = tl.constexpr(16)  # codes one thread reduces in registers (one 128-bit load)
-
-
-@triton.jit
-def source_tile_abs_max(x_ptr, s_row, r, rows, K, stride, HW: tl.constexpr):
-    """[rows of r, 128 / 16] running max of |x| over the rows ``r`` ([BLOCK_R, 1, 1]) of an FP8-block source
-    whose scale row is ``s_row``: exactly the max of the bf16 values the codes stand for, from the codes.
-
-    Within one 128x128 block the value fl32(e4m3 * s) rounded to bf16 is a non-decreasing function of the
-    code's magnitude byte (e4m3 magnitudes order as integers; both roundings are monotonic), so the max
-    over 16 codes is the integer max of ``code & 0x7F`` (NaN, 0x7F, the largest: it decodes to NaN), and
-    only that one code per 16 is decoded, scaled (by |s|) and rounded.  NaN propagates."""
-    codes_ptr = x_ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
-    c3 = (tl.arange(0, _SOURCE_BLOCK // _GROUP) * _GROUP)[None, :, None] + tl.arange(0, _GROUP)[None, None, :]
-    row_mask = r < rows
-    acc = tl.zeros([r.shape[0], _SOURCE_BLOCK // _GROUP], dtype=tl.float32)
-    for k0 in range(0, K, _SOURCE_BLOCK):
-        c = k0 + c3
-        codes = tl.load(codes_ptr + r * stride + c, mask=row_mask & (c < K), other=0)
-        top = tl.max(codes & 0x7F, axis=2).to(tl.uint8)
-        scale = tl.abs(tl.load(s_row + k0 // _SOURCE_BLOCK))
-        x = bf16_round(e4m3_values(top, HW) * scale, HW)
-        acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)
-    return acc
-
-
-@triton.jit
-def flag_nan(a):
-    """NaN -> inf, so that a non-finite weight is reported (a plain max would drop the NaN)."""
-    return tl.where(a != a, float("inf"), a)
-
-
-@triton.jit
-def _amax_kernel(
-    table,
-    tile_map,
-    out_table,
-    x_ref,
-    amax_out,
-    ALIGNED: tl.constexpr,
-    VEC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PER_ROW: tl.constexpr,
-    SOURCE: tl.constexpr,
-    HW: tl.constexpr,
-):
-    t, tile, index, flat_row = tile_entry(tile_map)
-    x_ptr, rows, K, stride = weight_rows(table, t, x_ref, ALIGNED, VEC)
-    r1 = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    if SOURCE:  # an FP8-block source: BLOCK_R divides 128, so a tile lies in one row of scales
-        s_ptr, s_stride = source_scales(table, t, BLOCK_R)
-        s_row = s_ptr + tile * BLOCK_R // _SOURCE_BLOCK * s_stride
-        acc = flag_nan(source_tile_abs_max(x_ptr, s_row, r1[:, None, None], rows, K, stride, HW))
-    else:
-        acc = flag_nan(tile_abs_max(x_ptr, r1[:, None], rows, K, stride, BLOCK_R, BLOCK_K))
-    if PER_ROW:  # each row belongs to exactly one program: a plain store
-        tl.store(amax_out + flat_row + r1, tl.max(acc, axis=1), mask=r1 < rows)
-    else:
-        tl.atomic_max(amax_out + index, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 TILES = {"cuda": Tiles(16, 256, 4), "cpu": Tiles(64, 256)}  # benchmarks/tile_sweep.py measures others
@@ -129,11 +51,13 @@ def amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, proble
     """The amax pass for validated weights; non-finite weights are added to ``problems`` (no host read)."""
     engine = engine_for(device, native.enabled())
     if engine == "triton":
+        from .amax_jit import amax_kernel  # triton is imported on the first launch only
+
         amax = torch.zeros(len(weights), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
         launch(
             "amax",
-            _amax_kernel,
+            amax_kernel,
             weights,
             tiles,
             args=(amax,),
@@ -167,10 +91,12 @@ def row_amax_unchecked(weights: Sequence[torch.Tensor], device: torch.device, pr
     """Flat float32 [sum of rows] row amaxes of validated weights; non-finite rows go to ``problems``."""
     rows = [num_rows(w) for w in weights]
     if use_kernels(device):
+        from .amax_jit import amax_kernel
+
         flat = torch.zeros(sum(rows), dtype=torch.float32, device=device)
         tiles = tiles_for(TILES, device)
         hw = hardware_math(device)
-        launch("row_amax", _amax_kernel, weights, tiles, args=(flat,), BLOCK_K=tiles.cols, PER_ROW=True, HW=hw)
+        launch("row_amax", amax_kernel, weights, tiles, args=(flat,), BLOCK_K=tiles.cols, PER_ROW=True, HW=hw)
     else:
         parts = [w.abs().amax(-1).float().reshape(-1) for w in dequantized_sources(weights) if w.numel()]
         flat = torch.cat(parts) if parts else torch.zeros(0, device=device)

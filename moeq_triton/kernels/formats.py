@@ -32,3 +32,18 @@ NVFP4_SCALE_2_DIVISOR = E2M1_MAX * E4M3_MAX
 
 FP8_BLOCK_SIZE = 128
 """Rows and columns under one float32 scale in the FP8-block layout (DeepSeek-V3, Qwen *-FP8; source or output)."""
+
+
+def float32_reciprocal(c: float) -> float:
+    """float32(1 / c), correctly rounded, as torch's CUDA kernel computes it for the scalar c."""
+    return (torch.tensor(1.0) / torch.tensor(c, dtype=torch.float32)).item()
+
+
+# NVFP4's common regime on the GPU path (kernels/nvfp4.py): COMMON_AMAX_MIN <= amax <= COMMON_AMAX_MAX[dtype],
+# decided on the device per tensor.  Every block divisor d = fl(scale * weight_scale_2) lies in [2^-85, 2^14],
+# so the division needs no power-of-two prescale (its intermediates are normal wherever the result matters),
+# and no non-zero weight's quotient underflows to +-0 (2^-133 / 2^14 > 2^-150; float32 weights, down to
+# 2^-149, need d < 2, hence amax <= 8), so an E2M1 sign is simply x < 0.  tests/kernels/test_exact_division.py
+# proves it.
+COMMON_AMAX_MIN = 2.0**-64
+COMMON_AMAX_MAX = {torch.bfloat16: 2.0**16, torch.float16: 2.0**16, torch.float32: 2.0**3}

@@ -8,12 +8,13 @@ problems found (non-finite weights, bad amaxes) happens in ``Problems.raise_firs
 
 A new kernel adopts ``launch``: its first parameters are ``(table, tile_map, out_table, x_ref)``, it
 finds its tile with ``tile_entry`` and its weight with ``weight_rows``, and its per-call outputs are
-read with ``output_ptr``.
+read with ``output_ptr`` (those jit helpers are ``grouping_jit``: this module imports no triton, so that the
+CPU paths never do; a launcher imports its kernel's ``*_jit`` module on its first Triton launch).
 
 An FP8-block source (``dequant.FP8BlockSource``: e4m3 codes plus one float32 scale per 128x128 block) is
 a kind of input of its own: its tensors form a group (one launch) whose table rows hold the codes'
 pointer, shape and row stride as a tensor's do, plus the scale pointer and the scale row stride
-(``source_scales``); the kernel is launched with SOURCE=True and ``per_dtype`` is asked for bfloat16,
+(``grouping_jit.source_scales``); the kernel is launched with SOURCE=True and ``per_dtype`` is asked for bfloat16,
 the dtype of the values the codes stand for.
 """
 
@@ -27,23 +28,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 from .dequant import FP8BlockSource
 from .formats import DTYPE_CODES, FP8_BLOCK_SIZE
 
-# Columns of the int64 table (constexpr so that jit code can read them).
-COL_PTR = tl.constexpr(0)  # data_ptr of this entry's first row
-COL_ROWS = tl.constexpr(1)  # rows of this entry (a tensor, or a chunk of one: see MAX_ENTRY_ELEMENTS)
-COL_K = tl.constexpr(2)  # last dim
-COL_ROW_STRIDE = tl.constexpr(3)  # elements between consecutive rows
-COL_INDEX = tl.constexpr(4)  # position of the tensor in the caller's list
-COL_FLAT_ROW = tl.constexpr(5)  # this entry's first row in a flat per-row buffer of all tensors
-COL_SCALE_PTR = tl.constexpr(6)  # FP8-block sources: data_ptr of the scale row of this entry's first row
-COL_SCALE_STRIDE = tl.constexpr(7)  # FP8-block sources: float32 elements between scale rows (0 for a tensor)
-TABLE_COLS = tl.constexpr(8)
-MAX_OUTPUTS = tl.constexpr(3)  # columns of the per-call output table
+# Columns of the int64 table (grouping_jit holds them as constexprs for the jit code).
+COL_PTR = 0  # data_ptr of this entry's first row
+COL_ROWS = 1  # rows of this entry (a tensor, or a chunk of one: see MAX_ENTRY_ELEMENTS)
+COL_K = 2  # last dim
+COL_ROW_STRIDE = 3  # elements between consecutive rows
+COL_INDEX = 4  # position of the tensor in the caller's list
+COL_FLAT_ROW = 5  # this entry's first row in a flat per-row buffer of all tensors
+COL_SCALE_PTR = 6  # FP8-block sources: data_ptr of the scale row of this entry's first row
+COL_SCALE_STRIDE = 7  # FP8-block sources: float32 elements between scale rows (0 for a tensor)
+TABLE_COLS = 8
+MAX_OUTPUTS = 3  # columns of the per-call output table
 
 MAX_ENTRY_ELEMENTS = 2**31 - 1
 """Offsets inside an entry are int32: a tensor whose rows span more elements is split into row chunks."""
@@ -84,6 +83,27 @@ def hardware_math(device: torch.device) -> bool:
     """Kernels use the GPU's FMA and conversion instructions on CUDA; the interpreter gets the portable
     formulation (its fma rounds twice and its float8 cast is wrong: docs/numerics.md, "The Triton
     interpreter's float8 cast")."""
+    return device.type == "cuda"
+
+
+def divides_by_reciprocal(device: torch.device) -> bool:
+    """Does torch compute ``float32_tensor / python_number`` as ``x * float32(1 / number)`` on this device?
+
+    On CUDA yes: ATen's div_true_kernel_cuda multiplies by the reciprocal of a CPU scalar (measured on an
+    H200, benchmarks/RESULTS.md); on CPU a float32 tensor is divided exactly.  ModelOpt computes its
+    export scales this way (``amax.float() / 448.0``, ``amax.float() / (6.0 * 448.0)``), so the two
+    devices can differ by one ulp and each kernel follows the device it runs on.
+    """
+    return device.type == "cuda"
+
+
+def casts_scalar_divisor(device: torch.device) -> bool:
+    """Does torch cast a 0-dim float32 divisor to the dividend's dtype (``bf16_tensor / scale``)?
+
+    On CUDA yes (the 0-dim tensor becomes a CPU-scalar-like operand of the weight's dtype); on CPU the
+    division promotes to float32.  Both measured against ModelOpt's export (tools/fp8_rounding_probe.py,
+    H200 run in benchmarks/RESULTS.md).
+    """
     return device.type == "cuda"
 
 
@@ -370,7 +390,7 @@ def _build(weights: Sequence[Weight], block_rows: int) -> list[Group]:
                 dtype=SOURCE_VALUE_DTYPE if source else kind,
                 indices=tuple(indices),
                 entries=tuple(entries),
-                table=_to_device(table, torch.int64, TABLE_COLS.value, device),
+                table=_to_device(table, torch.int64, TABLE_COLS, device),
                 tile_map=_to_device(tile_map, torch.int32, 4, device),
                 num_tiles=len(tile_map),
                 aligned=aligned,
@@ -387,7 +407,7 @@ def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weight
 
     An output of weight i holds ``numel // rows`` elements per row of the weight (0 for a 0-dim scale).
     """
-    pad = [0] * (MAX_OUTPUTS.value - len(outputs))
+    pad = [0] * (MAX_OUTPUTS - len(outputs))
     rows = []
     for index, r0, _ in group.entries:
         if r0 == 0:  # the common case: no row offset
@@ -399,7 +419,7 @@ def output_table(group: Group, outputs: Sequence[Sequence[torch.Tensor]], weight
             per_row = o.numel() // num_rows(weights[index])
             ptrs.append(o.data_ptr() + r0 * per_row * o.element_size())
         rows.append(ptrs + pad)
-    return _to_device(rows, torch.int64, MAX_OUTPUTS.value, group.table.device)
+    return _to_device(rows, torch.int64, MAX_OUTPUTS, group.table.device)
 
 
 def launch(
@@ -439,50 +459,3 @@ def launch(
             num_warps=tiles.warps,
         )
         _LAUNCHES[name] += 1
-
-
-# ---------------------------------------------------------------------------------------------- jit side
-
-
-@triton.jit
-def tile_entry(tile_map):
-    """(table entry, tile within the entry, tensor index, flat row of the entry's first row) of this
-    program, from the host-built map: per-tensor and per-row values (amaxes) are then one load away,
-    like the table row."""
-    row = tile_map + 4 * tl.program_id(0)
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-
-
-@triton.jit
-def weight_rows(table, t, x_ref, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """(pointer, rows, K, row stride) of entry ``t``; int32 sizes, alignment facts when ALIGNED (stated
-    on values cast from the table, where the compiler keeps them)."""
-    row = table + t * TABLE_COLS
-    x_ptr = tl.load(row + COL_PTR).to(x_ref.dtype)
-    rows = tl.load(row + COL_ROWS).to(tl.int32)
-    K = tl.load(row + COL_K).to(tl.int32)
-    stride = tl.load(row + COL_ROW_STRIDE).to(tl.int32)
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
-        K = tl.multiple_of(K, VEC)
-        stride = tl.multiple_of(stride, VEC)
-    return x_ptr, rows, K, stride
-
-
-@triton.jit
-def output_ptr(out_table, t, j: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    """The j-th output pointer of entry ``t`` as a pointer to ``dtype`` (16-byte aligned when ALIGNED)."""
-    p = tl.load(out_table + t * MAX_OUTPUTS + j).to(tl.pointer_type(dtype))
-    if ALIGNED:
-        p = tl.multiple_of(p, 16)
-    return p
-
-
-@triton.jit
-def source_scales(table, t, BLOCK_R: tl.constexpr):
-    """(float32 pointer to the scale row of entry ``t``'s first row, scale row stride) of an FP8-block
-    source: tile ``i`` of BLOCK_R rows (BLOCK_R divides 128 or is a multiple of it) reads scale row
-    ``i * BLOCK_R // 128``.  Loaded beside the other table columns: no longer chain of loads."""
-    row = table + t * TABLE_COLS
-    ptr = tl.load(row + COL_SCALE_PTR).to(tl.pointer_type(tl.float32))
-    return ptr, tl.load(row + COL_SCALE_STRIDE).to(tl.int32)

@@ -7,7 +7,6 @@ GPU agree bit for bit with torch.  All divisions elsewhere use ``tl.div_rn`` for
 ``divide_by_constant`` where torch itself divides by a Python number.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -245,35 +244,9 @@ def _e2m1_adder(q):
     return q, tl.maximum((qb & 0x7F800000) + (22 << 23), 0x4A800000)
 
 
-def divides_by_reciprocal(device: torch.device) -> bool:
-    """Does torch compute ``float32_tensor / python_number`` as ``x * float32(1 / number)`` on this device?
-
-    On CUDA yes: ATen's div_true_kernel_cuda multiplies by the reciprocal of a CPU scalar (measured on an
-    H200, benchmarks/RESULTS.md); on CPU a float32 tensor is divided exactly.  ModelOpt computes its
-    export scales this way (``amax.float() / 448.0``, ``amax.float() / (6.0 * 448.0)``), so the two
-    devices can differ by one ulp and each kernel follows the device it runs on.
-    """
-    return device.type == "cuda"
-
-
-def casts_scalar_divisor(device: torch.device) -> bool:
-    """Does torch cast a 0-dim float32 divisor to the dividend's dtype (``bf16_tensor / scale``)?
-
-    On CUDA yes (the 0-dim tensor becomes a CPU-scalar-like operand of the weight's dtype); on CPU the
-    division promotes to float32.  Both measured against ModelOpt's export (tools/fp8_rounding_probe.py,
-    H200 run in benchmarks/RESULTS.md).
-    """
-    return device.type == "cuda"
-
-
-def float32_reciprocal(c: float) -> float:
-    """float32(1 / c), correctly rounded, as torch's CUDA kernel computes it for the scalar c."""
-    return (torch.tensor(1.0) / torch.tensor(c, dtype=torch.float32)).item()
-
-
 @triton.jit
 def divide_by_constant(x, C: tl.constexpr, INV_C: tl.constexpr, RECIPROCAL: tl.constexpr):
-    """``x / C`` exactly as torch evaluates ``tensor / C`` on the device (see divides_by_reciprocal)."""
+    """``x / C`` exactly as torch evaluates ``tensor / C`` on the device (see grouping.divides_by_reciprocal)."""
     if RECIPROCAL:
         return x * INV_C
     return tl.div_rn(x, C)

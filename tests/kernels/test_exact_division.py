@@ -33,7 +33,14 @@ from moeq_triton.kernels import (
     quantize_nvfp4_reference,
 )
 from moeq_triton.kernels import nvfp4 as nvfp4_module
-from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_MAX, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
+from moeq_triton.kernels.formats import (
+    COMMON_AMAX_MIN,
+    E2M1_BOUNDS,
+    E2M1_MAX,
+    E4M3_MAX,
+    NVFP4_SCALE_2_DIVISOR,
+    float32_reciprocal,
+)
 from moeq_triton.kernels.nvfp4 import e2m1_codes_reference
 from moeq_triton.kernels.rounding import (
     E2M1_CODE_BIAS,
@@ -42,7 +49,6 @@ from moeq_triton.kernels.rounding import (
     divisor_parts,
     e2m1_biased_signed_code,
     e2m1_magnitude_code,
-    float32_reciprocal,
     quotient,
     refine_reciprocal,
     sign_bit_as_8,
@@ -186,7 +192,7 @@ def common_regime_divisors() -> dict[str, tuple[float, float]]:
     [2^-9, 448], and the block-scale division's scale_unit = fl(6 * s2)."""
     out = {}
     for dtype, amax_max in nvfp4_module.COMMON_AMAX_MAX.items():
-        ends = torch.tensor([nvfp4_module.COMMON_AMAX_MIN, amax_max], dtype=torch.float32)
+        ends = torch.tensor([COMMON_AMAX_MIN, amax_max], dtype=torch.float32)
         s2 = torch.cat([ends * float32_reciprocal(NVFP4_SCALE_2_DIVISOR), ends / NVFP4_SCALE_2_DIVISOR])
         d = torch.cat([s2 * 2.0**-9, s2 * E4M3_MAX, s2 * 6.0])
         out[str(dtype)] = (d.min().item(), d.max().item())
@@ -493,7 +499,7 @@ def test_nvfp4_common_regime_boundaries_and_routing(gpu_path, monkeypatch, dtype
     the others (so the regime split is exercised, not only the general path); then the general launch
     alone for all of them."""
     seed = 41
-    lo, hi = nvfp4_module.COMMON_AMAX_MIN, nvfp4_module.COMMON_AMAX_MAX[dtype]
+    lo, hi = COMMON_AMAX_MIN, nvfp4_module.COMMON_AMAX_MAX[dtype]
     below = torch.tensor(lo).nextafter(torch.tensor(0.0)).item()
     above = torch.tensor(hi).nextafter(torch.tensor(float("inf"))).item()
     edges = nvfp4_edges(dtype)

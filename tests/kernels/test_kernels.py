@@ -22,8 +22,13 @@ from moeq_triton.kernels import (
 )
 from moeq_triton.kernels import fp8 as fp8_module
 from moeq_triton.kernels import nvfp4 as nvfp4_module
-from moeq_triton.kernels.formats import E2M1_BOUNDS, E2M1_VALUES, E4M3_MAX, NVFP4_SCALE_2_DIVISOR
-from moeq_triton.kernels.rounding import float32_reciprocal
+from moeq_triton.kernels.formats import (
+    E2M1_BOUNDS,
+    E2M1_VALUES,
+    E4M3_MAX,
+    NVFP4_SCALE_2_DIVISOR,
+    float32_reciprocal,
+)
 from moeq_triton.modelopt.oracle import fp8_channel_export, fp8_export, nvfp4_export, nvfp4_self
 from moeq_triton.testing import MODEL_SHAPES
 from tests.assertions import assert_bitwise_equal, assert_results_equal
